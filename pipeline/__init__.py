@@ -1,0 +1,1 @@
+"""Full supervised fine-tuning pipeline: one module per dvc.yaml stage."""

@@ -1,0 +1,176 @@
+"""The one schema for params.yaml.
+
+Every stage reads its section through `load_params`. Unknown keys are errors (a typo must not
+silently become a default), and the method's hyperparameter ranges are enforced unless a run
+says, in params.yaml, that it knowingly leaves them (`train.override_method_ranges`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoBase(Section):
+    """The embedded default: a tiny Llama built and pretrained locally (see pipeline/demo.py)."""
+
+    vocab_size: int = Field(1024, ge=300)
+    hidden_size: int = Field(128, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    pretrain_steps: int = Field(600, ge=0)
+    pretrain_batch_size: int = Field(32, ge=1)
+    pretrain_seq_len: int = Field(64, ge=16)
+    pretrain_lr: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+
+class BaseConfig(Section):
+    source: Literal["demo", "hub"] = "demo"
+    # production: a Hub id pinned to a revision (a commit sha), e.g. meta-llama/Llama-3.1-8B
+    model: str = "demo/tiny-llama"
+    revision: str | None = None
+    demo: DemoBase = DemoBase()
+
+    @model_validator(mode="after")
+    def _hub_needs_revision(self):
+        if self.source == "hub" and not self.revision:
+            raise ValueError("base.revision: a hub base model must be pinned to a revision (commit sha)")
+        return self
+
+
+class DataConfig(Section):
+    # evaluation data is named by the lm-eval task YAMLs under evals/tasks, not here
+    train: str = "data/train.jsonl"
+    replay: str | None = "data/replay.jsonl"
+
+
+class ValidateConfig(Section):
+    min_rows: int = Field(10_000, ge=1)
+    max_rows: int = Field(10_000_000, ge=1)
+    min_chars: int = Field(1, ge=1)
+    max_prompt_chars: int = Field(8_000, ge=1)
+    max_response_chars: int = Field(16_000, ge=1)
+
+
+class PrepareConfig(Section):
+    max_seq_len: int = Field(2048, ge=16)
+    replay_share: float = Field(0.15, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class TrainConfig(Section):
+    # the method's ranges; a run outside them must say so with override_method_ranges
+    lr: float = Field(2e-5, gt=0)
+    warmup_ratio: float = Field(0.02, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    epochs: int = Field(2, ge=1)
+    override_method_ranges: bool = False
+
+    micro_batch_size: int = Field(8, ge=1)  # packed sequences per forward pass
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    keep_last: int = Field(3, ge=1)
+    seed: int = 0
+    strategy: Literal["single", "fsdp2"] = "single"  # fsdp2: under torchrun, see train/strategies.py
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    METHOD_RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "lr": (1e-5, 5e-5),
+        "warmup_ratio": (0.01, 0.03),
+        "weight_decay": (0.05, 0.1),
+        "epochs": (1, 3),
+    }
+
+    @model_validator(mode="after")
+    def _method_ranges(self):
+        if self.override_method_ranges:
+            return self
+        for name, (low, high) in self.METHOD_RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(
+                    f"train.{name} = {value} is outside the method's range [{low}, {high}]; "
+                    f"use a value in range, or set train.override_method_ranges: true and say why"
+                )
+        return self
+
+
+class MetricSpec(Section):
+    task: str  # an lm-eval task name (from evaluate.include_path or the lm-eval registry)
+    metric: str  # one of that task's metrics, e.g. exact_match, acc
+    chat: bool = False  # render prompts through the chat template (as training did)
+
+
+class EvaluateConfig(Section):
+    include_path: str = "evals/tasks"
+    metrics: dict[str, MetricSpec] = {
+        "golden": MetricSpec(task="sft_golden", metric="exact_match", chat=True),
+        "general": MetricSpec(task="sft_general", metric="acc"),
+    }
+    batch_size: int = Field(64, ge=1)
+    max_gen_toks: int = Field(32, ge=1)
+    limit: int | None = Field(None, ge=1)  # items per task; None = all
+
+    @model_validator(mode="after")
+    def _golden_named(self):
+        if "golden" not in self.metrics:
+            raise ValueError("evaluate.metrics must name a 'golden' metric (it picks the checkpoint)")
+        return self
+
+
+class GateConfig(Section):
+    policy: str = "evals/gate.yaml"
+
+
+class CardConfig(Section):
+    repo_id: str = "your-org/your-model-sft"
+    license: str = "apache-2.0"
+    language: str = "en"
+
+
+class Params(Section):
+    base: BaseConfig = BaseConfig()
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    prepare: PrepareConfig = PrepareConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
+    card: CardConfig = CardConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ConfigError(ValueError):
+    """params.yaml is malformed; the message names the file and the field."""
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {field}: {msg}" if field else f"{source}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))

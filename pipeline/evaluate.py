@@ -1,0 +1,74 @@
+"""evaluate: lm-eval on the base model and on every kept checkpoint.
+
+Each named metric in params.yaml (evaluate.metrics) is one lm-eval task and one of its metrics;
+chat tasks render prompts through the model's chat template, exactly as prepare did for
+training. Per-item scores are kept so the gate can compare the same items across models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_tasks(model, tokenizer, cfg, log=print) -> dict[str, dict]:
+    """{metric name: {"task", "metric", "score", "n", "items": [per-item score]}} for one model."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    manager = TaskManager(include_path=str(Path(cfg.include_path).resolve()))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
+              max_gen_toks=cfg.max_gen_toks, device=str(model.device))
+    out: dict[str, dict] = {}
+    for chat in (True, False):
+        names = {name: spec for name, spec in cfg.metrics.items() if spec.chat == chat}
+        if not names:
+            continue
+        tasks = sorted({spec.task for spec in names.values()})
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, apply_chat_template=chat, limit=cfg.limit,
+            bootstrap_iters=0, log_samples=True, random_seed=0, numpy_random_seed=0,
+            torch_random_seed=0, fewshot_random_seed=0, verbosity="WARNING",
+        )
+        for name, spec in names.items():
+            if spec.task not in results["results"]:
+                raise KeyError(f"lm-eval returned no results for task {spec.task!r} (metric {name!r})")
+            samples = sorted(results["samples"][spec.task], key=lambda s: s["doc_id"])
+            items = [float(s[spec.metric]) for s in samples]
+            score = results["results"][spec.task][f"{spec.metric},none"]
+            out[name] = {"task": spec.task, "metric": spec.metric, "score": round(float(score), 4),
+                         "n": len(items), "items": items}
+            log(f"  {name:<10} {spec.task}/{spec.metric} = {score:.4f} (n={len(items)})")
+    return out
+
+
+def load_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def evaluate_models(paths: dict[str, Path], cfg, log=print) -> dict[str, dict]:
+    """{model name: run_tasks(...)} for each named model folder."""
+    results = {}
+    for name, path in paths.items():
+        log(f"evaluating {name} ({path})")
+        model, tokenizer = load_model(path)
+        results[name] = run_tasks(model, tokenizer, cfg, log)
+    return results
+
+
+def summary(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """The small metrics file DVC tracks: {model: {metric: score}}."""
+    return {model: {name: r["score"] for name, r in metrics.items()} for model, metrics in results.items()}

@@ -1,0 +1,120 @@
+"""The training loop: full fine-tuning (every weight), cosine LR with warmup, decoupled weight
+decay, loss normalised over the supervised tokens of the whole optimizer step, a checkpoint
+every epoch with only the last N kept."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.prepare import IGNORE
+from pipeline.train.checkpoint import rotate, save_checkpoint
+from pipeline.train.strategies import Runtime, full_state_dict, init_runtime, prepare_model
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    tokens: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms and biases keep their scale."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def token_loss_sum(model, input_ids, labels, position_ids) -> torch.Tensor:
+    """Sum (not mean) of next-token losses over supervised positions."""
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, meta: dict,
+          progress=None, runtime: Runtime | None = None) -> TrainResult:
+    """Fine-tune `model` on packed rows; write epoch checkpoints under out_dir (rank 0)."""
+    runtime = runtime or init_runtime(cfg.strategy, cfg.device)
+    device = runtime.device
+    torch.manual_seed(cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(True)  # full SFT: every weight
+    model.config.use_cache = False
+    model = prepare_model(model, cfg.strategy, runtime)
+    model.train()
+
+    data = {k: torch.from_numpy(v.astype(np.int64)) for k, v in packed.items()}
+    rows = data["input_ids"].shape[0]
+    per_step = cfg.micro_batch_size * cfg.grad_accum * runtime.world_size  # rows per optimizer step
+    steps_per_epoch = max(1, rows // per_step)  # drop the ragged tail: every step has the same size
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = max(1, math.ceil(cfg.warmup_ratio * total_steps))
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = cosine_with_warmup(optimizer, warmup_steps, total_steps)
+    # fsdp2 casts through its mixed-precision policy; a single GPU uses autocast
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=device.type == "cuda" and cfg.strategy == "single")
+
+    history, checkpoints, tokens, step = [], [], 0, 0
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        # the same permutation on every rank; each rank takes its own stride of every step
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        for local in range(steps_per_epoch):
+            index = order[local * per_step:(local + 1) * per_step][runtime.rank::runtime.world_size]
+            batch = {k: v[index].to(device) for k, v in data.items()}
+            # normalise by the supervised tokens of the whole global step (all ranks, all micro-batches)
+            supervised = runtime.sum(int((batch["labels"][:, 1:] != IGNORE).sum()))
+            # gradients are averaged over ranks by the reduce-scatter; scale back to a global sum
+            scale = runtime.world_size / max(supervised, 1)
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                part = slice(micro * cfg.micro_batch_size, (micro + 1) * cfg.micro_batch_size)
+                with autocast:
+                    loss_sum = token_loss_sum(model, batch["input_ids"][part], batch["labels"][part],
+                                              batch["position_ids"][part])
+                (loss_sum * scale).backward()
+                step_loss += loss_sum.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += int(runtime.sum(int((batch["input_ids"] != tokenizer.pad_token_id).sum())))
+            record = {"step": step, "epoch": epoch, "loss": round(runtime.sum(step_loss) / max(supervised, 1), 5),
+                      "lr": lr, "grad_norm": round(grad_norm.item(), 4)}
+            history.append(record)
+            if progress and runtime.is_main:
+                progress(record, total_steps)
+        state = full_state_dict(model, runtime)  # a collective: every rank takes part
+        if runtime.is_main:
+            path = save_checkpoint(model, tokenizer, out_dir, epoch,
+                                   {**meta, "step": step, "loss": history[-1]["loss"]}, state_dict=state)
+            checkpoints.append(str(path))
+            rotate(out_dir, cfg.keep_last)
+        runtime.barrier()
+    return TrainResult(step, history[-1]["loss"], tokens, time.perf_counter() - started, history, checkpoints)

@@ -1,0 +1,44 @@
+from typer.testing import CliRunner
+
+from pipeline import cli
+
+runner = CliRunner()
+STAGES = ("base", "validate", "prepare", "train", "evaluate", "gate", "card")
+
+
+def test_help_lists_every_stage():
+    result = runner.invoke(cli.app, ["--help"])
+    assert result.exit_code == 0
+    for stage in STAGES + ("demo",):
+        assert stage in result.output
+
+
+def test_out_of_range_lr_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.01\n")
+    result = runner.invoke(cli.app, ["validate"])
+    assert result.exit_code == 1
+    assert "train.lr" in result.output and "[1e-05, 5e-05]" in result.output
+
+
+def test_validate_stops_on_duplicates_and_writes_the_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    rows = [f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)] + ['{"prompt": "q3", "response": "a3"}\n']
+    (tmp_path / "data/train.jsonl").write_text("".join(rows))
+    (tmp_path / "params.yaml").write_text("validate:\n  min_rows: 10\n")
+    result = runner.invoke(cli.app, ["validate"])
+    assert result.exit_code == 1
+    assert "data/train.jsonl" in result.output and "expect_compound_columns_to_be_unique" in result.output
+    assert "4, 13" in result.output
+    assert "FAILED" in (tmp_path / "validate/contract.md").read_text()
+
+
+def test_malformed_data_is_refused_with_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/train.jsonl").write_text('{"prompt": "q", "response": "a"}\n{oops\n')
+    (tmp_path / "params.yaml").write_text("{}\n")
+    result = runner.invoke(cli.app, ["validate"])
+    assert result.exit_code == 1 and "data/train.jsonl:2: malformed JSON" in result.output
+    assert not (tmp_path / "validate").exists(), "nothing is written for unreadable data"

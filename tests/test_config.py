@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, Params, load_params, parse_params
+from pipeline.gate import load_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_and_presets_parse():
+    load_params(ROOT / "params.yaml")
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    assert presets, "configs/ must hold at least one production preset"
+    for preset in presets:
+        params = load_params(preset)
+        assert not params.train.override_method_ranges, f"{preset.name}: production keeps the method's ranges"
+
+
+def test_out_of_range_lr_is_refused_with_field_and_range():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"train": {"lr": 1e-3}})
+    message = str(err.value)
+    assert "train.lr" in message and "[1e-05, 5e-05]" in message and "override_method_ranges" in message
+
+
+@pytest.mark.parametrize("field,value", [("warmup_ratio", 0.2), ("weight_decay", 0.0), ("epochs", 5)])
+def test_other_method_ranges(field, value):
+    with pytest.raises(ConfigError, match=f"train.{field}"):
+        parse_params({"train": {field: value}})
+
+
+def test_override_allows_out_of_range():
+    assert parse_params({"train": {"lr": 1e-3, "override_method_ranges": True}}).train.lr == 1e-3
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        parse_params({"train": {"learning_rate": 2e-5}})
+
+
+def test_hub_base_must_be_pinned():
+    with pytest.raises(ConfigError, match="revision"):
+        parse_params({"base": {"source": "hub", "model": "org/model"}})
+
+
+def test_evaluate_needs_golden():
+    with pytest.raises(ConfigError, match="golden"):
+        parse_params({"evaluate": {"metrics": {"general": {"task": "t", "metric": "acc"}}}})
+
+
+def test_gate_policy_and_task_yamls_parse():
+    policy = load_policy(ROOT / "evals/gate.yaml")
+    assert {r.metric for r in policy.rules} <= set(Params().evaluate.metrics)
+    for task in (ROOT / "evals/tasks").glob("*.yaml"):
+        spec = yaml.safe_load(task.read_text())
+        assert spec["task"] and spec["output_type"] in {"generate_until", "multiple_choice", "loglikelihood"}
+
+
+def test_every_dvc_stage_is_an_sft_command():
+    from typer.main import get_command
+
+    from pipeline.cli import app
+
+    commands = set(get_command(app).commands)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        program, command, *_ = stage["cmd"].split()
+        assert program == "sft" and command in commands, name
+        assert any(str(d).startswith("pipeline/") for d in stage["deps"]), f"{name}: its module is a dependency"

@@ -1,0 +1,92 @@
+"""The whole DAG through `dvc repro` on a small slice of the demo, in a scratch copy of the repo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(args, cwd, check=True):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC copy of this repository's files (no outputs, no .venv)."""
+    dest = tmp_path_factory.mktemp("repo")
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy", "--allow-empty"], dest)
+    return dest
+
+
+def test_demo_data_matches_data_dvc(repo):
+    run(["sft", "demo", "--out", "data"], repo)
+    status = run(["dvc", "status", "data.dvc"], repo).stdout
+    assert "changed" not in status and "modified" not in status, status
+    assert yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["path"] == "data"
+
+
+def small_params(repo: Path) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["base"]["demo"].update(hidden_size=32, num_layers=2, num_heads=2, pretrain_steps=20, pretrain_batch_size=8)
+    params["validate"]["min_rows"] = 1500
+    params["train"].update(epochs=2, micro_batch_size=8)
+    params["evaluate"].update(limit=16, batch_size=16, max_gen_toks=8)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # the slice gates on wiring, not on learning (the full demo gates on learning)
+    (repo / "evals/gate.yaml").write_text(
+        "select_by: golden\nrules:\n  - metric: golden\n    min: 0.0\n  - metric: general\n    max_drop: 1.0\n")
+
+
+def test_bad_data_stops_the_dag_at_validate(repo):
+    small_params(repo)
+    run(["sft", "demo", "--out", "data", "--rows", "2000"], repo)
+    train = repo / "data/train.jsonl"
+    lines = train.read_text().splitlines(keepends=True)
+    train.write_text("".join(lines + [lines[7]]))  # one duplicate pair
+    result = run(["dvc", "repro"], repo, check=False)
+    assert result.returncode != 0
+    assert "expect_compound_columns_to_be_unique" in result.stdout + result.stderr
+    for downstream in ("prepare", "train", "evaluate/checkpoints.json", "gate", "card"):
+        assert not (repo / downstream).exists(), f"{downstream} must not be written"
+
+
+def test_full_dag_then_nothing_to_do(repo):
+    small_params(repo)
+    run(["sft", "demo", "--out", "data", "--rows", "2000"], repo)
+    run(["dvc", "repro"], repo)
+
+    contract = json.loads((repo / "validate/contract.json").read_text())
+    assert contract["passed"] and contract["rows"] == 2000
+    stats = json.loads((repo / "prepare/stats.json").read_text())
+    assert 0.14 <= stats["replay_share"] <= 0.16 and stats["fill"] > 0.9
+    assert sorted(p.name for p in (repo / "train/checkpoints").iterdir()) == ["epoch-1", "epoch-2"]
+    assert set(json.loads((repo / "evaluate/checkpoints.json").read_text())) == {"epoch-1", "epoch-2"}
+    gate = json.loads((repo / "gate/gate.json").read_text())
+    assert gate["passed"] and len(gate["sha256"]) == 64
+    card = (repo / "card/README.md").read_text()
+    assert "model-index" in card and gate["sha256"] in card
+    assert (repo / "card/model.safetensors").exists()
+
+    again = run(["dvc", "repro"], repo).stdout
+    assert "didn't change" in again or "up to date" in again
+    for stage in ("base", "train", "evaluate"):
+        assert f"Running stage '{stage}'" not in again
+    assert "up to date" in run(["dvc", "status"], repo).stdout

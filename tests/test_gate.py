@@ -1,0 +1,46 @@
+import pytest
+
+from pipeline.gate import Policy, Rule, decide, load_policy, render_markdown
+
+POLICY = Policy(select_by="golden", rules=[Rule(metric="golden", min=0.5), Rule(metric="general", max_drop=0.05)])
+BASE = {"golden": 0.0, "general": 0.9}
+HASHES = {"epoch-1": "a" * 64, "epoch-2": "b" * 64, "epoch-3": "c" * 64}
+
+
+def test_best_passing_checkpoint_is_chosen_not_the_last():
+    candidates = {"epoch-1": {"golden": 0.55, "general": 0.9}, "epoch-2": {"golden": 0.7, "general": 0.88},
+                  "epoch-3": {"golden": 0.8, "general": 0.7}}  # best golden, but forgot too much
+    verdict = decide(POLICY, BASE, candidates, HASHES)
+    assert verdict["passed"] and verdict["chosen"] == "epoch-2" and verdict["sha256"] == "b" * 64
+    assert not verdict["candidates"]["epoch-3"]["passed"]
+
+
+def test_failed_gate_names_the_rule():
+    candidates = {"epoch-1": {"golden": 0.3, "general": 0.9}}
+    verdict = decide(POLICY, BASE, candidates, HASHES)
+    assert not verdict["passed"]
+    failing = [r for r in verdict["rules"] if not r["passed"]]
+    assert [r["metric"] for r in failing] == ["golden"]
+    assert "**FAIL**" in render_markdown(verdict) and "FAILED" in render_markdown(verdict)
+
+
+def test_drop_rule_uses_base():
+    candidates = {"epoch-1": {"golden": 0.9, "general": 0.84}}
+    verdict = decide(POLICY, BASE, candidates, HASHES)
+    general = next(r for r in verdict["rules"] if r["metric"] == "general")
+    assert general["drop"] == pytest.approx(0.06) and not general["passed"]
+
+
+def test_missing_metric_is_an_error():
+    with pytest.raises(ValueError, match="general"):
+        decide(POLICY, {"golden": 0.1}, {"epoch-1": {"golden": 0.9, "general": 0.9}}, HASHES)
+
+
+def test_policy_file_errors_name_file_and_field(tmp_path):
+    path = tmp_path / "gate.yaml"
+    path.write_text("rules:\n  - metric: golden\n    min: 0.5\n    max_drop: 0.1\n")
+    with pytest.raises(ValueError, match=r"gate.yaml: rules.0: .*exactly one"):
+        load_policy(path)
+    path.write_text("rules:\n  - metric: golden\n    minimum: 0.5\n")
+    with pytest.raises(ValueError, match=r"gate.yaml: rules.0.minimum"):
+        load_policy(path)

@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.prepare import prepare
+from pipeline.train.checkpoint import list_checkpoints, rotate, weights_sha256
+from pipeline.train.loop import cosine_with_warmup, train
+
+
+def tiny_packed(tokenizer, n=64):
+    rows = [{"prompt": f"Repeat after me: cat dog {i % 7}", "response": f"cat dog {i % 7}"} for i in range(n)]
+    packed = prepare(tokenizer, rows, [], max_len=64, replay_share=0.0, seed=0)
+    return {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids}
+
+
+def test_full_finetune_updates_every_weight_and_keeps_last_checkpoints(tiny_model_dir, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(lr=3e-3, epochs=4, keep_last=3, micro_batch_size=2, grad_accum=2, warmup_ratio=0.03,
+                      override_method_ranges=True, device="cpu")
+    result = train(model, tokenizer, tiny_packed(tokenizer), cfg, tmp_path, {"data_sha256": "abc"})
+
+    after = model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before), "full SFT: every tensor moves"
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    kept = list_checkpoints(tmp_path)
+    assert [p.name for p in kept] == ["epoch-2", "epoch-3", "epoch-4"]
+    meta = json.loads((kept[-1] / "meta.json").read_text())
+    assert meta["epoch"] == 4 and meta["data_sha256"] == "abc"
+    assert len(weights_sha256(kept[-1])) == 64
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary folders left behind"
+
+
+def test_tampered_weights_are_detected(tiny_model_dir, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = TrainConfig(lr=1e-3, epochs=1, micro_batch_size=4, override_method_ranges=True, device="cpu")
+    train(model, tokenizer, tiny_packed(tokenizer, 16), cfg, tmp_path, {})
+    (ckpt,) = list_checkpoints(tmp_path)
+    with open(ckpt / "model.safetensors", "ab") as f:
+        f.write(b"\0")
+    try:
+        weights_sha256(ckpt)
+    except ValueError as err:
+        assert "differs from its manifest" in str(err)
+    else:
+        raise AssertionError("a changed weights file must not pass")
+
+
+def test_incomplete_checkpoint_is_ignored_and_rotation(tmp_path):
+    for epoch in (1, 2, 3, 4):
+        (tmp_path / f"epoch-{epoch}").mkdir()
+        (tmp_path / f"epoch-{epoch}" / "manifest.json").write_text("{}")
+    (tmp_path / "epoch-5").mkdir()  # no manifest: a write that never finished
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-1", "epoch-2", "epoch-3", "epoch-4"]
+    rotate(tmp_path, 2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-3", "epoch-4"]
+
+
+def test_cosine_schedule_with_warmup():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_with_warmup(opt, warmup_steps=10, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.1 and lrs[9] == 1.0
+    assert np.all(np.diff(lrs[10:]) <= 0) and lrs[-1] < 0.01
