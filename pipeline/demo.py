@@ -114,13 +114,13 @@ def make_sft_data(seed: int = 0, train_rows: int = 12_000, golden_per_family: in
     train = [fresh(FAMILIES[i % len(FAMILIES)]) for i in range(train_rows)]
     rng.shuffle(train)
 
-    # replay: a sample of the base model's general knowledge in chat form (the general mix
-    # against forgetting): every lexicon entry, and the capitals of half of the countries, so
-    # the general-knowledge eval (all countries) still measures what was not replayed
+    # replay: the base model's general knowledge (its pretraining sentences) in chat form, the
+    # general mix against forgetting. Without it (prepare.replay_share: 0) full SFT of the demo
+    # erodes the capitals the base model knew; see docs/demo.md for the measured drop.
     replay = [{"prompt": style.format(w=en), "response": lexicon_sentence(en, zo), "family": "replay"}
               for style in LEXICON_STYLES for en, zo in world.lexicon.items()]
     replay += [{"prompt": style.format(c=country), "response": fact_sentence(country, capital), "family": "replay"}
-               for style in REPLAY_STYLES for country, capital in list(world.capitals.items())[::2]]
+               for style in REPLAY_STYLES for country, capital in world.capitals.items()]
     rng.shuffle(replay)
 
     capitals = list(world.capitals.values())
@@ -197,6 +197,8 @@ def build_base_model(cfg, out_dir: Path, log=print) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from pipeline.train.loop import cosine_with_warmup
+
     torch.manual_seed(cfg.seed)
     corpus = pretraining_corpus(cfg.seed)
     tokenizer = build_tokenizer(corpus, cfg.vocab_size)
@@ -223,8 +225,7 @@ def build_base_model(cfg, out_dir: Path, log=print) -> dict:
     data = torch.tensor(stream[: windows_needed * cfg.pretrain_seq_len]).view(-1, cfg.pretrain_seq_len)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.pretrain_lr,
-                                                   total_steps=max(cfg.pretrain_steps, 1), pct_start=0.05)
+    schedule = cosine_with_warmup(optimizer, max(1, cfg.pretrain_steps // 20), cfg.pretrain_steps)
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(cfg.pretrain_steps):
