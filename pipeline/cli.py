@@ -140,7 +140,7 @@ def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out
     def progress(record: dict, total: int):
         nonlocal bar
         bar = bar or tqdm(total=total, desc="train", unit="step", file=sys.stdout, mininterval=2)
-        bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+        bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
         bar.update(1)
 
     result = run_training(model, tokenizer, packed, p.train, out / "checkpoints", meta, progress, runtime)

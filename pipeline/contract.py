@@ -60,7 +60,10 @@ def run_suite(frame: pd.DataFrame, cfg) -> list[dict]:
     import great_expectations as gx
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (context.data_sources.add_pandas("data").add_dataframe_asset("pairs")
              .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame}))
     result = batch.validate(build_suite(cfg), result_format="COMPLETE")
@@ -92,7 +95,8 @@ def failure_message(path: str, checks: list[dict]) -> str:
         where = f" at line(s) {', '.join(map(str, c['rows']))}" if c["rows"] else ""
         more = f" (+{c['failing_rows'] - len(c['rows'])} more)" if c["failing_rows"] > len(c["rows"]) else ""
         field = f" field '{c['field']}'" if c["field"] else ""
-        lines.append(f"  {c['expectation']}{field}: observed {c['observed']}, expected {c['threshold']}{where}{more}")
+        expected = f", expected {c['threshold']}" if c["threshold"] else ""
+        lines.append(f"  {c['expectation']}{field}: observed {c['observed']}{expected}{where}{more}")
     return "\n".join(lines)
 
 

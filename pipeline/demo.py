@@ -227,11 +227,12 @@ def build_base_model(cfg, out_dir: Path, log=print) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
     schedule = cosine_with_warmup(optimizer, max(1, cfg.pretrain_steps // 20), cfg.pretrain_steps)
     model.train()
-    loss = torch.tensor(float("nan"))
+    loss, first_loss = torch.tensor(float("nan")), None
     for step in range(cfg.pretrain_steps):
         batch = data[step * cfg.pretrain_batch_size: (step + 1) * cfg.pretrain_batch_size]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
+        first_loss = first_loss if first_loss is not None else loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -243,4 +244,5 @@ def build_base_model(cfg, out_dir: Path, log=print) -> dict:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return {"params": sum(p.numel() for p in model.parameters()), "pretrain_loss": round(loss.item(), 4),
+            "pretrain_loss_start": round(first_loss, 4) if first_loss is not None else None,
             "pretrain_tokens": int(data.numel())}

@@ -22,7 +22,7 @@ def run_tasks(model, tokenizer, cfg, log=print) -> dict[str, dict]:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that we pass a model object: we mean to
     manager = TaskManager(include_path=str(Path(cfg.include_path).resolve()))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
               max_gen_toks=cfg.max_gen_toks, device=str(model.device))
@@ -40,6 +40,10 @@ def run_tasks(model, tokenizer, cfg, log=print) -> dict[str, dict]:
         for name, spec in names.items():
             if spec.task not in results["results"]:
                 raise KeyError(f"lm-eval returned no results for task {spec.task!r} (metric {name!r})")
+            available = sorted(k.split(",")[0] for k in results["results"][spec.task] if "," in k)
+            if spec.metric not in available:
+                raise KeyError(f"evaluate.metrics.{name}: task {spec.task!r} has no metric {spec.metric!r}; "
+                               f"it reports {[m for m in available if not m.endswith('_stderr')]}")
             samples = sorted(results["samples"][spec.task], key=lambda s: s["doc_id"])
             items = [float(s[spec.metric]) for s in samples]
             score = results["results"][spec.task][f"{spec.metric},none"]
