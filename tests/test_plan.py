@@ -1,0 +1,49 @@
+import pytest
+
+from pipeline.plan import GIB, SHAPES, Shape, memory_per_gpu, plan, render_markdown, smallest_fit
+
+
+@pytest.mark.parametrize("name,published", [("llama-3.1-8b", 8.03e9), ("llama-3.1-70b", 70.6e9),
+                                            ("llama-3.2-1b", 1.24e9)])
+def test_parameter_counts_match_the_model_cards(name, published):
+    assert Shape(**SHAPES[name]).params == pytest.approx(published, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.1-70b"])
+def test_fsdp_model_state_within_15_percent_of_zero_formula(name):
+    """Reference: ZeRO (Rajbhandari et al. 2020), mixed-precision Adam model state = 16 bytes x params / GPUs."""
+    shape = Shape(**SHAPES[name])
+    ours = memory_per_gpu(shape, "fsdp2", 8, 8192, checkpointing=True)["model_state"]
+    reference = 16 * shape.params / 8 / GIB
+    assert ours == pytest.approx(reference, rel=0.15)
+    assert ours >= reference  # the gathered layers only add
+
+
+def test_checkpointing_and_offload_reduce_memory():
+    shape = Shape(**SHAPES["llama-3.1-8b"])
+    with_ckpt = memory_per_gpu(shape, "fsdp2", 8, 16384, True)["activations"]
+    without = memory_per_gpu(shape, "fsdp2", 8, 16384, False)["activations"]
+    assert without > 10 * with_ckpt
+    assert memory_per_gpu(shape, "zero3_offload", 8, 8192, True)["model_state"] < \
+        memory_per_gpu(shape, "zero3", 8, 8192, True)["model_state"] / 3
+
+
+def test_smallest_fit():
+    eight, seventy = Shape(**SHAPES["llama-3.1-8b"]), Shape(**SHAPES["llama-3.1-70b"])
+    assert smallest_fit(eight, "fsdp2", "H100-80GB", 8, 8192, True)[0] == 1
+    assert smallest_fit(eight, "single", "H100-80GB", 8, 8192, True)[0] is None
+    # 70B: 16 bytes x 70.6B / 16 GPUs = 66 GiB of state alone, so 2 nodes leave no room for activations
+    assert smallest_fit(seventy, "fsdp2", "H100-80GB", 8, 8192, True)[0] == 3
+    assert smallest_fit(seventy, "zero3_offload", "H100-80GB", 8, 8192, True)[0] == 1
+
+
+def test_plan_table_hours_and_cost():
+    shape = Shape(**SHAPES["llama-3.1-8b"])
+    rows = plan(shape, tokens_per_run=1_000_000_000, tokens_per_gpu=8192, gpus_per_node=8, mfu=0.4,
+                prices={"H100-80GB": 3.0, "H200-141GB": 4.0})
+    fsdp = next(r for r in rows if r["strategy"] == "fsdp2" and r["gpu"] == "H100-80GB")
+    # 8 GPUs x 989 TFLOP/s x 0.4 / (8 FLOPs (6 + 2 recomputed) x 8.03e9) = 49.3k tokens/s -> 1e9 in 5.64 h
+    assert fsdp["hours"] == pytest.approx(5.64, rel=0.01)
+    assert fsdp["cost"] == pytest.approx(fsdp["hours"] * 8 * 3.0, rel=1e-3)
+    text = render_markdown("llama-3.1-8b", shape, rows, 1_000_000_000, 0.4)
+    assert "| fsdp2 | H100-80GB | 1 |" in text and "does not fit" in text
