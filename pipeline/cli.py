@@ -243,6 +243,37 @@ def card(gate_dir: Path = Path("gate"), checkpoints: Path = Path("train/checkpoi
     typer.echo(f"model card and publishable folder in {out}/ ({verdict['chosen']}, sha256 {verdict['sha256'][:12]})")
 
 
+@app.command()
+def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...) or a config.json path"),
+         tokens: int = typer.Option(None, help="tokens per epoch (default: prepare/stats.json)"),
+         out: Path = Path("plan")):
+    """Estimate GPU memory per strategy, the smallest fitting node count, hours and cost."""
+    from pipeline.plan import SHAPES, Shape, plan as make_plan, render_markdown
+
+    p = params()
+    name = model or p.plan.model or "base/config.json"
+    if name in SHAPES:
+        shape = Shape(**SHAPES[name])
+    elif Path(name).is_file():
+        shape = Shape.from_config(json.loads(Path(name).read_text()))
+    else:
+        fail(f"plan: {name!r} is neither a known shape ({', '.join(SHAPES)}) nor a config.json file")
+    if tokens is None:
+        stats = Path("prepare/stats.json")
+        if not stats.exists():
+            fail("plan: pass --tokens or run `sft prepare` first (prepare/stats.json counts the tokens)")
+        tokens = json.loads(stats.read_text())["tokens"]
+    tokens_per_run = tokens * p.train.epochs
+    tokens_per_gpu = p.train.micro_batch_size * p.prepare.max_seq_len
+    rows = make_plan(shape, tokens_per_run, tokens_per_gpu, p.plan.gpus_per_node, p.plan.mfu, p.plan.prices,
+                     p.plan.activation_checkpointing)
+    markdown = render_markdown(name, shape, rows, tokens_per_run, p.plan.mfu)
+    write_json(out / "plan.json", {"model": name, "params": shape.params, "tokens_per_run": tokens_per_run,
+                                   "tokens_per_gpu_step": tokens_per_gpu, "rows": rows})
+    write_text(out / "plan.md", markdown)
+    typer.echo(markdown)
+
+
 def main():
     app()
 

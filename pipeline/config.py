@@ -130,6 +130,16 @@ class GateConfig(Section):
     policy: str = "evals/gate.yaml"
 
 
+class PlanConfig(Section):
+    """Inputs of `sft plan`, the GPU memory and cost estimate posted on pull requests."""
+
+    model: str | None = None  # a shape from pipeline/plan.py (e.g. llama-3.1-8b); None: base/config.json
+    gpus_per_node: int = Field(8, ge=1)
+    mfu: float = Field(0.4, gt=0, le=1)  # model FLOPs utilisation assumed for the hours
+    activation_checkpointing: bool = True
+    prices: dict[str, float] = {"H100-80GB": 3.0, "H200-141GB": 4.0}  # USD per GPU-hour
+
+
 class CardConfig(Section):
     repo_id: str = "your-org/your-model-sft"
     license: str = "apache-2.0"
@@ -145,6 +155,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     card: CardConfig = CardConfig()
+    plan: PlanConfig = PlanConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -42,3 +42,17 @@ def test_malformed_data_is_refused_with_line(tmp_path, monkeypatch):
     result = runner.invoke(cli.app, ["validate"])
     assert result.exit_code == 1 and "data/train.jsonl:2: malformed JSON" in result.output
     assert not (tmp_path / "validate").exists(), "nothing is written for unreadable data"
+
+
+def test_plan_for_a_production_preset(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(Path(__file__).resolve().parents[1] / "configs/llama3-8b-8xh100.yaml", tmp_path / "params.yaml")
+    result = runner.invoke(cli.app, ["plan", "--model", "llama-3.1-8b", "--tokens", "500000000"])
+    assert result.exit_code == 0, result.output
+    assert "8.03B parameters" in result.output and "| fsdp2 | H100-80GB | 1 |" in result.output
+    assert (tmp_path / "plan/plan.md").exists()
+    bad = runner.invoke(cli.app, ["plan", "--model", "gpt-9", "--tokens", "1"])
+    assert bad.exit_code == 1 and "neither a known shape" in bad.output
