@@ -58,11 +58,12 @@ def base(out: Path = Path("base")):
 @app.command()
 def validate(out: Path = Path("validate")):
     """Check the training data against the data contract (great-expectations)."""
-    from pipeline.contract import failure_message, load_pairs, render_markdown, run_suite
+    from pipeline.contract import add_derived_columns, eval_prompts, failure_message, load_pairs, render_markdown, run_suite
 
     p = params()
     try:
         frame = load_pairs(p.data.train)
+        frame = add_derived_columns(frame, eval_prompts(p.validate_.eval_sets), p.validate_.leak_ngram)
     except DataError as err:
         fail(str(err))
     checks = run_suite(frame, p.validate_)

@@ -58,6 +58,10 @@ class ValidateConfig(Section):
     min_chars: int = Field(1, ge=1)
     max_prompt_chars: int = Field(8_000, ge=1)
     max_response_chars: int = Field(16_000, ge=1)
+    eval_sets: list[str] = ["data/golden.jsonl"]  # no training prompt may appear in these
+    leak_ngram: int = Field(13, ge=3)  # a shared word n-gram of this length counts as a leak
+    max_pii_share: float = Field(0.0, ge=0, le=1)  # e-mails, phone and card numbers, API keys
+    max_boilerplate_share: float = Field(0.01, ge=0, le=1)  # "As an AI model...", stock refusals
 
 
 class PrepareConfig(Section):

@@ -1,14 +1,18 @@
 """validate: the data contract, as a great-expectations suite over the training file.
 
-The suite is built from params.yaml (validate section): volume, no nulls or blank fields,
-length bounds, no duplicate (prompt, response) pairs. Rows are indexed by their line number in
-the file, so every failure names file, line and field.
+The suite is built from params.yaml (validate section): volume; no nulls or blank fields;
+length bounds; no exact or near-duplicate (prompt, response) pairs; no training prompt that
+appears in an eval set (exactly, or sharing an n-gram); no PII or secrets; little boilerplate.
+Checks that need more than one column are expressed as derived columns (added here, in pandas)
+that plain expectations then test. Rows are indexed by their line number in the file, so every
+failure names file, line and field.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +22,35 @@ from pipeline.files import DataError, read_jsonl
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 FIELDS = ("prompt", "response")
 MAX_EXAMPLES = 5
+PII_PATTERNS = {
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+    "phone": r"(?<!\d)(?:\+\d{1,3}[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)",
+    "card": r"(?<!\d)(?:\d{4}[ -]){3}\d{1,4}(?!\d)|(?<!\d)\d{15,16}(?!\d)",
+    "api_key": r"\b(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}|"
+               r"xox[baprs]-[A-Za-z0-9-]{10,})",
+}
+BOILERPLATE_PATTERNS = [
+    r"(?i)\bas an ai(?: language)? model\b",
+    r"(?i)^\s*i(?:'m| am) sorry,? but\b",
+    r"(?i)\bi (?:cannot|can't|am unable to) (?:help|assist|comply) with\b",
+]
+HOW_TO_FIX = {
+    "expect_table_row_count_to_be_between": "add examples (the method wants more than 10k) or lower validate.min_rows",
+    "expect_compound_columns_to_be_unique": "drop the repeated (prompt, response) pairs",
+    "expect_column_values_to_not_be_null": "fill or drop rows with a missing field",
+    "expect_column_values_to_not_match_regex": "fill or drop rows whose field is blank",
+    "expect_column_values_to_not_match_regex_list": "scrub PII/secrets or rewrite boilerplate responses",
+    "expect_column_value_lengths_to_be_between": "shorten or drop the rows, or raise validate.max_*_chars",
+    "expect_column_values_to_be_unique": "drop near-duplicates: they over-weight one example",
+    "expect_column_values_to_be_in_set": "remove eval items from the training data: they inflate the golden score",
+}
+# derived columns -> the field a person should look at, and what the check means
+DERIVED = {
+    "normalized_pair": ("prompt,response", "near-duplicate pairs (case, whitespace and punctuation ignored)"),
+    "leaks_eval": ("prompt", "training prompt also in an eval set (exact or shared n-gram)"),
+}
+_PUNCT = re.compile(r"[^\w\s]")
+_SPACE = re.compile(r"\s+")
 
 
 class ContractError(ValueError):
@@ -39,6 +72,39 @@ def load_pairs(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, index=pd.Index(lines, name="line"), columns=list(FIELDS))
 
 
+def normalize(text) -> str:
+    text = text if isinstance(text, str) else ""  # nulls are reported by their own expectation
+    return _SPACE.sub(" ", _PUNCT.sub("", text.lower())).strip()
+
+
+def eval_prompts(paths: list[str]) -> list[str]:
+    prompts = []
+    for path in paths:
+        prompts += [row["prompt"] for row in read_jsonl(path, required=("prompt",))]
+    return prompts
+
+
+def ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def add_derived_columns(frame: pd.DataFrame, held_out: list[str], ngram: int) -> pd.DataFrame:
+    """Columns the suite checks: a normalised pair key, and whether a prompt leaks an eval item."""
+    prompts = frame["prompt"].map(normalize)
+    frame = frame.assign(normalized_pair=prompts + "\x1f" + frame["response"].map(normalize))
+    exact = {normalize(p) for p in held_out}
+    grams = set().union(*(ngrams(p.split(), ngram) for p in exact)) if exact else set()
+    leaks = prompts.isin(exact).to_numpy().copy()
+    if grams:  # only prompts long enough to hold an n-gram need the slow check
+        first_words = {g[0] for g in grams}
+        long = prompts[prompts.str.count(" ") >= ngram - 1]
+        for position, text in zip(long.index, long):
+            words = text.split()
+            if not first_words.isdisjoint(words) and not grams.isdisjoint(ngrams(words, ngram)):
+                leaks[frame.index.get_loc(position)] = True
+    return frame.assign(leaks_eval=leaks)
+
+
 def build_suite(cfg):
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -52,6 +118,13 @@ def build_suite(cfg):
         suite.add_expectation(gxe.ExpectColumnValueLengthsToBeBetween(
             column=field, min_value=cfg.min_chars, max_value=max_chars[field]))
     suite.add_expectation(gxe.ExpectCompoundColumnsToBeUnique(column_list=list(FIELDS)))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="normalized_pair"))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="leaks_eval", value_set=[False]))
+    for field in FIELDS:
+        suite.add_expectation(gxe.ExpectColumnValuesToNotMatchRegexList(
+            column=field, regex_list=list(PII_PATTERNS.values()), mostly=1 - cfg.max_pii_share))
+    suite.add_expectation(gxe.ExpectColumnValuesToNotMatchRegexList(
+        column="response", regex_list=BOILERPLATE_PATTERNS, mostly=1 - cfg.max_boilerplate_share))
     return suite
 
 
@@ -74,11 +147,16 @@ def run_suite(frame: pd.DataFrame, cfg) -> list[dict]:
         details = r.result or {}
         unexpected = details.get("unexpected_index_list") or []
         rows = sorted({int(i["line"]) if isinstance(i, dict) else int(i) for i in unexpected})
-        field = kwargs.get("column") or ",".join(kwargs.get("column_list", [])) or None
+        column = kwargs.get("column") or ",".join(kwargs.get("column_list", [])) or None
+        field, meaning = DERIVED.get(column, (column, None))
+        if config.type == "expect_column_values_to_not_match_regex_list":
+            meaning = "boilerplate responses" if kwargs["regex_list"] == BOILERPLATE_PATTERNS else "PII or secrets"
+            kwargs = {"max_share": round(1 - kwargs.get("mostly", 1.0), 6)}
         checks.append({
             "expectation": config.type,
+            "check": meaning,
             "field": field,
-            "threshold": {k: v for k, v in kwargs.items() if k not in ("column", "column_list")},
+            "threshold": {k: v for k, v in kwargs.items() if k not in ("column", "column_list", "value_set")},
             "observed": details.get("observed_value", details.get("unexpected_count", 0)),
             "passed": bool(r.success),
             "rows": rows[:MAX_EXAMPLES],
@@ -96,7 +174,8 @@ def failure_message(path: str, checks: list[dict]) -> str:
         more = f" (+{c['failing_rows'] - len(c['rows'])} more)" if c["failing_rows"] > len(c["rows"]) else ""
         field = f" field '{c['field']}'" if c["field"] else ""
         expected = f", expected {c['threshold']}" if c["threshold"] else ""
-        lines.append(f"  {c['expectation']}{field}: observed {c['observed']}{expected}{where}{more}")
+        meaning = f" ({c['check']})" if c["check"] else ""
+        lines.append(f"  {c['expectation']}{meaning}{field}: observed {c['observed']}{expected}{where}{more}")
     return "\n".join(lines)
 
 
@@ -107,6 +186,12 @@ def render_markdown(path: str, checks: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for c in checks:
         expected = ", ".join(f"{k}={v}" for k, v in c["threshold"].items()) or "-"
-        lines.append(f"| {c['expectation']} | {c['field'] or '-'} | {expected} | {c['observed']} | "
+        name = f"{c['expectation']}<br>{c['check']}" if c["check"] else c["expectation"]
+        lines.append(f"| {name} | {c['field'] or '-'} | {expected} | {c['observed']} | "
                      f"{'pass' if c['passed'] else '**FAIL**'} | {', '.join(map(str, c['rows'])) or '-'} |")
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        lines += ["", "How to fix:", ""]
+        lines += [f"- {c['check'] or c['expectation']} ({c['field'] or 'table'}): {HOW_TO_FIX[c['expectation']]}"
+                  for c in failed]
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ def test_validate_stops_on_duplicates_and_writes_the_report(tmp_path, monkeypatc
     (tmp_path / "data").mkdir()
     rows = [f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)] + ['{"prompt": "q3", "response": "a3"}\n']
     (tmp_path / "data/train.jsonl").write_text("".join(rows))
-    (tmp_path / "params.yaml").write_text("validate:\n  min_rows: 10\n")
+    (tmp_path / "params.yaml").write_text("validate:\n  min_rows: 10\n  eval_sets: []\n")
     result = runner.invoke(cli.app, ["validate"])
     assert result.exit_code == 1
     assert "data/train.jsonl" in result.output and "expect_compound_columns_to_be_unique" in result.output

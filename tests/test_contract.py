@@ -1,12 +1,17 @@
 import pytest
 
 from pipeline.config import ValidateConfig
-from pipeline.contract import failure_message, load_pairs, render_markdown, run_suite
+from pipeline.contract import add_derived_columns, failure_message, load_pairs, render_markdown
+from pipeline.contract import run_suite as run_raw_suite
 from pipeline.files import DataError
 
 from .conftest import write_jsonl
 
 CFG = ValidateConfig(min_rows=20, max_prompt_chars=200, max_response_chars=200)
+
+
+def run_suite(frame, cfg, held_out=()):
+    return run_raw_suite(add_derived_columns(frame, list(held_out), cfg.leak_ngram), cfg)
 
 
 def good_rows(n=30):
@@ -70,3 +75,25 @@ def test_invalid_utf8_names_line(tmp_path):
     path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
     with pytest.raises(DataError, match=r"t.jsonl:2: not valid UTF-8"):
         load_pairs(path)
+
+
+def test_leakage_and_near_duplicates(tmp_path):
+    rows = good_rows()
+    rows.append({"prompt": "QUESTION 3!", "response": "answer   3"})  # near-duplicate of line 4
+    rows[10]["prompt"] = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    held_out = ["zero one two three four five six seven eight nine ten eleven twelve thirteen", "question 20"]
+    checks = run_suite(load_pairs(write_jsonl(tmp_path / "t.jsonl", rows)), CFG, held_out)
+    bad = {c["check"]: c["rows"] for c in checks if not c["passed"]}
+    assert bad["near-duplicate pairs (case, whitespace and punctuation ignored)"] == [4, 31]
+    assert bad["training prompt also in an eval set (exact or shared n-gram)"] == [11, 21]
+
+
+def test_pii_share_threshold(tmp_path):
+    rows = good_rows(40)
+    rows[0]["response"] = "mail me: a.b@example.org"
+    frame = load_pairs(write_jsonl(tmp_path / "t.jsonl", rows))
+    pii = [c for c in run_suite(frame, CFG) if c["check"] == "PII or secrets" and c["field"] == "response"][0]
+    assert not pii["passed"] and pii["rows"] == [1]
+    loose = ValidateConfig(min_rows=20, max_pii_share=0.05)
+    pii = [c for c in run_suite(frame, loose) if c["check"] == "PII or secrets" and c["field"] == "response"][0]
+    assert pii["passed"]
