@@ -144,7 +144,8 @@ def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out
         bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
         bar.update(1)
 
-    result = run_training(model, tokenizer, packed, p.train, out / "checkpoints", meta, progress, runtime)
+    result = run_training(model, tokenizer, packed, p.train, out / "checkpoints", meta, progress, runtime,
+                          state_dir=out / "state")
     close(runtime)
     if bar:
         bar.close()

@@ -82,6 +82,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
     keep_last: int = Field(3, ge=1)
+    checkpoint_every_steps: int | None = Field(None, ge=1)  # extra resume points inside an epoch (preemption)
     seed: int = 0
     strategy: Literal["single", "fsdp2"] = "single"  # fsdp2: under torchrun, see train/strategies.py
     device: Literal["auto", "cpu", "cuda"] = "auto"

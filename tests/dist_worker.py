@@ -1,6 +1,8 @@
 """Trains the tiny model for one epoch with a given strategy; run directly or under torchrun."""
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,24 +15,34 @@ from pipeline.train.loop import train
 from pipeline.train.strategies import close, init_runtime
 
 
-def main(model_dir: str, out: str, strategy: str, grad_accum: int) -> None:
+def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int = 1, kill_at_step: int = 0) -> None:
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = [{"prompt": f"Repeat after me: cat dog {i % 9}", "response": f"cat dog {i % 9} {i % 4}"} for i in range(96)]
     packed = prepare(tokenizer, rows, [], max_len=48, replay_share=0.0, seed=0)
     arrays = {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids}
-    cfg = TrainConfig(lr=2e-3, epochs=1, micro_batch_size=2, grad_accum=grad_accum, warmup_ratio=0.03,
-                      override_method_ranges=True, strategy=strategy, device="cpu")
+    cfg = TrainConfig(lr=2e-3, epochs=epochs, micro_batch_size=2, grad_accum=grad_accum, warmup_ratio=0.03,
+                      override_method_ranges=True, strategy=strategy, device="cpu", checkpoint_every_steps=2)
+
+    ran = []
+
+    def crash(record, total):  # a preemption: rank 0 dies without warning in the middle of an epoch
+        ran.append(record["step"])
+        if record["step"] == kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     runtime = init_runtime(strategy, "cpu")
     full = sum(p.numel() for p in model.parameters())
-    result = train(model, tokenizer, arrays, cfg, Path(out) / "checkpoints", {}, runtime=runtime)
+    result = train(model, tokenizer, arrays, cfg, Path(out) / "checkpoints", {"data_sha256": "fixed"}, crash,
+                   runtime=runtime, state_dir=Path(out) / "state")
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
     report = {"rank": runtime.rank, "world_size": runtime.world_size, "full_numel": full, "local_numel": local,
-              "losses": [h["loss"] for h in result.history]}
+              "losses": [h["loss"] for h in result.history], "steps": [h["step"] for h in result.history],
+              "ran_steps": ran}
     (Path(out) / f"rank{runtime.rank}.json").write_text(json.dumps(report))
     close(runtime)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:]))

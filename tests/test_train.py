@@ -72,3 +72,21 @@ def test_cosine_schedule_with_warmup():
         sched.step()
     assert lrs[0] == 0.1 and lrs[9] == 1.0
     assert np.all(np.diff(lrs[10:]) <= 0) and lrs[-1] < 0.01
+
+
+def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_model_dir, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.train.checkpoint import load_train_state
+    from pipeline.train.loop import fingerprint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = TrainConfig(lr=1e-3, epochs=1, micro_batch_size=4, override_method_ranges=True, device="cpu")
+    packed = tiny_packed(tokenizer, 16)
+    meta = {"data_sha256": "abc"}
+    train(model, tokenizer, packed, cfg, tmp_path / "ckpt", meta, state_dir=tmp_path / "state")
+    run_id = fingerprint(cfg, meta, packed["input_ids"].shape[0])
+    assert load_train_state(tmp_path / "state", run_id)[1]["step"] > 0
+    assert load_train_state(tmp_path / "state", fingerprint(cfg, {"data_sha256": "other"}, 4)) is None
+    (tmp_path / "state/latest/manifest.json").unlink()  # as if the write had been cut short
+    assert load_train_state(tmp_path / "state", run_id) is None

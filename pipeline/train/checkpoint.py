@@ -51,3 +51,63 @@ def weights_sha256(checkpoint: Path) -> str:
     if actual != recorded:
         raise ValueError(f"{checkpoint}/{WEIGHTS}: sha256 {actual} differs from its manifest ({recorded})")
     return actual
+
+
+# ------------------------------------------------------------------ resumable training state
+# One copy, the newest: sharded model + optimizer (torch.distributed.checkpoint, every rank
+# writes its own shard), and the loop's position (epoch, step, scheduler, RNG, loss history).
+# It is written to a temporary folder and swapped in once every rank has finished writing; the
+# manifest goes last, so a folder without one is a write that never finished and is ignored.
+
+def save_train_state(root: Path, model, optimizer, trainer: dict, runtime) -> None:
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(root)
+    tmp, latest, old = root / ".tmp", root / "latest", root / ".old"
+    if runtime.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    runtime.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one process without a process group is a supported case
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "shards"))
+    if runtime.is_main:
+        torch.save(trainer, tmp / "trainer.pt")
+        (tmp / MANIFEST).write_text(json.dumps({k: trainer[k] for k in ("epoch", "step", "fingerprint")}) + "\n")
+        shutil.rmtree(old, ignore_errors=True)
+        if latest.exists():
+            latest.rename(old)
+        tmp.rename(latest)
+        shutil.rmtree(old, ignore_errors=True)
+    runtime.barrier()
+
+
+def load_train_state(root: Path, fingerprint: str) -> tuple[Path, dict] | None:
+    """The newest complete state written by a run with the same fingerprint, else None."""
+    import torch
+
+    latest = Path(root) / "latest"
+    if not (latest / MANIFEST).exists():
+        return None
+    if json.loads((latest / MANIFEST).read_text()).get("fingerprint") != fingerprint:
+        return None
+    return latest, torch.load(latest / "trainer.pt", weights_only=False)
+
+
+def restore_shards(path: Path, model, optimizer) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(Path(path) / "shards"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

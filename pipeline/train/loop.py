@@ -4,7 +4,10 @@ every epoch with only the last N kept."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.prepare import IGNORE
-from pipeline.train.checkpoint import rotate, save_checkpoint
+from pipeline.train.checkpoint import load_train_state, restore_shards, rotate, save_checkpoint, save_train_state
 from pipeline.train.strategies import Runtime, full_state_dict, init_runtime, prepare_model
 
 
@@ -52,9 +55,20 @@ def token_loss_sum(model, input_ids, labels, position_ids) -> torch.Tensor:
                            ignore_index=IGNORE, reduction="sum")
 
 
+def fingerprint(cfg, meta: dict, rows: int) -> str:
+    """What a resumed run must share with the run that wrote the state: the math, not the logistics."""
+    config = {k: v for k, v in cfg.model_dump().items() if k not in ("keep_last", "checkpoint_every_steps", "device")}
+    blob = json.dumps({"config": config, "data": meta.get("data_sha256"), "rows": rows}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, meta: dict,
-          progress=None, runtime: Runtime | None = None) -> TrainResult:
-    """Fine-tune `model` on packed rows; write epoch checkpoints under out_dir (rank 0)."""
+          progress=None, runtime: Runtime | None = None, state_dir: Path | None = None) -> TrainResult:
+    """Fine-tune `model` on packed rows; write epoch checkpoints under out_dir (rank 0).
+
+    With `state_dir`, the run saves its full state at every epoch end (and every
+    `checkpoint_every_steps`) and resumes from it when started again with the same fingerprint.
+    """
     runtime = runtime or init_runtime(cfg.strategy, cfg.device)
     device = runtime.device
     torch.manual_seed(cfg.seed)
@@ -78,11 +92,30 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
                               enabled=device.type == "cuda" and cfg.strategy == "single")
 
     history, checkpoints, tokens, step = [], [], 0, 0
+    run_id = fingerprint(cfg, meta, rows)
+    resumed = load_train_state(state_dir, run_id) if state_dir else None
+    if resumed:
+        path, trainer = resumed
+        restore_shards(path, model, optimizer)
+        scheduler.load_state_dict(trainer["scheduler"])
+        torch.set_rng_state(trainer["rng"])
+        step, history, tokens = trainer["step"], trainer["history"], trainer["tokens"]
+    elif runtime.is_main:  # a fresh run: nothing from another configuration may survive
+        for stale in [Path(out_dir), Path(state_dir)] if state_dir else []:
+            shutil.rmtree(stale, ignore_errors=True)
+    runtime.barrier()
+
+    def save_state(epoch: int):
+        if state_dir:
+            save_train_state(state_dir, model, optimizer, {
+                "epoch": epoch, "step": step, "fingerprint": run_id, "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "history": history, "tokens": tokens}, runtime)
+
     started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(step // steps_per_epoch + 1, cfg.epochs + 1):
         # the same permutation on every rank; each rank takes its own stride of every step
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        for local in range(steps_per_epoch):
+        for local in range(step % steps_per_epoch, steps_per_epoch):
             index = order[local * per_step:(local + 1) * per_step][runtime.rank::runtime.world_size]
             batch = {k: v[index].to(device) for k, v in data.items()}
             # normalise by the supervised tokens of the whole global step (all ranks, all micro-batches)
@@ -110,11 +143,15 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
             history.append(record)
             if progress and runtime.is_main:
                 progress(record, total_steps)
+            every = cfg.checkpoint_every_steps
+            if every and step % every == 0 and local + 1 < steps_per_epoch:
+                save_state(epoch)
         state = full_state_dict(model, runtime)  # a collective: every rank takes part
         if runtime.is_main:
             path = save_checkpoint(model, tokenizer, out_dir, epoch,
                                    {**meta, "step": step, "loss": history[-1]["loss"]}, state_dict=state)
             checkpoints.append(str(path))
             rotate(out_dir, cfg.keep_last)
+        save_state(epoch)
         runtime.barrier()
     return TrainResult(step, history[-1]["loss"], tokens, time.perf_counter() - started, history, checkpoints)
