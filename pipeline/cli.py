@@ -192,7 +192,7 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base' or 'checkpoin
 def gate(evaluations: Path = Path("evaluate"), checkpoints: Path = Path("train/checkpoints"),
          out: Path = Path("gate")):
     """Apply evals/gate.yaml; write gate.json and gate.md; exit 1 unless the gate passes."""
-    from pipeline.gate import decide, load_policy, render_markdown
+    from pipeline.gate import decide, load_policy, plot_change, render_markdown
     from pipeline.train.checkpoint import list_checkpoints, weights_sha256
 
     p = params()
@@ -207,8 +207,15 @@ def gate(evaluations: Path = Path("evaluate"), checkpoints: Path = Path("train/c
     if unknown:
         fail(f"{evaluations}/checkpoints.json: results for {unknown} but no such checkpoint in {checkpoints}")
     hashes = {name: weights_sha256(kept[name]) for name in candidates}
-    verdict = decide(policy, base_scores, candidates, hashes)
+    items = {}
+    for name in ("base", "checkpoints"):  # per-item scores, for the paired intervals
+        for model, metrics in json.loads((evaluations / f"{name}-items.json").read_text()).items():
+            items[model] = {metric: r["items"] for metric, r in metrics.items()}
+    verdict = decide(policy, base_scores, candidates, hashes, items)
     verdict["weights"] = str(kept[verdict["chosen"]] / "model.safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_change(verdict, out / "change.png")
+    verdict["plot"] = "change.png"
     markdown = render_markdown(verdict)
     write_json(out / "gate.json", verdict)
     write_text(out / "gate.md", markdown)
@@ -241,7 +248,7 @@ def card(gate_dir: Path = Path("gate"), checkpoints: Path = Path("train/checkpoi
                                                                                     "weight_decay")},
         p.card.license, p.card.language)
     with atomic_dir(out) as tmp:
-        assemble(chosen, model_card, [gate_dir / "gate.json", gate_dir / "gate.md"], tmp)
+        assemble(chosen, model_card, [gate_dir / "gate.json", gate_dir / "gate.md", gate_dir / "change.png"], tmp)
     typer.echo(f"model card and publishable folder in {out}/ ({verdict['chosen']}, sha256 {verdict['sha256'][:12]})")
 
 

@@ -44,3 +44,41 @@ def test_policy_file_errors_name_file_and_field(tmp_path):
     path.write_text("rules:\n  - metric: golden\n    minimum: 0.5\n")
     with pytest.raises(ValueError, match=r"gate.yaml: rules.0.minimum"):
         load_policy(path)
+
+
+def test_paired_bootstrap_interval():
+    from pipeline.gate import paired_bootstrap
+
+    base = [1.0] * 100
+    same = paired_bootstrap(base, base)
+    assert same == {"delta": 0.0, "low": 0.0, "high": 0.0, "n": 100}
+    worse = paired_bootstrap(base, [0.0] * 30 + [1.0] * 70)
+    assert worse["delta"] == -0.3 and worse["low"] < -0.3 < worse["high"] < 0
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_bootstrap([1.0, 0.0], [1.0])
+
+
+def test_noise_does_not_fail_but_a_real_drop_does():
+    policy = Policy(rules=[Rule(metric="golden", min=0.1), Rule(metric="general", max_drop=0.02)])
+    base_items = [1.0] * 50 + [0.0] * 50
+    noisy = [0.0, 0.0, 0.0] + [1.0] * 47 + [0.0] * 50  # 3 of 100 items flip: 0.03 drop, within noise
+    real = [0.0] * 40 + [1.0] * 10 + [0.0] * 50  # 40 of 100 items lost
+    items = {"base": {"general": base_items}, "epoch-1": {"general": noisy}, "epoch-2": {"general": real}}
+    candidates = {"epoch-1": {"golden": 0.5, "general": 0.47}, "epoch-2": {"golden": 0.9, "general": 0.10}}
+    verdict = decide(policy, {"golden": 0.0, "general": 0.5}, candidates, HASHES, items)
+    assert verdict["candidates"]["epoch-1"]["passed"] and not verdict["candidates"]["epoch-2"]["passed"]
+    assert verdict["chosen"] == "epoch-1"
+    general = next(r for r in verdict["rules"] if r["metric"] == "general")
+    assert general["drop"] == 0.03 and general["drop_ci"][0] <= 0.02 <= general["drop_ci"][1]
+    assert "Change against the base" in render_markdown(verdict)
+
+
+def test_change_plot_is_written(tmp_path):
+    from pipeline.gate import plot_change
+
+    items = {"base": {"golden": [0.0] * 10, "general": [1.0] * 10},
+             "epoch-1": {"golden": [1.0] * 6 + [0.0] * 4, "general": [1.0] * 9 + [0.0]}}
+    verdict = decide(POLICY, {"golden": 0.0, "general": 1.0}, {"epoch-1": {"golden": 0.6, "general": 0.9}},
+                     HASHES, items)
+    plot_change(verdict, tmp_path / "change.png")
+    assert (tmp_path / "change.png").read_bytes()[:4] == b"\x89PNG"
