@@ -6,7 +6,6 @@ does the file IO and printing here. Stage folders are the ones dvc.yaml declares
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -136,25 +135,33 @@ def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out
     meta = {"config": p.train.model_dump(), "base": json.loads((base_dir / "meta.json").read_text()),
             "data_sha256": stats["data_sha256"]}
 
-    bar = None
+    bar = live = None
 
-    def progress(record: dict, total: int):
-        nonlocal bar
-        bar = bar or tqdm(total=total, desc="train", unit="step", file=sys.stdout, mininterval=2)
+    def progress(record: dict, total: int):  # rank 0 only: a progress bar and DVCLive step metrics
+        nonlocal bar, live
+        if bar is None:
+            from dvclive import Live
+
+            bar = tqdm(total=total, initial=record["step"] - 1, desc="train", unit="step", file=sys.stdout,
+                       mininterval=2)
+            # the stage declares train/live in dvc.yaml; resume keeps the steps logged before a restart
+            live = Live(str(out / "live"), resume=record["step"] > 1, save_dvc_exp=False, dvcyaml=None)
         bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
         bar.update(1)
+        live.step = record["step"]
+        for name, value in record.items():
+            if name not in ("step", "epoch") and value is not None:
+                live.log_metric(f"train/{name}", value)
+        live.next_step()
 
     result = run_training(model, tokenizer, packed, p.train, out / "checkpoints", meta, progress, runtime,
                           state_dir=out / "state")
     close(runtime)
     if bar:
         bar.close()
+        live.end()
     if not runtime.is_main:
         return
-    with open(out / "loss.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result.history[0]))
-        writer.writeheader()
-        writer.writerows(result.history)
     write_json(out / "metrics.json", {
         "steps": result.steps, "final_loss": result.final_loss, "tokens": result.tokens,
         "tokens_per_second": round(result.tokens / result.seconds), "seconds": round(result.seconds, 1),
@@ -181,8 +188,14 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base' or 'checkpoin
             fail(f"{checkpoints}: no complete checkpoints to evaluate; run `sft train`")
     else:
         fail(f"--model must be 'base' or 'checkpoints', not {model!r}")
+    from transformers import AutoTokenizer
+
     started = time.perf_counter()
-    results = evaluate_models(paths, p.evaluate, log=typer.echo)
+    try:  # prompts must reach the model exactly as prepare rendered them with the base tokenizer
+        results = evaluate_models(paths, p.evaluate, log=typer.echo,
+                                  training_tokenizer=AutoTokenizer.from_pretrained(base_dir))
+    except ValueError as err:
+        fail(str(err))
     write_json(out / f"{model}-items.json", results)
     write_json(out / f"{model}.json", summary(results))
     typer.echo(f"evaluated {len(paths)} model(s) in {time.perf_counter() - started:.0f}s")

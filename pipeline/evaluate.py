@@ -16,7 +16,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_tasks(model, tokenizer, cfg, log=print) -> dict[str, dict]:
+def check_parity(lm, training_tokenizer, prompt: str = "Say hello.") -> None:
+    """Refuse to evaluate when lm-eval would show the model a prompt other than training did
+    (`training_tokenizer` is the one prepare used: the base model's)."""
+    from pipeline.prepare import IGNORE, tokenize_pair
+
+    ids, labels = tokenize_pair(training_tokenizer, prompt, "hello")
+    trained = [i for i, label in zip(ids, labels) if label == IGNORE]
+    evaluated = lm.tok_encode(lm.apply_chat_template([{"role": "user", "content": prompt}]))
+    if evaluated != trained:
+        raise ValueError("train/eval mismatch: lm-eval renders the chat prompt differently from prepare "
+                         f"(training ids {trained[:12]}..., evaluation ids {evaluated[:12]}...); "
+                         "check the tokenizer's chat template and BOS handling")
+
+
+def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None) -> dict[str, dict]:
     """{metric name: {"task", "metric", "score", "n", "items": [per-item score]}} for one model."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -26,6 +40,8 @@ def run_tasks(model, tokenizer, cfg, log=print) -> dict[str, dict]:
     manager = TaskManager(include_path=str(Path(cfg.include_path).resolve()))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
               max_gen_toks=cfg.max_gen_toks, device=str(model.device))
+    if any(spec.chat for spec in cfg.metrics.values()):
+        check_parity(lm, training_tokenizer or tokenizer)
     out: dict[str, dict] = {}
     for chat in (True, False):
         names = {name: spec for name, spec in cfg.metrics.items() if spec.chat == chat}
@@ -63,13 +79,13 @@ def load_model(path: Path):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def evaluate_models(paths: dict[str, Path], cfg, log=print) -> dict[str, dict]:
+def evaluate_models(paths: dict[str, Path], cfg, log=print, training_tokenizer=None) -> dict[str, dict]:
     """{model name: run_tasks(...)} for each named model folder."""
     results = {}
     for name, path in paths.items():
         log(f"evaluating {name} ({path})")
         model, tokenizer = load_model(path)
-        results[name] = run_tasks(model, tokenizer, cfg, log)
+        results[name] = run_tasks(model, tokenizer, cfg, log, training_tokenizer)
     return results
 
 

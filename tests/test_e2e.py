@@ -85,6 +85,11 @@ def test_full_dag_then_nothing_to_do(repo):
     stats = json.loads((repo / "prepare/stats.json").read_text())
     assert 0.14 <= stats["replay_share"] <= 0.16 and stats["fill"] > 0.9
     assert sorted(p.name for p in (repo / "train/checkpoints").iterdir()) == ["epoch-1", "epoch-2"]
+    live = json.loads((repo / "train/live/metrics.json").read_text())
+    assert live["step"] == json.loads((repo / "train/metrics.json").read_text())["steps"]
+    assert live["train"]["loss"] > 0 and live["train"]["peak_mem_gib"] > 0 and live["train"]["tokens_per_s"] > 0
+    loss_curve = (repo / "train/live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert loss_curve[0].split("\t")[:2] == ["step", "loss"] and len(loss_curve) == live["step"] + 1
     assert set(json.loads((repo / "evaluate/checkpoints.json").read_text())) == {"epoch-1", "epoch-2"}
     gate = json.loads((repo / "gate/gate.json").read_text())
     assert gate["passed"] and len(gate["sha256"]) == 64

@@ -1,5 +1,7 @@
 """Train/eval parity: lm-eval must show the model its prompts exactly as prepare trained on them."""
 
+import copy
+
 import pytest
 import torch
 
@@ -57,3 +59,19 @@ def test_unknown_metric_name_is_reported(tiny_model_dir, tokenizer, tmp_path, mo
                          metrics={"golden": MetricSpec(task="sft_golden", metric="bleu", chat=True)})
     with pytest.raises(KeyError, match="bleu"):
         run_tasks(model, tokenizer, cfg, log=lambda *_: None)
+
+
+def test_a_template_mismatch_is_reported_before_evaluating(tiny_model_dir, tokenizer):
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.evaluate import check_parity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    check_parity(lm, tokenizer)  # the shipped template: no complaint
+    # a checkpoint whose tokenizer renders chats differently from the one training used
+    edited = copy.deepcopy(tokenizer)
+    edited.chat_template = tokenizer.chat_template.replace("{{ bos_token }}", "")
+    with pytest.raises(ValueError, match="train/eval mismatch"):
+        check_parity(HFLM(pretrained=model, tokenizer=edited, batch_size=1), tokenizer)

@@ -7,6 +7,7 @@ from pipeline.config import TrainConfig
 from pipeline.prepare import prepare
 from pipeline.train.checkpoint import list_checkpoints, rotate, weights_sha256
 from pipeline.train.loop import cosine_with_warmup, train
+from pipeline.train.strategies import init_runtime
 
 
 def tiny_packed(tokenizer, n=64):
@@ -84,7 +85,22 @@ def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_mod
     cfg = TrainConfig(lr=1e-3, epochs=1, micro_batch_size=4, override_method_ranges=True, device="cpu")
     packed = tiny_packed(tokenizer, 16)
     meta = {"data_sha256": "abc"}
+    cfg = cfg.model_copy(update={"epochs": 2})
+    runtime = init_runtime("single", "cpu")
+
+    def stop_after_epoch_one(record, total):
+        if record["step"] == total // 2:
+            raise KeyboardInterrupt  # stopped mid-run: the last resume point stays
+
     train(model, tokenizer, packed, cfg, tmp_path / "ckpt", meta, state_dir=tmp_path / "state")
+    assert not (tmp_path / "state").exists(), "a finished run leaves no resume point behind"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = cfg.model_copy(update={"checkpoint_every_steps": 1})
+    try:
+        train(model, tokenizer, packed, cfg, tmp_path / "ckpt", meta, progress=stop_after_epoch_one,
+              runtime=runtime, state_dir=tmp_path / "state")
+    except KeyboardInterrupt:
+        pass
     run_id = fingerprint(cfg, meta, packed["input_ids"].shape[0])
     assert load_train_state(tmp_path / "state", run_id)[1]["step"] > 0
     assert load_train_state(tmp_path / "state", fingerprint(cfg, {"data_sha256": "other"}, 4)) is None

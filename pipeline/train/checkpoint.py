@@ -99,6 +99,10 @@ def load_train_state(root: Path, fingerprint: str) -> tuple[Path, dict] | None:
     return latest, torch.load(latest / "trainer.pt", weights_only=False)
 
 
+def clear_train_state(root: Path) -> None:
+    shutil.rmtree(Path(root), ignore_errors=True)
+
+
 def restore_shards(path: Path, model, optimizer) -> None:
     import warnings
 

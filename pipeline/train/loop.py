@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.prepare import IGNORE
-from pipeline.train.checkpoint import load_train_state, restore_shards, rotate, save_checkpoint, save_train_state
+from pipeline.train.checkpoint import (
+    clear_train_state,
+    load_train_state,
+    restore_shards,
+    rotate,
+    save_checkpoint,
+    save_train_state,
+)
 from pipeline.train.strategies import Runtime, full_state_dict, init_runtime, prepare_model
 
 
@@ -55,10 +62,30 @@ def token_loss_sum(model, input_ids, labels, position_ids) -> torch.Tensor:
                            ignore_index=IGNORE, reduction="sum")
 
 
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
+
+
 def fingerprint(cfg, meta: dict, rows: int) -> str:
-    """What a resumed run must share with the run that wrote the state: the math, not the logistics."""
+    """What a resumed run must share with the run that wrote the state: the math (config, data and
+    this package's code), not the logistics."""
     config = {k: v for k, v in cfg.model_dump().items() if k not in ("keep_last", "checkpoint_every_steps", "device")}
-    blob = json.dumps({"config": config, "data": meta.get("data_sha256"), "rows": rows}, sort_keys=True)
+    code = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(__file__).parent.glob("*.py"))}
+    blob = json.dumps({"config": config, "data": meta.get("data_sha256"), "rows": rows, "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -111,12 +138,15 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
                 "epoch": epoch, "step": step, "fingerprint": run_id, "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "history": history, "tokens": tokens}, runtime)
 
+    params = sum(p.numel() for p in model.parameters()) * runtime.world_size  # sharded: local x ranks
+    peak = peak_flops(device)
     started = time.perf_counter()
     for epoch in range(step // steps_per_epoch + 1, cfg.epochs + 1):
         # the same permutation on every rank; each rank takes its own stride of every step
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         for local in range(step % steps_per_epoch, steps_per_epoch):
             index = order[local * per_step:(local + 1) * per_step][runtime.rank::runtime.world_size]
+            step_started = time.perf_counter()
             batch = {k: v[index].to(device) for k, v in data.items()}
             # normalise by the supervised tokens of the whole global step (all ranks, all micro-batches)
             supervised = runtime.sum(int((batch["labels"][:, 1:] != IGNORE).sum()))
@@ -137,9 +167,15 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += int(runtime.sum(int((batch["input_ids"] != tokenizer.pad_token_id).sum())))
+            step_tokens = int(runtime.sum(int((batch["input_ids"] != tokenizer.pad_token_id).sum())))
+            tokens += step_tokens
+            seconds = time.perf_counter() - step_started
             record = {"step": step, "epoch": epoch, "loss": round(runtime.sum(step_loss) / max(supervised, 1), 5),
-                      "lr": lr, "grad_norm": round(grad_norm.item(), 4)}
+                      "lr": lr, "grad_norm": round(grad_norm.item(), 4),
+                      "tokens_per_s": round(step_tokens / seconds, 1),
+                      # 6N FLOPs per real token (forward + backward) against the cards' dense bf16 peak
+                      "mfu": round(6 * params * step_tokens / seconds / (peak * runtime.world_size), 4) if peak else None,
+                      "peak_mem_gib": round(peak_memory_gib(device), 3)}
             history.append(record)
             if progress and runtime.is_main:
                 progress(record, total_steps)
@@ -154,4 +190,7 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
             rotate(out_dir, cfg.keep_last)
         save_state(epoch)
         runtime.barrier()
+    if state_dir and runtime.is_main:
+        clear_train_state(state_dir)  # finished: a later run starts afresh instead of resuming at the end
+    runtime.barrier()
     return TrainResult(step, history[-1]["loss"], tokens, time.perf_counter() - started, history, checkpoints)
