@@ -296,6 +296,67 @@ def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...)
     typer.echo(markdown)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Training data statistics and diffs (for pull requests).")
+app.add_typer(data_app, name="data")
+
+
+def _data_stats(frame, base_dir: Path, p):
+    from transformers import AutoTokenizer
+
+    from pipeline.stats import data_stats
+
+    if not (base_dir / "tokenizer_config.json").exists():
+        fail(f"{base_dir}: no tokenizer; run `sft base` (token lengths use the base model's chat template)")
+    return data_stats(frame, AutoTokenizer.from_pretrained(base_dir), p.prepare.max_seq_len)
+
+
+def _write_report(out: Path, current: dict, other: dict | None = None, rev: str | None = None) -> None:
+    from pipeline.stats import plot_lengths, render_markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    plot_lengths(current, out / "lengths.png", other, rev)
+    markdown = render_markdown(current, other, rev) + "\n![token lengths](lengths.png)\n"
+    strip = lambda s: {k: v for k, v in s.items() if k != "lengths"}  # noqa: E731
+    write_json(out / "stats.json", {"current": strip(current), **({"other": strip(other), "rev": rev} if other else {})})
+    write_text(out / "stats.md", markdown)
+    typer.echo(markdown)
+
+
+@data_app.command("stats")
+def data_stats_command(base_dir: Path = Path("base"), out: Path = Path("data-report")):
+    """Rows, token-length histogram (table + PNG), duplicate and truncation shares."""
+    from pipeline.contract import load_pairs
+
+    p = params()
+    try:
+        frame = load_pairs(p.data.train)
+    except DataError as err:
+        fail(str(err))
+    _write_report(out, _data_stats(frame, base_dir, p))
+
+
+@data_app.command("diff")
+def data_diff_command(rev: str = typer.Argument(..., help="git revision to compare with, e.g. origin/main"),
+                      base_dir: Path = Path("base"), out: Path = Path("data-report")):
+    """The same statistics for this branch and for REV's data (read through DVC), side by side."""
+    import dvc.api
+
+    from pipeline.contract import load_pairs
+    from pipeline.stats import read_pairs_text
+
+    p = params()
+    try:
+        current = load_pairs(p.data.train)
+        try:
+            text = dvc.api.read(p.data.train, rev=rev, encoding="utf-8")
+        except Exception as err:  # dvc raises many kinds: a bad rev, no cache, no remote
+            fail(f"{p.data.train}@{rev}: cannot read it through DVC ({type(err).__name__}: {err})")
+        other = read_pairs_text(text, f"{p.data.train}@{rev}")
+    except DataError as err:
+        fail(str(err))
+    _write_report(out, _data_stats(current, base_dir, p), _data_stats(other, base_dir, p), rev)
+
+
 def main():
     app()
 

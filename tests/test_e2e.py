@@ -102,3 +102,18 @@ def test_full_dag_then_nothing_to_do(repo):
     for stage in ("base", "train", "evaluate"):
         assert f"Running stage '{stage}'" not in again
     assert "up to date" in run(["dvc", "status"], repo).stdout
+
+
+def test_data_diff_against_another_revision(repo):
+    """`sft data diff` reads the other revision's data through DVC (here from the local cache)."""
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    run(["sft", "demo", "--out", "data", "--rows", "2000"], repo)
+    run(["dvc", "add", "-q", "data"], repo)
+    run(git + ["add", "-A"], repo)
+    run(git + ["commit", "-qm", "2000 rows"], repo)
+    run(["sft", "demo", "--out", "data", "--rows", "2500"], repo)
+    report = run(["sft", "data", "diff", "HEAD"], repo).stdout
+    assert "| rows | 2,000 | 2,500 | +500 |" in report
+    assert (repo / "data-report/lengths.png").read_bytes()[:4] == b"\x89PNG"
+    bad = run(["sft", "data", "diff", "no-such-rev"], repo, check=False)
+    assert bad.returncode == 1 and "data/train.jsonl@no-such-rev" in bad.stderr + bad.stdout
