@@ -56,13 +56,18 @@ def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None) -> dict
         for name, spec in names.items():
             if spec.task not in results["results"]:
                 raise KeyError(f"lm-eval returned no results for task {spec.task!r} (metric {name!r})")
-            available = sorted(k.split(",")[0] for k in results["results"][spec.task] if "," in k)
-            if spec.metric not in available:
+            reported = [k for k in results["results"][spec.task] if k.startswith(f"{spec.metric},")]
+            if not reported:
+                available = sorted({k.split(",")[0] for k in results["results"][spec.task] if "," in k})
                 raise KeyError(f"evaluate.metrics.{name}: task {spec.task!r} has no metric {spec.metric!r}; "
                                f"it reports {[m for m in available if not m.endswith('_stderr')]}")
-            samples = sorted(results["samples"][spec.task], key=lambda s: s["doc_id"])
+            # registry tasks name their answer-extraction filter (mmlu_pro: "custom-extract"); local ones "none"
+            key = f"{spec.metric},none" if f"{spec.metric},none" in reported else sorted(reported)[0]
+            filter_name = key.split(",", 1)[1]
+            samples = sorted((s for s in results["samples"][spec.task] if s.get("filter", filter_name) == filter_name),
+                             key=lambda s: s["doc_id"])
             items = [float(s[spec.metric]) for s in samples]
-            score = results["results"][spec.task][f"{spec.metric},none"]
+            score = results["results"][spec.task][key]
             out[name] = {"task": spec.task, "metric": spec.metric, "score": round(float(score), 4),
                          "n": len(items), "items": items}
             log(f"  {name:<10} {spec.task}/{spec.metric} = {score:.4f} (n={len(items)})")
