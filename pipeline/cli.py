@@ -342,7 +342,6 @@ def data_diff_command(rev: str = typer.Argument(..., help="git revision to compa
     import dvc.api
 
     from pipeline.contract import load_pairs
-    from pipeline.stats import read_pairs_text
 
     p = params()
     try:
@@ -351,7 +350,7 @@ def data_diff_command(rev: str = typer.Argument(..., help="git revision to compa
             text = dvc.api.read(p.data.train, rev=rev, encoding="utf-8")
         except Exception as err:  # dvc raises many kinds: a bad rev, no cache, no remote
             fail(f"{p.data.train}@{rev}: cannot read it through DVC ({type(err).__name__}: {err})")
-        other = read_pairs_text(text, f"{p.data.train}@{rev}")
+        other = load_pairs(f"{p.data.train}@{rev}", text=text)
     except DataError as err:
         fail(str(err))
     _write_report(out, _data_stats(current, base_dir, p), _data_stats(other, base_dir, p), rev)

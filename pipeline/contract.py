@@ -57,9 +57,10 @@ class ContractError(ValueError):
     """The data breaks the contract; the message lists each failed expectation with rows."""
 
 
-def load_pairs(path: str | Path) -> pd.DataFrame:
-    """(prompt, response) rows indexed by line number; a wrongly typed field is refused here."""
-    rows = read_jsonl(path, required=FIELDS)
+def load_pairs(path: str | Path, text: str | None = None) -> pd.DataFrame:
+    """(prompt, response) rows indexed by line number; a wrongly typed field is refused here.
+    With `text`, parse that content (another revision's file) and use `path` only to name it."""
+    rows = read_jsonl(path, required=FIELDS, text=text)
     lines, records = [], []
     number = 0
     for number, row in enumerate(rows, start=1):
@@ -88,10 +89,16 @@ def ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def normalized_pairs(frame: pd.DataFrame, prompts: pd.Series | None = None) -> pd.Series:
+    """One key per (prompt, response) that ignores case, whitespace and punctuation."""
+    prompts = frame["prompt"].map(normalize) if prompts is None else prompts
+    return prompts + "\x1f" + frame["response"].map(normalize)
+
+
 def add_derived_columns(frame: pd.DataFrame, held_out: list[str], ngram: int) -> pd.DataFrame:
     """Columns the suite checks: a normalised pair key, and whether a prompt leaks an eval item."""
     prompts = frame["prompt"].map(normalize)
-    frame = frame.assign(normalized_pair=prompts + "\x1f" + frame["response"].map(normalize))
+    frame = frame.assign(normalized_pair=normalized_pairs(frame, prompts))
     exact = {normalize(p) for p in held_out}
     grams = set().union(*(ngrams(p.split(), ngram) for p in exact)) if exact else set()
     leaks = prompts.isin(exact).to_numpy().copy()

@@ -14,16 +14,19 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the line and the field."""
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (), text: str | None = None) -> list[dict]:
+    """Rows of a JSONL file (or of `text`, named `path` in errors), each checked for `required`."""
+    if text is None:
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path}: file not found")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not valid UTF-8 ({err.reason})") from None
     rows = []
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({err.reason})") from None
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

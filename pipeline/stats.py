@@ -1,41 +1,25 @@
 """`sft data stats` / `sft data diff REV`: what a pull request does to the training data.
 
 Rows, token lengths after the chat template (a histogram), duplicate and truncation shares; the
-diff compares with the data of another git revision, read through DVC (`dvc.api.open`), so the
+diff compares with the data of another git revision, read through DVC (`dvc.api.read`), so the
 PR base's data comes from the DVC cache or remote without checking it out.
 """
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 
-from pipeline.contract import normalize
+from pipeline.contract import normalized_pairs
 from pipeline.prepare import tokenize_pair
 
 BINS = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
 
 
-def read_pairs_text(text: str, source: str) -> pd.DataFrame:
-    """The same loader as validate, from text (another revision's file)."""
-    import tempfile
-    from pathlib import Path
-
-    from pipeline.contract import load_pairs
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(source).name
-        path.write_text(text, encoding="utf-8")
-        frame = load_pairs(path)
-    return frame
-
-
 def data_stats(frame: pd.DataFrame, tokenizer, max_seq_len: int) -> dict:
     lengths = np.array([len(tokenize_pair(tokenizer, p or "", r or "")[0])
                         for p, r in zip(frame["prompt"], frame["response"])])
-    pairs = frame["prompt"].map(normalize) + "\x1f" + frame["response"].map(normalize)
+    pairs = normalized_pairs(frame)
     counts, _ = np.histogram(lengths, bins=BINS)
     return {
         "rows": int(len(frame)),
@@ -92,7 +76,5 @@ def plot_lengths(current: dict, path, other: dict | None = None, rev: str | None
     ax.set_ylabel("rows")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(path)
     plt.close(fig)
-    path.write_bytes(buffer.getvalue())

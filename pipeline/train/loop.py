@@ -138,7 +138,7 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
                 "epoch": epoch, "step": step, "fingerprint": run_id, "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "history": history, "tokens": tokens}, runtime)
 
-    params = sum(p.numel() for p in model.parameters()) * runtime.world_size  # sharded: local x ranks
+    params = sum(p.numel() for p in model.parameters())  # a sharded DTensor reports its full size
     peak = peak_flops(device)
     started = time.perf_counter()
     for epoch in range(step // steps_per_epoch + 1, cfg.epochs + 1):
