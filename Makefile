@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup lint clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q $(TORCH)
-	$(VENV)/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e ".[test,deepspeed]"
 	touch $@
 
 demo: setup
@@ -28,7 +28,24 @@ demo: setup
 	dvc repro
 	@echo; cat gate/gate.md
 
-test: setup
+# SkyPilot lives in a venv of its own (its click pin conflicts with dvc and huggingface-hub), only to
+# check sky/*.yaml against SkyPilot's own schema; the training package never imports it.
+SKY_VENV := .venv-sky
+SKYPILOT := skypilot==0.14.1
+
+$(SKY_VENV)/.installed:
+	test -x $(SKY_VENV)/bin/python || python3 -m venv $(SKY_VENV)
+	SKYPILOT_DISABLE_USAGE_COLLECTION=1 $(SKY_VENV)/bin/python -m pip install -q $(SKYPILOT)
+	touch $@
+
+# Workflows: actionlint, zizmor (no findings allowed), GitHub's workflow schema; SkyPilot tasks: its schema
+lint: setup $(SKY_VENV)/.installed
+	actionlint .github/workflows/*.yml
+	zizmor --offline --quiet .github/workflows
+	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	SKYPILOT_DISABLE_USAGE_COLLECTION=1 $(SKY_VENV)/bin/python sky/validate.py
+
+test: setup lint
 	python -m pytest -q
 
 clean:

@@ -23,17 +23,24 @@ repository's DVC pipeline and shipped only because it passed the eval gate.
 
 ## Evaluation
 
+Every metric was measured with lm-eval on the base model and on this checkpoint, on the same items;
+the eval gate's policy (`evals/gate.yaml`) decided. The forgetting table is the change against the
+base with its paired-bootstrap 95% interval; the plot shows each metric, base vs this model.
+
 {{ gate_markdown }}
 """
 
 
 def build_card(verdict: dict, gate_markdown: str, repo_id: str, base_model: str, base_revision: str | None,
-               data_sha256: str, training: dict, license: str, language: str) -> ModelCard:
+               metrics: dict, data_sha256: str, training: dict, license: str, language: str) -> ModelCard:
+    """`metrics` is evaluate.metrics ({name: spec with .task and .metric}): each model-index entry
+    names the lm-eval task (dataset) and its metric, valued for the chosen checkpoint."""
     chosen = verdict["candidates"][verdict["chosen"]]["scores"]
     eval_results = [
-        EvalResult(task_type="text-generation", dataset_type=name, dataset_name=name,
-                   metric_type=name, metric_value=float(value))
-        for name, value in chosen.items()
+        EvalResult(task_type="text-generation", dataset_type=metrics[name].task, dataset_name=name,
+                   metric_type=metrics[name].metric, metric_name=name, metric_value=float(value),
+                   verified=False)
+        for name, value in chosen.items() if name in metrics
     ]
     data = ModelCardData(
         model_name=repo_id.split("/")[-1], base_model=base_model, license=license, language=language,

@@ -35,7 +35,7 @@ def params():
 
 @app.command()
 def demo(out: Path = typer.Option(Path("data"), help="folder for the demo data set"),
-         rows: int = typer.Option(12_000, help="training pairs"),
+         rows: int = typer.Option(15_000, help="training pairs"),
          seed: int = typer.Option(0)):
     """Write the embedded demo data set (deterministic: byte-identical on every machine)."""
     from pipeline.demo import write_demo_data
@@ -55,24 +55,48 @@ def base(out: Path = Path("base")):
 
 
 @app.command()
-def validate(out: Path = Path("validate")):
-    """Check the training data against the data contract (great-expectations)."""
-    from pipeline.contract import add_derived_columns, eval_prompts, failure_message, load_pairs, render_markdown, run_suite
+def validate(base_dir: Path = Path("base"), out: Path = Path("validate")):
+    """Check the training (and replay) data against the data contract (great-expectations)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.contract import (
+        add_derived_columns,
+        add_replay_columns,
+        eval_prompts,
+        failure_message,
+        render_markdown,
+        run_suite,
+        token_lengths_within,
+    )
+    from pipeline.data import load_examples
+    from pipeline.files import atomic_dir
 
     p = params()
+    files = {"train": p.data.train, "replay": p.data.replay}
     try:
-        frame = load_pairs(p.data.train)
-        frame = add_derived_columns(frame, eval_prompts(p.validate_.eval_sets), p.validate_.leak_ngram)
-    except DataError as err:
+        frame = load_examples(p.data.train)
+        replay = None
+        if p.data.replay and p.prepare.replay_share > 0:  # the mix prepare will make, checked here
+            replay = add_replay_columns(load_examples(p.data.replay), len(frame), p.prepare.replay_share,
+                                        p.prepare.seed)
+        held_out = eval_prompts(p.validate_.eval_sets)
+    except DataError as err:  # a malformed file is named before anything else is asked for
         fail(str(err))
-    checks = run_suite(frame, p.validate_)
+    if not (base_dir / "tokenizer_config.json").exists():
+        fail(f"{base_dir}: no tokenizer; run `sft base` (token lengths use the base model's chat template)")
+    tokens = token_lengths_within(AutoTokenizer.from_pretrained(base_dir), frame, p.prepare.max_seq_len)
+    frame = add_derived_columns(frame, held_out, p.validate_.leak_ngram, tokens)
+    with atomic_dir(out / "data-docs") as docs:  # great-expectations Data Docs, for CI to upload
+        checks = run_suite(frame, p.validate_, p.prepare.max_seq_len, replay, docs)
     passed = all(c["passed"] for c in checks)
-    report = {"file": p.data.train, "rows": len(frame), "passed": passed, "checks": checks}
+    report = {"file": p.data.train, "replay": p.data.replay if replay is not None else None, "rows": len(frame),
+              "passed": passed, "checks": checks}
     write_json(out / "contract.json", report)
-    write_text(out / "contract.md", render_markdown(p.data.train, checks))
+    write_text(out / "contract.md", render_markdown(files, checks))
     if not passed:
-        fail(failure_message(p.data.train, checks))
-    typer.echo(f"data contract passed: {len(frame):,} rows, {len(checks)} expectations ({p.data.train})")
+        fail(failure_message(files, checks))
+    typer.echo(f"data contract passed: {len(frame):,} rows, {len(checks)} expectations ({p.data.train}); "
+               f"Data Docs in {out}/data-docs/index.html")
 
 
 @app.command()
@@ -81,34 +105,39 @@ def prepare(base_dir: Path = Path("base"), out: Path = Path("prepare")):
     import numpy as np
     from transformers import AutoTokenizer
 
-    from pipeline.contract import load_pairs
-    from pipeline.prepare import prepare as prepare_rows
+    from pipeline.data import load_examples
+    from pipeline.prepare import prepare_tokenized, tokenize_file
 
     p = params()
     contract = json.loads(Path("validate/contract.json").read_text())
     if not contract["passed"]:
         fail("validate/contract.json: the data contract did not pass; run `sft validate`")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    train = load_pairs(p.data.train).to_dict("records")
-    replay = []
-    if p.data.replay:
-        try:
-            replay = load_pairs(p.data.replay).to_dict("records")
-        except DataError as err:
-            fail(str(err))
-        for row in replay:
-            row["family"] = "replay"
-    packed = prepare_rows(tokenizer, train, replay, p.prepare.max_seq_len, p.prepare.replay_share, p.prepare.seed)
+    def load(path):
+        return load_examples(path)["messages"].tolist()
+
+    inputs = [Path(p.data.train)] + ([Path(p.data.replay)] if p.data.replay else [])
+    try:  # an unchanged file with the same tokenizer is read from the cache, never tokenized again
+        (train, train_hit), *replay = [tokenize_file(tokenizer, path, load) for path in inputs]
+    except DataError as err:
+        fail(str(err))
+    packed = prepare_tokenized(train, replay[0][0] if replay else None, p.prepare.max_seq_len,
+                               p.prepare.replay_share, p.prepare.seed, tokenizer.pad_token_id,
+                               p.prepare.pack, p.prepare.bucket_rows)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "packed.tmp.npz"
-    np.savez(tmp, input_ids=packed.input_ids, labels=packed.labels, position_ids=packed.position_ids)
+    arrays = {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids}
+    if packed.lengths is not None:  # unpacked rows: real tokens per row, for trimming each batch
+        arrays["lengths"] = packed.lengths
+    np.savez(tmp, **arrays)
     tmp.replace(out / "packed.npz")
-    inputs = [Path(p.data.train)] + ([Path(p.data.replay)] if p.data.replay else [])
     stats = {**packed.stats, "data_sha256": sha256_files(inputs)}
     write_json(out / "stats.json", stats)
-    typer.echo(f"packed {stats['examples']:,} examples into {stats['rows']:,} rows of {p.prepare.max_seq_len} "
+    hits = [train_hit] + [hit for _, hit in replay]
+    layout = "packed" if p.prepare.pack else "bucketed by length, one example"
+    typer.echo(f"{layout} {stats['examples']:,} examples into {stats['rows']:,} rows of {p.prepare.max_seq_len} "
                f"tokens (fill {stats['fill']:.1%}, replay {stats['replay_share']:.1%}, "
-               f"truncated {stats['truncated']})")
+               f"truncated {stats['truncated']}); tokenization cache: {sum(hits)} of {len(hits)} files hit")
 
 
 @app.command()
@@ -172,33 +201,74 @@ def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out
 
 
 @app.command()
-def evaluate(model: str = typer.Option("checkpoints", help="'base' or 'checkpoints' (every kept one)"),
+def evaluate(model: str = typer.Option("checkpoints", help="'base': the full suite on the base model (cached by "
+                                       "its hash); 'checkpoints': evaluate.per_checkpoint on every kept one; "
+                                       "'chosen': the full suite on checkpoints in the gate's order until one passes"),
              base_dir: Path = Path("base"), checkpoints: Path = Path("train/checkpoints"),
              out: Path = Path("evaluate")):
-    """Run the lm-eval tasks of params.yaml on the base model or on every kept checkpoint."""
-    from pipeline.evaluate import evaluate_models, summary
+    """Run the lm-eval tasks of params.yaml on the base model, the kept checkpoints or the chosen one."""
+    from transformers import AutoTokenizer
+
+    from pipeline.evaluate import (cache_base_results, cached_base_results, evaluate_models, suite_fingerprint,
+                                   summary)
     from pipeline.train.checkpoint import list_checkpoints
 
     p = params()
-    if model == "base":
-        paths = {"base": base_dir}
-    elif model == "checkpoints":
-        paths = {c.name: c for c in list_checkpoints(checkpoints)}
-        if not paths:
-            fail(f"{checkpoints}: no complete checkpoints to evaluate; run `sft train`")
-    else:
-        fail(f"--model must be 'base' or 'checkpoints', not {model!r}")
-    from transformers import AutoTokenizer
-
+    if model not in ("base", "checkpoints", "chosen"):
+        fail(f"--model must be 'base', 'checkpoints' or 'chosen', not {model!r}")
+    kept = {c.name: c for c in list_checkpoints(checkpoints)}
+    if model != "base" and not kept:
+        fail(f"{checkpoints}: no complete checkpoints to evaluate; run `sft train`")
     started = time.perf_counter()
-    try:  # prompts must reach the model exactly as prepare rendered them with the base tokenizer
-        results = evaluate_models(paths, p.evaluate, log=typer.echo,
-                                  training_tokenizer=AutoTokenizer.from_pretrained(base_dir))
+    # prompts must reach the model exactly as prepare rendered them with the base tokenizer
+    training_tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    try:
+        if model == "base":
+            key = suite_fingerprint(p.evaluate, json.loads((base_dir / "meta.json").read_text())["sha256"])
+            results = cached_base_results(p.evaluate, key)
+            if results:
+                typer.echo(f"base results from the cache ({p.evaluate.base_cache}/{key[:12]}…): same weights, tasks "
+                           "and data")
+            else:
+                results = evaluate_models({"base": base_dir}, p.evaluate, typer.echo, training_tokenizer)
+                cache_base_results(p.evaluate, key, results)
+        elif model == "checkpoints":
+            results = evaluate_models(kept, p.evaluate, typer.echo, training_tokenizer, p.evaluate.per_checkpoint)
+        else:
+            results = _full_suite_in_gate_order(p, kept, out, training_tokenizer)
     except ValueError as err:
         fail(str(err))
-    write_json(out / f"{model}-items.json", results)
-    write_json(out / f"{model}.json", summary(results))
-    typer.echo(f"evaluated {len(paths)} model(s) in {time.perf_counter() - started:.0f}s")
+    name = "suite" if model == "chosen" else model
+    write_json(out / f"{name}-items.json", results)
+    write_json(out / f"{name}.json", summary(results))
+    typer.echo(f"evaluated {len(results)} model(s) in {time.perf_counter() - started:.0f}s")
+
+
+def _full_suite_in_gate_order(p, kept: dict[str, Path], evaluations: Path, training_tokenizer) -> dict:
+    """The full suite on the best checkpoint by golden that can still pass, then the next, until
+    one passes the whole policy (usually the first): the gate stage then decides on these files."""
+    from pipeline.evaluate import evaluate_in_order
+    from pipeline.gate import check_candidate, load_policy, suite_order
+
+    policy = load_policy(p.gate.policy)
+    base = json.loads((evaluations / "base-items.json").read_text())["base"]
+    base_scores = {metric: r["score"] for metric, r in base.items()}
+    golden = json.loads((evaluations / "checkpoints.json").read_text())
+    unknown = sorted(set(golden) - set(kept))
+    if unknown:
+        fail(f"{evaluations}/checkpoints.json: results for {unknown} but no such kept checkpoint")
+
+    def passes(name: str, results: dict) -> bool:
+        scores = {metric: r["score"] for metric, r in results.items()}
+        rules, _ = check_candidate(policy, base_scores, scores, {m: r["items"] for m, r in base.items()},
+                                   {m: r["items"] for m, r in results.items()})
+        failed = [r["metric"] for r in rules if not r["passed"]]
+        typer.echo(f"{name}: {'passes the gate' if not failed else 'fails ' + ', '.join(failed)}")
+        return not failed
+
+    order = suite_order(policy, base_scores, golden)
+    typer.echo(f"full suite, in the gate's order: {', '.join(order)}")
+    return evaluate_in_order({name: kept[name] for name in order}, p.evaluate, passes, typer.echo, training_tokenizer)
 
 
 @app.command()
@@ -214,17 +284,22 @@ def gate(evaluations: Path = Path("evaluate"), checkpoints: Path = Path("train/c
     except ValueError as err:
         fail(str(err))
     base_scores = json.loads((evaluations / "base.json").read_text())["base"]
-    candidates = json.loads((evaluations / "checkpoints.json").read_text())
+    golden = json.loads((evaluations / "checkpoints.json").read_text())
+    suite = json.loads((evaluations / "suite.json").read_text())
+    candidates = {name: {**scores, **suite.get(name, {})} for name, scores in golden.items()}
     kept = {c.name: c for c in list_checkpoints(checkpoints)}
     unknown = sorted(set(candidates) - set(kept))
     if unknown:
         fail(f"{evaluations}/checkpoints.json: results for {unknown} but no such checkpoint in {checkpoints}")
     hashes = {name: weights_sha256(kept[name]) for name in candidates}
-    items = {}
-    for name in ("base", "checkpoints"):  # per-item scores, for the paired intervals
+    items: dict[str, dict] = {}
+    for name in ("base", "checkpoints", "suite"):  # per-item scores, for the paired intervals
         for model, metrics in json.loads((evaluations / f"{name}-items.json").read_text()).items():
-            items[model] = {metric: r["items"] for metric, r in metrics.items()}
-    verdict = decide(policy, base_scores, candidates, hashes, items)
+            items.setdefault(model, {}).update({metric: r["items"] for metric, r in metrics.items()})
+    try:
+        verdict = decide(policy, base_scores, candidates, hashes, items)
+    except ValueError as err:
+        fail(str(err))
     verdict["weights"] = str(kept[verdict["chosen"]] / "model.safetensors")
     out.mkdir(parents=True, exist_ok=True)
     plot_change(verdict, out / "change.png")
@@ -234,8 +309,7 @@ def gate(evaluations: Path = Path("evaluate"), checkpoints: Path = Path("train/c
     write_text(out / "gate.md", markdown)
     typer.echo(markdown)
     if not verdict["passed"]:
-        failed = [r["metric"] for r in verdict["rules"] if not r["passed"]]
-        fail(f"eval gate FAILED: {', '.join(failed)} (see {out}/gate.md)")
+        fail(f"eval gate FAILED: {', '.join(verdict['failed_rules'])} (see {out}/gate.md)")
 
 
 @app.command()
@@ -257,6 +331,7 @@ def card(gate_dir: Path = Path("gate"), checkpoints: Path = Path("train/checkpoi
     stats = json.loads((packed_dir / "stats.json").read_text())
     model_card = build_card(
         verdict, (gate_dir / "gate.md").read_text(), p.card.repo_id, base_meta["model"], base_meta.get("revision"),
+        p.evaluate.metrics,
         stats["data_sha256"], {k: v for k, v in p.train.model_dump().items() if k in ("lr", "epochs", "warmup_ratio",
                                                                                     "weight_decay")},
         p.card.license, p.card.language)
@@ -325,11 +400,11 @@ def _write_report(out: Path, current: dict, other: dict | None = None, rev: str 
 @data_app.command("stats")
 def data_stats_command(base_dir: Path = Path("base"), out: Path = Path("data-report")):
     """Rows, token-length histogram (table + PNG), duplicate and truncation shares."""
-    from pipeline.contract import load_pairs
+    from pipeline.data import load_examples
 
     p = params()
     try:
-        frame = load_pairs(p.data.train)
+        frame = load_examples(p.data.train)
     except DataError as err:
         fail(str(err))
     _write_report(out, _data_stats(frame, base_dir, p))
@@ -341,19 +416,130 @@ def data_diff_command(rev: str = typer.Argument(..., help="git revision to compa
     """The same statistics for this branch and for REV's data (read through DVC), side by side."""
     import dvc.api
 
-    from pipeline.contract import load_pairs
+    from pipeline.data import load_examples
 
     p = params()
     try:
-        current = load_pairs(p.data.train)
-        try:
-            text = dvc.api.read(p.data.train, rev=rev, encoding="utf-8")
+        current = load_examples(p.data.train)
+        try:  # bytes: a Parquet file is binary, and load_examples names a bad UTF-8 line itself
+            text = dvc.api.read(p.data.train, rev=rev, mode="rb")
         except Exception as err:  # dvc raises many kinds: a bad rev, no cache, no remote
             fail(f"{p.data.train}@{rev}: cannot read it through DVC ({type(err).__name__}: {err})")
-        other = load_pairs(f"{p.data.train}@{rev}", text=text)
+        other = load_examples(f"{p.data.train}@{rev}", text=text)
     except DataError as err:
         fail(str(err))
     _write_report(out, _data_stats(current, base_dir, p), _data_stats(other, base_dir, p), rev)
+
+
+# ------------------------------------------------------------------ release: Hub, commit status, PR comment
+@app.command()
+def publish(tag: str = typer.Option(..., envvar="RELEASE_TAG", help="release tag, e.g. v1.0.0"),
+            folder: Path = typer.Option(Path("card"), help="the folder `sft card` wrote"),
+            gate_file: Path = typer.Option(Path("gate/gate.json"), "--gate", help="the gate verdict"),
+            repo_id: str = typer.Option(None, help="Hub repo (default: params.yaml card.repo_id)"),
+            endpoint: str = typer.Option(None, envvar="HF_ENDPOINT", help="Hub URL (default: huggingface.co)"),
+            token: str = typer.Option(None, envvar="HF_TOKEN", show_default=False),
+            public: bool = typer.Option(False, "--public", help="create the repo public (default: private)")):
+    """Push the card folder to the Hub as one commit and tag it; only the weights the gate passed."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    from pipeline.publish import PublishRefused, publish as push
+
+    repo_id = repo_id or params().card.repo_id
+    try:
+        result = push(folder, gate_file, repo_id, tag, endpoint=endpoint, token=token, private=not public)
+    except PublishRefused as err:
+        fail(f"publish refused: {err}")
+    except OfflineModeIsEnabled:
+        fail("publish: HF_HUB_OFFLINE is set; unset it to reach the Hub")
+    except HfHubHTTPError as err:
+        fail(f"publish: the Hub answered {err}")
+    if result.created:
+        typer.echo(f"published {folder}/ to {repo_id} at commit {result.commit[:12]}, tagged {tag}")
+    else:
+        typer.echo(f"{repo_id}@{tag} already holds these weights (commit {result.commit[:12]}); nothing pushed")
+
+
+status_app = typer.Typer(no_args_is_help=True, help="The eval-gate commit status on GitHub.")
+app.add_typer(status_app, name="status")
+
+
+def _github():
+    import os
+
+    from pipeline.github import GitHub
+
+    missing = [name for name in ("GITHUB_REPOSITORY", "GITHUB_TOKEN") if not os.environ.get(name)]
+    if missing:
+        fail(f"status: set {' and '.join(missing)} (in Actions they are set for you; pass the token via env)")
+    return GitHub(os.environ.get("GITHUB_API_URL", "https://api.github.com"), os.environ["GITHUB_REPOSITORY"],
+                  os.environ["GITHUB_TOKEN"])
+
+
+@status_app.command("set")
+def status_set(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to mark"),
+               state: str = typer.Option(None, help="pending | success | failure | error"),
+               description: str = typer.Option("", help="with --state"),
+               from_gate: Path = typer.Option(None, help="a gate.json: success only if it passed"),
+               target_url: str = typer.Option(None, help="link shown beside the status")):
+    """Set eval-gate: `--state pending --description ...` while training, `--from-gate gate/gate.json` after."""
+    from pipeline.github import GitHubError, set_status, status_from_gate
+
+    if (state is None) == (from_gate is None):
+        fail("status set: pass exactly one of --state or --from-gate")
+    if from_gate is not None:
+        state, description = status_from_gate(from_gate)
+    try:
+        set_status(_github(), sha, state, description, target_url)
+    except (GitHubError, ValueError) as err:
+        fail(f"status set: {err}")
+    typer.echo(f"eval-gate on {sha[:12]}: {state} ({description})")
+
+
+@status_app.command("require")
+def status_require(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to check")):
+    """Exit 1 unless the commit's eval-gate status is success (the release check)."""
+    from pipeline.github import GitHubError, ReleaseRefused, require_success
+
+    try:
+        status = require_success(_github(), sha)
+    except (GitHubError, ReleaseRefused) as err:
+        fail(f"release refused: {err}")
+    typer.echo(f"eval-gate on {sha[:12]}: success ({status.get('description', '')})")
+
+
+@app.command()
+def results(sha: str = typer.Option(..., envvar="GIT_SHA", help="the trained commit")):
+    """Commit this run's dvc.lock and metrics to branch results/<sha> (the release checks it out)."""
+    from pipeline.github import RESULT_FILES, GitHubError, push_results, results_branch
+
+    missing = [name for name in RESULT_FILES if not Path(name).is_file()]
+    if missing:
+        fail(f"results: {', '.join(missing)} missing; run the whole DAG first")
+    try:
+        commit = push_results(_github(), sha, {name: Path(name).read_text() for name in RESULT_FILES})
+    except GitHubError as err:
+        fail(f"results: {err}")
+    typer.echo(f"results of {sha[:12]} committed as {commit[:12]} on {results_branch(sha)}")
+
+
+@app.command("pr-comment")
+def pr_comment(out: Path = typer.Option(Path("pr-comment.md"), help="where to write the comment"),
+               post: int = typer.Option(None, help="PR number: create or update the one comment there"),
+               head: str = typer.Option(None, help="the PR head commit, named in the heading")):
+    """Assemble the PR comment (contract, params diff, plan, data stats, gate); optionally post it."""
+    from pipeline.github import GitHubError, upsert_comment
+    from pipeline.pr_comment import build_comment
+
+    body = build_comment(Path("."), head=head)
+    write_text(out, body)
+    typer.echo(f"PR comment written to {out} ({len(body):,} characters)")
+    if post is not None:
+        try:
+            action, comment_id = upsert_comment(_github(), post, body)
+        except GitHubError as err:
+            fail(f"pr-comment: {err}")
+        typer.echo(f"PR #{post}: comment {comment_id} {action}")
 
 
 def main():

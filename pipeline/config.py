@@ -47,6 +47,7 @@ class BaseConfig(Section):
 
 
 class DataConfig(Section):
+    # JSONL or Parquet, (prompt, response) pairs or chat `messages` (see pipeline/data.py);
     # evaluation data is named by the lm-eval task YAMLs under evals/tasks, not here
     train: str = "data/train.jsonl"
     replay: str | None = "data/replay.jsonl"
@@ -62,12 +63,30 @@ class ValidateConfig(Section):
     leak_ngram: int = Field(13, ge=3)  # a shared word n-gram of this length counts as a leak
     max_pii_share: float = Field(0.0, ge=0, le=1)  # e-mails, phone and card numbers, API keys
     max_boilerplate_share: float = Field(0.01, ge=0, le=1)  # "As an AI model...", stock refusals
+    min_rows_per_source: int = Field(100, ge=1)  # when the data has a `source` field: no source too thin to learn
+    # share of examples that fit prepare.max_seq_len tokens after the chat template (the rest is truncated)
+    min_fit_share: float = Field(0.99, ge=0, le=1)
+    # the method: general replay makes 10-20% of the mixed training set (checked when prepare mixes replay)
+    min_replay_share: float = Field(0.10, ge=0, le=1)
+    max_replay_share: float = Field(0.20, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _replay_band(self):
+        if self.min_replay_share > self.max_replay_share:
+            raise ValueError(f"min_replay_share ({self.min_replay_share}) is above "
+                             f"max_replay_share ({self.max_replay_share})")
+        return self
 
 
 class PrepareConfig(Section):
     max_seq_len: int = Field(2048, ge=16)
     replay_share: float = Field(0.15, ge=0.0, lt=1.0)
     seed: int = 0
+    # true: whole examples packed into rows of max_seq_len, each row filled as full as possible;
+    # false: one example a row, rows sorted by length within seeded shuffled chunks of bucket_rows
+    # (a few batches), so a batch trimmed to its longest row carries little padding
+    pack: bool = True
+    bucket_rows: int = Field(256, ge=1)
 
 
 class TrainConfig(Section):
@@ -84,7 +103,10 @@ class TrainConfig(Section):
     keep_last: int = Field(3, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)  # extra resume points inside an epoch (preemption)
     seed: int = 0
-    strategy: Literal["single", "fsdp2"] = "single"  # fsdp2: under torchrun, see train/strategies.py
+    # fsdp2, zero3, zero3_offload: under torchrun, see train/strategies.py
+    strategy: Literal["single", "fsdp2", "zero3", "zero3_offload"] = "single"
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory
+    compile: bool = True  # torch.compile each decoder layer (GPU only)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     METHOD_RANGES: ClassVar[dict[str, tuple[float, float]]] = {
@@ -116,18 +138,26 @@ class MetricSpec(Section):
 
 class EvaluateConfig(Section):
     include_path: str = "evals/tasks"
+    # the full suite: run on the base model and on the chosen checkpoint before any push
     metrics: dict[str, MetricSpec] = {
         "golden": MetricSpec(task="sft_golden", metric="exact_match", chat=True),
         "general": MetricSpec(task="sft_general", metric="acc"),
     }
+    per_checkpoint: list[str] = ["golden"]  # the metrics run on every kept checkpoint
     batch_size: int = Field(64, ge=1)
     max_gen_toks: int = Field(32, ge=1)
     limit: int | None = Field(None, ge=1)  # items per task; None = all
+    # base-model results are kept here, keyed by the base weights' sha256 and the suite's files,
+    # so each base is evaluated once (CI can keep the folder between runs); None: no cache
+    base_cache: str | None = "~/.cache/sft-pipeline/base-evals"
 
     @model_validator(mode="after")
     def _golden_named(self):
         if "golden" not in self.metrics:
             raise ValueError("evaluate.metrics must name a 'golden' metric (it picks the checkpoint)")
+        unknown = sorted(set(self.per_checkpoint) - set(self.metrics))
+        if unknown:
+            raise ValueError(f"evaluate.per_checkpoint names {unknown}, which evaluate.metrics does not define")
         return self
 
 

@@ -1,15 +1,25 @@
-"""evaluate: lm-eval on the base model and on every kept checkpoint.
+"""evaluate: lm-eval on the base model, on every kept checkpoint, and on the chosen one.
 
 Each named metric in params.yaml (evaluate.metrics) is one lm-eval task and one of its metrics;
 chat tasks render prompts through the model's chat template, exactly as prepare did for
 training. Per-item scores are kept so the gate can compare the same items across models.
+
+When each runs: the full suite on the base model (cached by the base weights' hash), the
+`per_checkpoint` metrics (golden) on every kept checkpoint, and the full suite on checkpoints in
+the gate's order of preference until one passes (`evaluate_in_order`): usually exactly one.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
+
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,7 +32,7 @@ def check_parity(lm, training_tokenizer, prompt: str = "Say hello.") -> None:
     from pipeline.prepare import IGNORE, tokenize_pair
 
     ids, labels = tokenize_pair(training_tokenizer, prompt, "hello")
-    trained = [i for i, label in zip(ids, labels) if label == IGNORE]
+    trained = ids[:next(i for i, label in enumerate(labels) if label != IGNORE)]  # up to the first supervised token
     evaluated = lm.tok_encode(lm.apply_chat_template([{"role": "user", "content": prompt}]))
     if evaluated != trained:
         raise ValueError("train/eval mismatch: lm-eval renders the chat prompt differently from prepare "
@@ -30,30 +40,46 @@ def check_parity(lm, training_tokenizer, prompt: str = "Say hello.") -> None:
                          "check the tokenizer's chat template and BOS handling")
 
 
-def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None) -> dict[str, dict]:
-    """{metric name: {"task", "metric", "score", "n", "items": [per-item score]}} for one model."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+@functools.cache
+def task_manager(include_path: str, registry: bool):
+    """lm-eval's task index, built once per process. The registry (thousands of YAMLs, seconds to
+    index) is included only when a task needs it: the demo's tasks all live in include_path."""
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=include_path, include_defaults=registry)
+
+
+def tasks_index(include_path: str, tasks: set[str]):
+    local = task_manager(include_path, registry=False)
+    return local if tasks <= set(local.all_tasks) else task_manager(include_path, registry=True)
+
+
+def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: list[str] | None = None
+              ) -> dict[str, dict]:
+    """{metric name: {"task", "metric", "score", "n", "items": [per-item score]}} for one model,
+    on the metrics `names` (default: all of evaluate.metrics)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that we pass a model object: we mean to
-    manager = TaskManager(include_path=str(Path(cfg.include_path).resolve()))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
               max_gen_toks=cfg.max_gen_toks, device=str(model.device))
-    if any(spec.chat for spec in cfg.metrics.values()):
+    wanted = {name: spec for name, spec in cfg.metrics.items() if names is None or name in names}
+    manager = tasks_index(str(Path(cfg.include_path).resolve()), {spec.task for spec in wanted.values()})
+    if any(spec.chat for spec in wanted.values()):
         check_parity(lm, training_tokenizer or tokenizer)
     out: dict[str, dict] = {}
     for chat in (True, False):
-        names = {name: spec for name, spec in cfg.metrics.items() if spec.chat == chat}
-        if not names:
+        group = {name: spec for name, spec in wanted.items() if spec.chat == chat}
+        if not group:
             continue
-        tasks = sorted({spec.task for spec in names.values()})
+        tasks = sorted({spec.task for spec in group.values()})
         results = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, task_manager=manager, apply_chat_template=chat, limit=cfg.limit,
             bootstrap_iters=0, log_samples=True, random_seed=0, numpy_random_seed=0,
             torch_random_seed=0, fewshot_random_seed=0, verbosity="WARNING",
         )
-        for name, spec in names.items():
+        for name, spec in group.items():
             if spec.task not in results["results"]:
                 raise KeyError(f"lm-eval returned no results for task {spec.task!r} (metric {name!r})")
             reported = [k for k in results["results"][spec.task] if k.startswith(f"{spec.metric},")]
@@ -84,14 +110,71 @@ def load_model(path: Path):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def evaluate_models(paths: dict[str, Path], cfg, log=print, training_tokenizer=None) -> dict[str, dict]:
+def evaluate_models(paths: dict[str, Path], cfg, log=print, training_tokenizer=None,
+                    names: list[str] | None = None) -> dict[str, dict]:
     """{model name: run_tasks(...)} for each named model folder."""
     results = {}
     for name, path in paths.items():
         log(f"evaluating {name} ({path})")
         model, tokenizer = load_model(path)
-        results[name] = run_tasks(model, tokenizer, cfg, log, training_tokenizer)
+        results[name] = run_tasks(model, tokenizer, cfg, log, training_tokenizer, names)
     return results
+
+
+def evaluate_in_order(paths: dict[str, Path], cfg, accept: Callable[[str, dict], bool], log=print,
+                      training_tokenizer=None) -> dict[str, dict]:
+    """The full suite on each model in the given order (the gate's preference), stopping after
+    the first one `accept(name, results)` takes: a passing checkpoint is evaluated once."""
+    results = {}
+    for name, path in paths.items():
+        results.update(evaluate_models({name: path}, cfg, log, training_tokenizer))
+        if accept(name, results[name]):
+            break
+    return results
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs, whose `!function module.name` tags plain YAML does not know."""
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def suite_fingerprint(cfg, base_sha256: str) -> str:
+    """What the base model's results depend on: its weights, the task files, the local data they
+    read, the evaluate settings and lm-eval's version (its scoring code)."""
+    import lm_eval
+
+    digest = hashlib.sha256(json.dumps({"base": base_sha256, "evaluate": cfg.model_dump(exclude={"base_cache"}),
+                                        "lm_eval": lm_eval.__version__}, sort_keys=True).encode())
+    tasks = sorted(p for p in Path(cfg.include_path).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    data: set[Path] = set()
+    for path in tasks:
+        digest.update(f"{path.relative_to(cfg.include_path)}\0".encode() + path.read_bytes())
+        if path.suffix == ".yaml":
+            task = yaml.load(path.read_text(), Loader=_TaskLoader) or {}
+            files = (task.get("dataset_kwargs") or {}).get("data_files")
+            values = files.values() if isinstance(files, dict) else [files] if files else []
+            data |= {Path(f) for v in values for f in ([v] if isinstance(v, str) else v)}
+    for path in sorted(data):  # registry tasks read hub datasets pinned by lm-eval's version instead
+        if path.is_file():
+            digest.update(f"{path}\0".encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def cached_base_results(cfg, key: str) -> dict | None:
+    path = Path(cfg.base_cache).expanduser() / f"{key}.json" if cfg.base_cache else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def cache_base_results(cfg, key: str, results: dict) -> None:
+    if not cfg.base_cache:
+        return
+    folder = Path(cfg.base_cache).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{key}.json.tmp"
+    tmp.write_text(json.dumps(results))
+    tmp.replace(folder / f"{key}.json")  # atomic: a concurrent reader sees all or nothing
 
 
 def summary(results: dict[str, dict]) -> dict[str, dict[str, float]]:

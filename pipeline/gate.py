@@ -4,9 +4,11 @@ A checkpoint passes when every rule holds. Among passing checkpoints the best by
 `select_by` metric is chosen (not the last one, not the lowest loss). The verdict records the
 sha256 of the chosen weights: publishing later refuses any other bytes.
 
-Regression rules (`max_drop`) compare candidate and base on the same items with a paired
-bootstrap: a rule fails only when even the favourable end of the 95% interval of the drop is
-beyond the limit, so noise does not fail a good model while a real drop does.
+Hard rules (`min`, `max`) bound a score; regression rules (`max_drop`, `max_rise`) compare
+candidate and base on the same items with a paired bootstrap: a rule fails only when even the
+favourable end of the 95% interval of the change is beyond the limit, so noise does not fail a
+good model while a real regression does. Candidates run on golden only (not on the full suite)
+are listed but can be neither passed nor chosen.
 """
 
 from __future__ import annotations
@@ -19,29 +21,43 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 
 class Rule(BaseModel):
+    """One line of the policy: exactly one bound on one metric.
+
+    `min` / `max` bound the candidate's score (hard gates); `max_drop` / `max_rise` bound its
+    change against the base (regression, for metrics where higher / lower is better), judged on
+    the favourable end of the paired 95% interval when per-item scores are given.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     metric: str
     min: float | None = None  # absolute floor for the candidate
-    max_drop: float | None = None  # largest allowed fall below the base model
+    max: float | None = None  # absolute ceiling for the candidate
+    max_drop: float | None = None  # largest allowed fall below the base model (higher is better)
+    max_rise: float | None = None  # largest allowed rise above the base model (lower is better)
+    why: str | None = None  # shown to the reviewer beside the verdict
 
     @model_validator(mode="after")
     def _one_kind(self):
-        if (self.min is None) == (self.max_drop is None):
-            raise ValueError(f"rule for {self.metric!r} needs exactly one of 'min' or 'max_drop'")
+        bounds = [k for k in ("min", "max", "max_drop", "max_rise") if getattr(self, k) is not None]
+        if len(bounds) != 1:
+            raise ValueError(f"rule for {self.metric!r} needs exactly one of 'min', 'max', 'max_drop' or 'max_rise'"
+                             f"{f' (it has {bounds})' if bounds else ''}; write two rules for a band")
         return self
 
     def check(self, candidate: dict[str, float], base: dict[str, float], interval: dict | None = None) -> dict:
         value = candidate[self.metric]
+        result = {"metric": self.metric, "observed": value, "base": base.get(self.metric), "why": self.why}
         if self.min is not None:
-            return {"metric": self.metric, "rule": f">= {self.min}", "observed": value, "base": base.get(self.metric),
-                    "passed": value >= self.min}
-        drop = round(base[self.metric] - value, 4)
-        result = {"metric": self.metric, "rule": f"drop vs base <= {self.max_drop}", "observed": value,
-                  "base": base[self.metric], "drop": drop, "passed": drop <= self.max_drop}
-        if interval:  # drop = -(candidate - base): its interval is the negated change interval
-            low, high = round(-interval["high"], 4), round(-interval["low"], 4)
-            result.update(rule=f"drop vs base <= {self.max_drop} (95% CI)", drop_ci=[low, high],
-                          passed=low <= self.max_drop)
+            return {**result, "rule": f">= {self.min}", "threshold": self.min, "passed": value >= self.min}
+        if self.max is not None:
+            return {**result, "rule": f"<= {self.max}", "threshold": self.max, "passed": value <= self.max}
+        # regression: a drop is base - candidate, a rise candidate - base; the interval is of the change
+        sign, name, limit = (-1, "drop", self.max_drop) if self.max_drop is not None else (1, "rise", self.max_rise)
+        amount = round(sign * (value - base[self.metric]), 4)
+        result.update(rule=f"{name} vs base <= {limit}", threshold=limit, passed=amount <= limit, **{name: amount})
+        if interval:  # + 0.0: no "-0.0" in reports
+            ends = sorted((round(sign * interval["low"], 4) + 0.0, round(sign * interval["high"], 4) + 0.0))
+            result.update(passed=ends[0] <= limit, **{f"{name}_ci": ends})
         return result
 
 
@@ -76,26 +92,58 @@ def paired_bootstrap(base: list[float], candidate: list[float], iterations: int 
             "n": int(diff.size)}
 
 
+def check_candidate(policy: Policy, base: dict[str, float], scores: dict[str, float],
+                    base_items: dict[str, list[float]] | None = None,
+                    items: dict[str, list[float]] | None = None) -> tuple[list[dict], dict[str, dict]]:
+    """Every rule's result for one candidate, and its change against the base per metric (paired
+    bootstrap over the same items, for each metric both have per-item scores of)."""
+    base_items, items = base_items or {}, items or {}
+    intervals = {metric: paired_bootstrap(base_items[metric], items[metric])
+                 for metric in scores if metric in base_items and metric in items}
+    return [rule.check(scores, base, intervals.get(rule.metric)) for rule in policy.rules], intervals
+
+
+def can_still_pass(policy: Policy, base: dict[str, float], scores: dict[str, float]) -> bool:
+    """Whether the hard rules (min, max) on the metrics a candidate already has (golden) leave it a
+    chance. Regression rules wait for the full suite: they need the per-item interval."""
+    hard = [rule for rule in policy.rules if rule.metric in scores and (rule.min is not None or rule.max is not None)]
+    return all(rule.check(scores, base)["passed"] for rule in hard)
+
+
+def suite_order(policy: Policy, base: dict[str, float], golden: dict[str, dict[str, float]]) -> list[str]:
+    """Checkpoints in the order the full suite should try them: best by `select_by` first (ties to
+    the later one), those that already fail a hard rule left out; if every one does, the best alone
+    (so the report shows a complete failing candidate)."""
+    ranked = sorted(reversed(list(golden)), key=lambda name: -golden[name][policy.select_by])
+    viable = [name for name in ranked if can_still_pass(policy, base, golden[name])]
+    return viable or ranked[:1]
+
+
 def decide(policy: Policy, base: dict[str, float], candidates: dict[str, dict[str, float]],
            hashes: dict[str, str], items: dict[str, dict[str, list[float]]] | None = None) -> dict:
     """The verdict: every candidate's rule results, the chosen one and its weights' hash.
 
-    `items` ({model: {metric: per-item scores}}, base included) turns on the paired intervals.
+    Candidates that lack a metric the policy names (golden only: not run on the full suite) are
+    listed but can be neither passed nor chosen. `items` ({model: {metric: per-item scores}},
+    base included) turns on the paired intervals.
     """
-    missing = {r.metric for r in policy.rules} | {policy.select_by}
-    for name, scores in {"base": base, **candidates}.items():
-        if not missing <= scores.keys():
-            raise ValueError(f"{name}: no result for metric(s) {sorted(missing - scores.keys())} named in the policy")
+    needed = {r.metric for r in policy.rules} | {policy.select_by}
+    if not needed <= base.keys():
+        raise ValueError(f"base: no result for metric(s) {sorted(needed - base.keys())} named in the policy")
     if not candidates:
         raise ValueError("no checkpoints to gate")
-
-    intervals = {name: {metric: paired_bootstrap(items["base"][metric], items[name][metric])
-                        for metric in scores if metric in items.get("base", {}) and metric in items.get(name, {})}
-                 for name, scores in candidates.items()} if items else {name: {} for name in candidates}
-    checks = {name: [rule.check(scores, base, intervals[name].get(rule.metric)) for rule in policy.rules]
-              for name, scores in candidates.items()}
-    passing = [name for name, results in checks.items() if all(r["passed"] for r in results)]
-    pool = passing or list(candidates)
+    complete = [name for name, scores in candidates.items() if needed <= scores.keys()]
+    if not complete:
+        missing = sorted(needed - next(iter(candidates.values())).keys())
+        raise ValueError(f"no checkpoint has results for every metric the policy names (missing {missing}); "
+                         "run the full suite on one (`sft evaluate --model chosen`)")
+    items = items or {}
+    checks, intervals = {}, {}
+    for name in complete:
+        checks[name], intervals[name] = check_candidate(policy, base, candidates[name], items.get("base"),
+                                                        items.get(name))
+    passing = [name for name in complete if all(r["passed"] for r in checks[name])]
+    pool = passing or complete
     # ties go to the later checkpoint (candidates are ordered oldest first)
     chosen = max(reversed(pool), key=lambda name: candidates[name][policy.select_by])
     return {
@@ -104,29 +152,37 @@ def decide(policy: Policy, base: dict[str, float], candidates: dict[str, dict[st
         "sha256": hashes[chosen],
         "select_by": policy.select_by,
         "rules": checks[chosen],
+        "failed_rules": [r["metric"] for r in checks[chosen] if not r["passed"]],
         "change_vs_base": intervals[chosen],
         "base": base,
-        "candidates": {name: {"scores": candidates[name], "passed": name in passing} for name in candidates},
+        "candidates": {name: {"scores": candidates[name], "passed": name in passing, "full_suite": name in complete}
+                       for name in candidates},
     }
 
 
 def render_markdown(verdict: dict) -> str:
+    """The reviewer's table: every rule of the chosen checkpoint, failing ones named up front."""
     status = "PASSED" if verdict["passed"] else "FAILED"
-    lines = [
-        f"## Eval gate: {status}",
+    failed = [f"`{r['metric']}` ({r['rule']})" for r in verdict["rules"] if not r["passed"]]
+    lines = [f"## Eval gate: {status}", ""]
+    if failed:
+        lines += [f"Failing rules: {', '.join(failed)}", ""]
+    lines += [
+        f"Chosen checkpoint: `{verdict['chosen']}` (best {'passing ' if verdict['passed'] else ''}by "
+        f"`{verdict['select_by']}`), weights sha256 `{verdict['sha256'][:16]}…`",
         "",
-        f"Chosen checkpoint: `{verdict['chosen']}` (best passing by `{verdict['select_by']}`), "
-        f"weights sha256 `{verdict['sha256'][:16]}…`",
-        "",
-        "| metric | rule | base | candidate | verdict |",
-        "| --- | --- | ---: | ---: | --- |",
+        "| metric | rule | base | candidate | verdict | why |",
+        "| --- | --- | ---: | ---: | --- | --- |",
     ]
     for r in verdict["rules"]:
         base = "-" if r["base"] is None else f"{r['base']:.4f}"
-        lines.append(f"| {r['metric']} | {r['rule']} | {base} | {r['observed']:.4f} | "
-                     f"{'pass' if r['passed'] else '**FAIL**'} |")
+        ci = next((f", 95% CI [{lo:+.4f}, {hi:+.4f}]" for key in ("drop_ci", "rise_ci") if key in r
+                   for lo, hi in [r[key]]), "")
+        lines.append(f"| {r['metric']} | {r['rule']}{ci} | {base} | {r['observed']:.4f} | "
+                     f"{'pass' if r['passed'] else '**FAIL**'} | {r.get('why') or ''} |")
     if verdict.get("change_vs_base"):
-        lines += ["", f"Change against the base, `{verdict['chosen']}` (paired bootstrap, 95% CI):", "",
+        lines += ["", f"Change against the base (forgetting), `{verdict['chosen']}` "
+                  "(paired bootstrap, 95% CI):", "",
                   "| metric | base | candidate | change | 95% CI | items |", "| --- | ---: | ---: | ---: | --- | ---: |"]
         for metric, c in verdict["change_vs_base"].items():
             cand = verdict["candidates"][verdict["chosen"]]["scores"][metric]
@@ -135,12 +191,14 @@ def render_markdown(verdict: dict) -> str:
     if verdict.get("plot"):
         lines += ["", f"![base vs candidate]({verdict['plot']})"]
     metrics = list(verdict["base"])
-    lines += ["", "Every checkpoint:", "", "| model | " + " | ".join(metrics) + " | gate |",
+    lines += ["", "Every checkpoint (the full suite runs on the best by golden until one passes):", "",
+              "| model | " + " | ".join(metrics) + " | gate |",
               "| --- | " + " | ".join("---:" for _ in metrics) + " | --- |",
               "| base | " + " | ".join(f"{verdict['base'][m]:.4f}" for m in metrics) + " | - |"]
     for name, c in verdict["candidates"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{c['scores'][m]:.4f}" for m in metrics)
-                     + f" | {'pass' if c['passed'] else 'fail'} |")
+        gate = ("pass" if c["passed"] else "fail") if c.get("full_suite", True) else "golden only"
+        lines.append(f"| {name} | " + " | ".join(f"{c['scores'][m]:.4f}" if m in c["scores"] else "-" for m in metrics)
+                     + f" | {gate} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +222,7 @@ def plot_change(verdict: dict, path: Path) -> None:
     ax.bar(x + 0.2, cand, 0.4, yerr=np.clip(errors, 0, None), capsize=4, label=verdict["chosen"], color="#2f6fb0")
     ax.set_xticks(x, metrics)
     ax.set_ylim(0, 1.05)
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("score")
     ax.set_title(f"eval gate: {'passed' if verdict['passed'] else 'FAILED'}")
     ax.legend(loc="lower right", fontsize=8)

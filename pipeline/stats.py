@@ -11,18 +11,17 @@ import numpy as np
 import pandas as pd
 
 from pipeline.contract import normalized_pairs
-from pipeline.prepare import tokenize_pair
+from pipeline.prepare import token_lengths
 
 BINS = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
 
 
 def data_stats(frame: pd.DataFrame, tokenizer, max_seq_len: int) -> dict:
-    lengths = np.array([len(tokenize_pair(tokenizer, p or "", r or "")[0])
-                        for p, r in zip(frame["prompt"], frame["response"])])
+    lengths = token_lengths(tokenizer, frame["messages"].tolist())  # the count training and the contract see
     pairs = normalized_pairs(frame)
     counts, _ = np.histogram(lengths, bins=BINS)
     return {
-        "rows": int(len(frame)),
+        "rows": len(frame),
         "tokens": int(lengths.sum()),
         "tokens_p50": int(np.percentile(lengths, 50)),
         "tokens_p95": int(np.percentile(lengths, 95)),

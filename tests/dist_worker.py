@@ -36,7 +36,7 @@ def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int =
     full = sum(p.numel() for p in model.parameters())
     result = train(model, tokenizer, arrays, cfg, Path(out) / "checkpoints", {"data_sha256": "fixed"}, crash,
                    runtime=runtime, state_dir=Path(out) / "state")
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    local = result.local_numel
     report = {"rank": runtime.rank, "world_size": runtime.world_size, "full_numel": full, "local_numel": local,
               "losses": [h["loss"] for h in result.history], "steps": [h["step"] for h in result.history],
               "ran_steps": ran}

@@ -21,12 +21,13 @@ def test_out_of_range_lr_is_refused(tmp_path, monkeypatch):
     assert "train.lr" in result.output and "[1e-05, 5e-05]" in result.output
 
 
-def test_validate_stops_on_duplicates_and_writes_the_report(tmp_path, monkeypatch):
+def test_validate_stops_on_duplicates_and_writes_the_report(tmp_path, monkeypatch, tokenizer):
     monkeypatch.chdir(tmp_path)
+    tokenizer.save_pretrained(tmp_path / "base")  # token lengths are counted with the base's chat template
     (tmp_path / "data").mkdir()
     rows = [f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)] + ['{"prompt": "q3", "response": "a3"}\n']
     (tmp_path / "data/train.jsonl").write_text("".join(rows))
-    (tmp_path / "params.yaml").write_text("validate:\n  min_rows: 10\n  eval_sets: []\n")
+    (tmp_path / "params.yaml").write_text("data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n")
     result = runner.invoke(cli.app, ["validate"])
     assert result.exit_code == 1
     assert "data/train.jsonl" in result.output and "expect_compound_columns_to_be_unique" in result.output

@@ -1,99 +1,301 @@
+import json
+import re
+
+import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.config import ValidateConfig
-from pipeline.contract import add_derived_columns, failure_message, load_pairs, render_markdown
-from pipeline.contract import run_suite as run_raw_suite
+from pipeline.contract import (
+    BOILERPLATE_PATTERNS,
+    PII_PATTERNS,
+    add_derived_columns,
+    add_replay_columns,
+    failure_message,
+    leaks_eval,
+    matches_any,
+    normalize,
+    render_markdown,
+    replay_share,
+    run_suite,
+    token_lengths_within,
+)
+from pipeline.data import load_examples
 from pipeline.files import DataError
+from pipeline.prepare import mix_replay, token_lengths
 
 from .conftest import write_jsonl
 
-CFG = ValidateConfig(min_rows=20, max_prompt_chars=200, max_response_chars=200)
+CFG = ValidateConfig(min_rows=20, max_prompt_chars=200, max_response_chars=200, min_rows_per_source=10)
+MAX_SEQ_LEN = 128
+FILES = {"train": "t.jsonl", "replay": "r.jsonl"}
 
 
-def run_suite(frame, cfg, held_out=()):
-    return run_raw_suite(add_derived_columns(frame, list(held_out), cfg.leak_ngram), cfg)
+@pytest.fixture
+def contract(tokenizer):
+    def run(frame, cfg=CFG, held_out=(), replay=None, docs_dir=None):
+        tokens = token_lengths_within(tokenizer, frame, MAX_SEQ_LEN)
+        return run_suite(add_derived_columns(frame, list(held_out), cfg.leak_ngram, tokens), cfg, MAX_SEQ_LEN,
+                         replay, docs_dir)
+    return run
 
 
 def good_rows(n=30):
     return [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(n)]
 
 
+def load(tmp_path, rows, name="t.jsonl"):
+    return load_examples(write_jsonl(tmp_path / name, rows))
+
+
 def failed(checks):
-    return {c["expectation"]: c for c in checks if not c["passed"]}
+    return {c["check"]: c for c in checks if not c["passed"]}
 
 
-def test_good_data_passes(tmp_path):
-    frame = load_pairs(write_jsonl(tmp_path / "t.jsonl", good_rows()))
-    checks = run_suite(frame, CFG)
-    assert all(c["passed"] for c in checks) and len(checks) >= 8
+# ---- the loader: one normalised form for every accepted shape
 
 
-def test_duplicate_pair_named_by_line(tmp_path):
-    rows = good_rows()
-    rows.append(dict(rows[4]))
-    checks = run_suite(load_pairs(write_jsonl(tmp_path / "t.jsonl", rows)), CFG)
-    dup = failed(checks)["expect_compound_columns_to_be_unique"]
-    assert dup["rows"] == [5, 31] and dup["field"] == "prompt,response"
-    message = failure_message("t.jsonl", checks)
-    assert "t.jsonl" in message and "5, 31" in message
+def chat(*turns):
+    return [{"role": role, "content": content} for role, content in turns]
 
 
-def test_too_few_rows(tmp_path):
-    checks = run_suite(load_pairs(write_jsonl(tmp_path / "t.jsonl", good_rows(10))), CFG)
-    assert failed(checks)["expect_table_row_count_to_be_between"]["observed"] == 10
+def test_pairs_and_messages_load_to_the_same_form(tmp_path):
+    pairs = load(tmp_path, [{"prompt": "hi", "response": "yo", "system": "be brief", "family": "x"}], "p.jsonl")
+    messages = load(tmp_path, [{"messages": chat(("system", "be brief"), ("user", "hi"), ("assistant", "yo"))}],
+                    "m.jsonl")
+    pd.testing.assert_frame_equal(pairs, messages)
+    assert list(pairs.columns) == ["messages", "prompt", "response"] and pairs.index.name == "row"
 
 
-def test_blank_null_and_too_long_fields(tmp_path):
-    rows = good_rows()
-    rows[2]["response"] = "   "
-    rows[6]["prompt"] = None
-    rows[9]["response"] = "x" * 500
-    checks = run_suite(load_pairs(write_jsonl(tmp_path / "t.jsonl", rows)), CFG)
-    bad = {(c["expectation"], c["field"]): c["rows"] for c in checks if not c["passed"]}
-    assert bad[("expect_column_values_to_not_match_regex", "response")] == [3]
-    assert bad[("expect_column_values_to_not_be_null", "prompt")] == [7]
-    assert bad[("expect_column_value_lengths_to_be_between", "response")] == [10]
-    assert "**FAIL**" in render_markdown("t.jsonl", checks)
+def test_multi_turn_messages_join_user_and_assistant_turns(tmp_path):
+    turns = chat(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
+    frame = load(tmp_path, [{"messages": turns, "source": "web"}])
+    row = frame.loc[1]
+    assert (row["prompt"], row["response"], row["source"]) == ("a\nc", "b\nd", "web")
+    assert row["messages"] == turns
+
+
+def test_parquet_in_either_shape_and_as_another_revisions_bytes(tmp_path):
+    pd.DataFrame({"prompt": ["p1", "p2"], "response": ["r1", "r2"]}).to_parquet(tmp_path / "a.parquet")
+    pd.DataFrame({"messages": [chat(("user", "p1"), ("assistant", "r1")),
+                               chat(("user", "p2"), ("assistant", "r2"))]}).to_parquet(tmp_path / "b.parquet")
+    a, b = load_examples(tmp_path / "a.parquet"), load_examples(tmp_path / "b.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert list(a.index) == [1, 2] and a.loc[2, "response"] == "r2"
+    # `sft data diff` hands over the bytes of data/train.parquet@REV
+    pd.testing.assert_frame_equal(load_examples("t.parquet@main", (tmp_path / "a.parquet").read_bytes()), a)
+
+
+def test_text_of_another_revision_is_parsed_and_named(tmp_path):
+    frame = load_examples("t.jsonl@main", '\n{"prompt": "a", "response": "b"}\n')
+    assert list(frame.index) == [2]
+    with pytest.raises(DataError, match=r"t.jsonl@main:1: malformed JSON"):
+        load_examples("t.jsonl@main", b"{oops\n")
 
 
 @pytest.mark.parametrize("content,expected", [
     ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response"\n', r"t.jsonl:2: malformed JSON"),
-    ('{"prompt": "a", "answer": "b"}\n', r"t.jsonl:1: missing field\(s\) \['response'\]"),
+    ('{"prompt": "a", "answer": "b"}\n', r"t.jsonl:1: missing field\(s\) \['response'\]; each row needs 'prompt'"),
     ('{"prompt": 3, "response": "b"}\n', r"t.jsonl:1: field 'prompt' must be a string"),
+    ('{"prompt": "a", "response": "b", "source": 7}\n', r"t.jsonl:1: field 'source' must be a string"),
     ("", r"t.jsonl: empty file"),
     ('["prompt", "response"]\n', r"t.jsonl:1: expected a JSON object"),
+    ('{"messages": []}\n', r"t.jsonl:1: field 'messages' is empty"),
+    ('{"messages": "hi"}\n', r"t.jsonl:1: field 'messages' must be a list"),
+    ('{"messages": [{"role": "user"}]}\n', r"t.jsonl:1: field 'messages\[0\]' must be an object with 'role'"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}\n',
+     r"t.jsonl:1: field 'messages\[1\].role': unknown role 'tool'"),
+    ('{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "b"}]}\n',
+     r"t.jsonl:1: field 'messages\[0\].content' must be a string, got NoneType"),
+    ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}\n',
+     r"t.jsonl:1: field 'messages': role order \['assistant', 'user'\]; expected an optional system turn"),
+    (('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+      '{"role": "system", "content": "c"}]}\n'), r"t.jsonl:1: field 'messages': role order"),
+    ('{"messages": [{"role": "user", "content": "a"}]}\n', r"ending with an assistant turn"),
 ])
 def test_malformed_files_are_refused_before_any_expectation(tmp_path, content, expected):
     path = tmp_path / "t.jsonl"
     path.write_text(content)
     with pytest.raises(DataError, match=expected):
-        load_pairs(path)
+        load_examples(path)
 
 
 def test_invalid_utf8_names_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
     with pytest.raises(DataError, match=r"t.jsonl:2: not valid UTF-8"):
-        load_pairs(path)
+        load_examples(path)
 
 
-def test_leakage_and_near_duplicates(tmp_path):
+def test_parquet_wrong_columns_type_and_content(tmp_path):
+    pd.DataFrame({"question": ["a"], "answer": ["b"]}).to_parquet(tmp_path / "w.parquet")
+    with pytest.raises(DataError, match=r"w.parquet: columns \['question', 'answer'\]; expected 'prompt' and "):
+        load_examples(tmp_path / "w.parquet")
+    pd.DataFrame({"prompt": ["a", "b"], "response": [b"x", b"y"]}).to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t.parquet row 1: field 'response' must be a string, got bytes"):
+        load_examples(tmp_path / "t.parquet")
+    (tmp_path / "n.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"n.parquet: not a readable Parquet file"):
+        load_examples(tmp_path / "n.parquet")
+
+
+# ---- the suite
+
+
+def test_good_data_passes(tmp_path, contract):
+    checks = contract(load(tmp_path, good_rows()))
+    assert all(c["passed"] for c in checks) and len(checks) >= 14
+
+
+def test_duplicate_pair_named_by_line(tmp_path, contract):
+    rows = good_rows()
+    rows.append(dict(rows[4]))
+    checks = contract(load(tmp_path, rows))
+    dup = failed(checks)["exact duplicate pairs"]
+    assert dup["rows"] == [5, 31] and dup["field"] == "prompt,response"
+    message = failure_message(FILES, checks)
+    assert "t.jsonl" in message and "line(s) 5, 31" in message
+
+
+def test_too_few_rows(tmp_path, contract):
+    checks = contract(load(tmp_path, good_rows(10)))
+    assert failed(checks)["row count"]["observed"] == 10
+
+
+def test_blank_null_and_too_long_fields(tmp_path, contract):
+    rows = good_rows()
+    rows[2]["response"] = "   "
+    rows[6]["prompt"] = None
+    rows[9]["response"] = "x" * 500
+    checks = contract(load(tmp_path, rows))
+    bad = {(c["check"], c["field"]): c["rows"] for c in checks if not c["passed"]}
+    assert bad[("no blank strings", "response")] == [3]
+    assert bad[("no nulls", "prompt")] == [7]
+    assert bad[("characters", "response")] == [10]
+    markdown = render_markdown(FILES, checks)
+    assert "**FAIL**" in markdown and "How to fix" in markdown and "raise validate.max_response_chars" in markdown
+
+
+def test_leakage_and_near_duplicates(tmp_path, contract):
     rows = good_rows()
     rows.append({"prompt": "QUESTION 3!", "response": "answer   3"})  # near-duplicate of line 4
     rows[10]["prompt"] = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
     held_out = ["zero one two three four five six seven eight nine ten eleven twelve thirteen", "question 20"]
-    checks = run_suite(load_pairs(write_jsonl(tmp_path / "t.jsonl", rows)), CFG, held_out)
+    checks = contract(load(tmp_path, rows), held_out=held_out)
     bad = {c["check"]: c["rows"] for c in checks if not c["passed"]}
     assert bad["near-duplicate pairs (case, whitespace and punctuation ignored)"] == [4, 31]
     assert bad["training prompt also in an eval set (exact or shared n-gram)"] == [11, 21]
 
 
-def test_pii_share_threshold(tmp_path):
+def test_ngram_leak_needs_the_whole_ngram_inside_one_prompt():
+    held_out = ["a b c d e f g h"]
+    prompts = normalize(["x a b c d", "e f g h y", "A, b c d e f g h!", "b c d e f g h a"])
+    assert leaks_eval(prompts, held_out, 8).tolist() == [False, False, True, False]
+
+
+@pytest.mark.parametrize("text,kind", [
+    ("mail me: a.b@example.org", "email"), ("call +1 415-555-0132 now", "phone"), ("(415) 555 0132", "phone"),
+    ("card 4111 1111 1111 1111", "card"), ("4111111111111111", "card"),
+    ("key sk-abcdefghijklmnopqrstuvwx1234", "api_key"), ("AKIAABCDEFGHIJKLMNOP", "api_key"),
+])
+def test_pii_patterns_flag_each_kind(text, kind):
+    assert matches_any(pd.Series([text]), [PII_PATTERNS[kind]]).tolist() == [True]
+
+
+def test_pii_patterns_leave_ordinary_numbers_alone():
+    clean = ["version 1.2.3", "12345678901234567 items", "4111 1111 1111 11111", "user at example dot org",
+             "in 2024 sales grew 12%", None]
+    assert not matches_any(pd.Series(clean), list(PII_PATTERNS.values())).any()
+
+
+def test_boilerplate_is_case_insensitive():
+    texts = pd.Series(["As an AI language model, I think so", "I'm sorry, but no", "Sorry to hear that", "fine"])
+    assert matches_any(texts, BOILERPLATE_PATTERNS, ignore_case=True).tolist() == [True, True, False, False]
+
+
+def test_pii_share_threshold(tmp_path, contract):
     rows = good_rows(40)
     rows[0]["response"] = "mail me: a.b@example.org"
-    frame = load_pairs(write_jsonl(tmp_path / "t.jsonl", rows))
-    pii = [c for c in run_suite(frame, CFG) if c["check"] == "PII or secrets" and c["field"] == "response"][0]
-    assert not pii["passed"] and pii["rows"] == [1]
-    loose = ValidateConfig(min_rows=20, max_pii_share=0.05)
-    pii = [c for c in run_suite(frame, loose) if c["check"] == "PII or secrets" and c["field"] == "response"][0]
-    assert pii["passed"]
+    frame = load(tmp_path, rows)
+    pii = {c["field"]: c for c in contract(frame) if c["check"].startswith("PII")}
+    assert not pii["response"]["passed"] and pii["response"]["rows"] == [1] and pii["prompt"]["passed"]
+    loose = CFG.model_copy(update={"max_pii_share": 0.05})
+    assert all(c["passed"] for c in contract(frame, loose) if c["check"].startswith("PII"))
+
+
+def test_per_source_minimum_names_the_small_sources_rows(tmp_path, contract):
+    rows = [{**r, "source": "web" if i < 25 else "forum"} for i, r in enumerate(good_rows())]
+    checks = contract(load(tmp_path, rows))
+    small = failed(checks)["rows per source"]
+    assert small["field"] == "source" and small["rows"] == [26, 27, 28, 29, 30] and small["failing_rows"] == 5
+    assert small["threshold"] == {"min_value": 10}
+
+
+def test_token_length_share_reports_the_truncation_share(tmp_path, contract, tokenizer):
+    rows = good_rows(40)
+    for i in (3, 17):
+        rows[i]["response"] = "~^" * 99  # within 200 characters, ~200 tokens: the BPE never merged these
+    frame = load(tmp_path, rows)
+    lengths = token_lengths(tokenizer, frame["messages"].tolist())
+    assert (lengths > MAX_SEQ_LEN).sum() == 2  # the fixture is what the test says it is
+    tokens = failed(contract(frame))["tokens after the chat template (longer ones are truncated)"]
+    assert tokens["rows"] == [4, 18] and tokens["failing_share"] == 0.05 and tokens["field"] == "messages"
+    loose = CFG.model_copy(update={"min_fit_share": 0.95})
+    assert all(c["passed"] for c in contract(frame, loose))
+
+
+def test_token_bound_is_exact_where_it_matters(tokenizer):
+    turns = [chat(("user", "q" * i), ("assistant", "~^" * (i % 40))) for i in range(60)]
+    turns += [chat(("system", "be brief"), ("user", "hi"), ("assistant", "a " * i), ("user", "b"), ("assistant", "c"))
+               for i in range(60)]
+    turns += [chat(("system", "~^" * i), ("user", "hi"), ("assistant", "ok")) for i in range(0, 120, 10)]
+    frame = pd.DataFrame({"messages": turns, "prompt": ["\n".join(t["content"] for t in c if t["role"] == "user")
+                                                        for c in turns],
+                          "response": ["\n".join(t["content"] for t in c if t["role"] == "assistant") for c in turns]})
+    exact = token_lengths(tokenizer, turns)
+    for limit in (40, 80, 128):
+        within = token_lengths_within(tokenizer, frame, limit, sample=0)  # the bound alone, no fallback
+        assert ((within > limit) == (exact > limit)).all() and (within >= exact).all()
+        assert (within[exact > limit] == exact[exact > limit]).all()
+
+
+def test_normalize_is_the_plain_python_definition():
+    texts = ["Hello,  World!", None, "  a\u00a0b\tc  ", "Café—ok", "a_b", "x\u2003y", "QUESTION 3!", "a\vb\x1cc\x85d",
+             " - ", "\u00bd ½ x²", "Ünïcode ÀB"]
+    python = [re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", (t or "").lower())).strip() for t in texts]
+    assert normalize(texts).to_pylist() == python
+
+
+def test_replay_share_is_the_share_prepare_mixes():
+    assert replay_share(1000, 50, 0.15, seed=0) == pytest.approx(0.15, abs=1e-3)
+    mixed = mix_replay(list(range(1000)), list(range(1000, 1050)), 0.15, 0)
+    assert replay_share(1000, 50, 0.15, seed=0) == sum(i >= 1000 for i in mixed) / len(mixed)
+    assert replay_share(1000, 50, 0.0, seed=0) == 0.0
+
+
+def test_replay_out_of_band_and_data_docs(tmp_path, contract):
+    replay = load(tmp_path, [{"prompt": f"fact {i}?", "response": "" if i == 2 else "yes"} for i in range(5)],
+                  "r.jsonl")
+    replay = add_replay_columns(replay, 30, 0.3, seed=0)
+    checks = contract(load(tmp_path, good_rows()), replay=replay, docs_dir=tmp_path / "docs")
+    bad = failed(checks)
+    assert bad["replay share of the mixed training set"]["observed"] == round(13 / 43, 4)  # 30 + 13
+    assert bad["replay: no blank strings"]["rows"] == [3] and bad["replay: no blank strings"]["data"] == "replay"
+    assert "r.jsonl: expect_column_values_to_be_in_set (replay: no blank strings)" in failure_message(FILES, checks)
+    pages = list((tmp_path / "docs").rglob("*.html"))
+    assert (tmp_path / "docs" / "index.html").exists() and len(pages) >= 3
+    assert "sft_replay" in (tmp_path / "docs" / "index.html").read_text()
+
+
+def test_report_is_json_serialisable(tmp_path, contract):
+    checks = contract(load(tmp_path, good_rows()))
+    assert json.loads(json.dumps(checks)) == checks
+    assert all(isinstance(c["observed"], (int, float)) for c in checks)
+    assert np.all([c["how_to_fix"] for c in checks])
+
+
+def test_replay_band_must_be_ordered():
+    from pipeline.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match="min_replay_share \\(0.3\\) is above max_replay_share \\(0.2\\)"):
+        parse_params({"validate": {"min_replay_share": 0.3}})

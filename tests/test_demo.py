@@ -6,7 +6,7 @@ from pipeline.demo import FAMILIES, make_sft_data, write_demo_data
 def test_demo_data_is_byte_identical_across_runs(tmp_path):
     write_demo_data(tmp_path / "a")
     write_demo_data(tmp_path / "b")
-    for name in ("train", "golden", "replay", "general"):
+    for name in ("train", "golden", "replay", "general", "ifeval", "refusal", "over_refusal", "bias"):
         a, b = (hashlib.sha256((tmp_path / d / f"{name}.jsonl").read_bytes()).hexdigest() for d in "ab")
         assert a == b, name
 
@@ -15,7 +15,9 @@ def test_demo_data_shape():
     data = make_sft_data()
     train, golden = data["train"], data["golden"]
     assert len(train) >= 10_000
-    assert {r["family"] for r in train} == set(FAMILIES)
+    assert {r["family"] for r in train} == set(FAMILIES) | {"instruct", "safety"}
+    domain = [r for r in train if r["family"] in FAMILIES]
+    assert len(domain) == 12_000, "3,000 pairs a domain family, as the golden set measures"
     assert len({(r["prompt"], r["response"]) for r in train}) == len(train), "no duplicate pairs"
     assert not {r["prompt"] for r in golden} & {r["prompt"] for r in train}, "golden is held out"
     for item in data["general"]:

@@ -17,30 +17,76 @@ def test_lm_eval_renders_prompts_like_training(tiny_model_dir, tokenizer):
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
     for prompt, response in [("Repeat after me: cat dog", "cat dog"), ("Record: name Ka, city Lo. What?", "Lo")]:
         ids, labels = tokenize_pair(tokenizer, prompt, response)
-        prompt_ids = [i for i, label in zip(ids, labels) if label == -100]
+        prompt_ids = ids[:next(i for i, label in enumerate(labels) if label != -100)]
         rendered = lm.apply_chat_template([{"role": "user", "content": prompt}])
         assert lm.tok_encode(rendered) == prompt_ids
 
 
-def test_run_tasks_scores_every_item(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
-    """lm-eval runs offline on the shipped task YAMLs; per-item scores match the aggregate."""
+def test_every_shipped_suite_runs_offline_and_scores_every_item(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """lm-eval runs each task of params.yaml offline on the demo's local files; per-item scores
+    match the aggregate, and `names` limits a run to some metrics (per checkpoint: golden)."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
+    from pipeline.config import load_params
     from pipeline.demo import write_demo_data
     from pipeline.evaluate import run_tasks
 
     root = Path(__file__).resolve().parents[1]
+    shipped = load_params(root / "params.yaml").evaluate
     write_demo_data(tmp_path / "data", train_rows=10)
     monkeypatch.chdir(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    cfg = EvaluateConfig(include_path=str(root / "evals/tasks"), limit=12, batch_size=12, max_gen_toks=4)
-    results = run_tasks(model, tokenizer, cfg, log=lambda *_: None)
-    assert set(results) == {"golden", "general"}
+    cfg = EvaluateConfig(include_path=str(root / "evals/tasks"), metrics=shipped.metrics, limit=8, batch_size=8,
+                         max_gen_toks=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 32-wide model: more threads only add synchronisation
+    try:
+        results = run_tasks(model, tokenizer, cfg, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(results) == set(shipped.metrics) >= {"golden", "general", "ifeval", "refusal", "over_refusal", "bias"}
     for r in results.values():
-        assert r["n"] == 12 and r["score"] == pytest.approx(sum(r["items"]) / 12, abs=1e-4)
+        assert r["n"] == 8 and r["score"] == pytest.approx(sum(r["items"]) / 8, abs=1e-4)
     assert results["golden"]["score"] == 0.0, "a random model cannot produce the golden answers"
+    assert results["ifeval"]["score"] == 0.0 and results["refusal"]["score"] == 0.0  # nor follow or refuse
+    assert set(run_tasks(model, tokenizer, cfg, lambda *_: None, names=["golden"])) == {"golden"}
+
+
+def test_base_results_are_cached_by_base_hash_tasks_and_data(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from pipeline.demo import write_demo_data
+    from pipeline.evaluate import cache_base_results, cached_base_results, suite_fingerprint
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "evals/tasks", tmp_path / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    write_demo_data(tmp_path / "data", train_rows=10)
+    monkeypatch.chdir(tmp_path)
+    cfg = EvaluateConfig(include_path="tasks", base_cache=str(tmp_path / "cache"))
+    key = suite_fingerprint(cfg, "a" * 64)
+    assert cached_base_results(cfg, key) is None
+    cache_base_results(cfg, key, {"base": {"golden": {"score": 0.0}}})
+    assert cached_base_results(cfg, key) == {"base": {"golden": {"score": 0.0}}}
+    assert suite_fingerprint(cfg, "a" * 64) == key, "same base, tasks and data: a hit"
+    assert suite_fingerprint(cfg, "b" * 64) != key, "another base"
+    assert suite_fingerprint(cfg.model_copy(update={"limit": 5}), "a" * 64) != key, "other settings"
+    (tmp_path / "data/golden.jsonl").write_text((tmp_path / "data/golden.jsonl").read_text()[:-200])
+    assert suite_fingerprint(cfg, "a" * 64) != key, "other eval data (read from the task YAMLs)"
+
+
+def test_full_suite_stops_at_the_first_checkpoint_that_passes(monkeypatch):
+    import pipeline.evaluate as evaluate
+
+    ran = []
+    monkeypatch.setattr(evaluate, "evaluate_models",
+                        lambda paths, *args, **kwargs: ran.extend(paths) or {name: {"ok": name != "epoch-3"}
+                                                                              for name in paths})
+    order = {"epoch-3": "p3", "epoch-2": "p2", "epoch-1": "p1"}
+    results = evaluate.evaluate_in_order(order, EvaluateConfig(), lambda name, r: r["ok"])
+    assert ran == ["epoch-3", "epoch-2"] and set(results) == {"epoch-3", "epoch-2"}
 
 
 def test_unknown_metric_name_is_reported(tiny_model_dir, tokenizer, tmp_path, monkeypatch):

@@ -82,3 +82,65 @@ def test_change_plot_is_written(tmp_path):
                      HASHES, items)
     plot_change(verdict, tmp_path / "change.png")
     assert (tmp_path / "change.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hard_ceilings_and_rises():
+    policy = Policy(rules=[Rule(metric="golden", min=0.5), Rule(metric="over_refusal", max=0.1),
+                           Rule(metric="bias", max_rise=0.05)])
+    base = {"golden": 0.0, "over_refusal": 0.0, "bias": 0.6}
+    candidates = {"epoch-1": {"golden": 0.9, "over_refusal": 0.3, "bias": 0.6},
+                  "epoch-2": {"golden": 0.8, "over_refusal": 0.05, "bias": 0.7}}
+    verdict = decide(policy, base, candidates, HASHES)
+    assert not verdict["passed"] and verdict["chosen"] == "epoch-1"  # no passing one: best by golden, for the report
+    assert verdict["failed_rules"] == ["over_refusal"]
+    epoch2 = decide(policy, base, {"epoch-2": candidates["epoch-2"]}, HASHES)
+    bias = next(r for r in epoch2["rules"] if r["metric"] == "bias")
+    assert bias["rise"] == pytest.approx(0.1) and not bias["passed"] and epoch2["failed_rules"] == ["bias"]
+    assert "Failing rules: `bias` (rise vs base <= 0.05)" in render_markdown(epoch2)
+
+
+def test_rise_rule_reads_the_favourable_end_of_the_interval():
+    policy = Policy(rules=[Rule(metric="golden", min=0.0), Rule(metric="bias", max_rise=0.05)])
+    base_items = [1.0] * 30 + [0.0] * 30
+    slightly = [1.0] * 33 + [0.0] * 27  # +0.05 on 60 pairs: within noise
+    items = {"base": {"bias": base_items}, "epoch-1": {"bias": slightly}}
+    verdict = decide(policy, {"golden": 0.0, "bias": 0.5}, {"epoch-1": {"golden": 0.5, "bias": 0.55}}, HASHES, items)
+    bias = verdict["rules"][1]
+    assert bias["rise_ci"][0] < 0.05 < bias["rise_ci"][1] and bias["passed"]
+
+
+def test_a_band_is_two_rules():
+    with pytest.raises(ValueError, match="exactly one of"):
+        Rule(metric="bias", min=0.3, max=0.7)
+    Policy(rules=[Rule(metric="bias", min=0.3), Rule(metric="bias", max=0.7)])
+
+
+def test_checkpoints_with_golden_only_are_listed_but_never_chosen():
+    golden_only = {"golden": 0.9}
+    candidates = {"epoch-1": {"golden": 0.6, "general": 0.9}, "epoch-2": golden_only}
+    verdict = decide(POLICY, BASE, candidates, HASHES)
+    assert verdict["chosen"] == "epoch-1" and verdict["passed"]
+    assert not verdict["candidates"]["epoch-2"]["full_suite"]
+    assert "| epoch-2 | 0.9000 | - | golden only |" in render_markdown(verdict)
+    with pytest.raises(ValueError, match="full suite"):
+        decide(POLICY, BASE, {"epoch-2": golden_only}, HASHES)
+
+
+def test_suite_order_tries_the_best_checkpoint_that_can_still_pass_first():
+    from pipeline.gate import suite_order
+
+    golden = {"epoch-1": {"golden": 0.6}, "epoch-2": {"golden": 0.4}, "epoch-3": {"golden": 0.6}}
+    assert suite_order(POLICY, BASE, golden) == ["epoch-3", "epoch-1"]  # tie: the later first; 0.4 < min: never
+    failing = {"epoch-1": {"golden": 0.2}, "epoch-2": {"golden": 0.3}}
+    assert suite_order(POLICY, BASE, failing) == ["epoch-2"]  # none can pass: the best alone, for the report
+
+
+def test_shipped_policy_names_only_metrics_the_params_define():
+    from pipeline.config import load_params
+
+    from tests.conftest import ROOT
+
+    params = load_params(ROOT / "params.yaml")
+    policy = load_policy(ROOT / params.gate.policy)
+    assert {r.metric for r in policy.rules} <= set(params.evaluate.metrics)
+    assert policy.select_by in params.evaluate.per_checkpoint

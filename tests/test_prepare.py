@@ -1,9 +1,77 @@
+import itertools
+import random
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.prepare import IGNORE, mix_replay, pack_best_fit_decreasing, pack_examples, prepare, tokenize_pair
+from pipeline.prepare import (
+    IGNORE,
+    ChatRenderer,
+    bucket_examples,
+    bucket_order,
+    mix_replay,
+    pack_bins,
+    pack_examples,
+    prepare,
+    render_prompt,
+    token_lengths,
+    tokenize_conversations,
+    tokenize_file,
+    tokenize_pair,
+)
+
+# A Llama-3-like template (trims contents, ends a turn with its own token) and one that looks at
+# the contents (so the renderer must fall back to jinja): prepare must match both exactly.
+TRIMMING = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n\n' + m['content'] | trim }}"
+            "{{ '<|end|>' }}{% endfor %}")
+CONTENT_AWARE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m['content'] | length > 5 %}{{ '\n' }}"
+                 "{% endif %}{{ m['content'] + '<|end|>\n' }}{% endfor %}")
+
+
+def random_conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    """Multi-turn, optional system turn, awkward contents: blanks, edge whitespace, special-token text."""
+    rng = random.Random(seed)
+    pieces = ["cat", " dog", "\n", "  ", "<|end|>", "é", "assistant", "\n\n", " x", "42", "user"]
+    conversations = []
+    for _ in range(n):
+        turns = [{"role": "system", "content": "".join(rng.choices(pieces, k=4))}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            turns += [{"role": role, "content": "".join(rng.choices(pieces, k=rng.randint(0, 8)))}
+                      for role in ("user", "assistant")]
+        conversations.append(turns)
+    return conversations
+
+
+def chat_template_ids(tokenizer, conversation) -> list[int]:
+    return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+
+
+@pytest.mark.parametrize("template", [None, TRIMMING, CONTENT_AWARE], ids=["demo", "trimming", "content-aware"])
+def test_ids_are_exactly_the_chat_templates(tokenizer, template):
+    if template:
+        tokenizer = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<|bos|>",
+                                    eos_token="<|end|>", pad_token="<|pad|>", chat_template=template)
+    conversations = random_conversations(150)
+    tokenized = tokenize_conversations(tokenizer, conversations)
+    for i, conversation in enumerate(conversations):
+        assert tokenized.example(i)[0] == chat_template_ids(tokenizer, conversation), conversation
+    assert token_lengths(tokenizer, conversations).tolist() == [len(chat_template_ids(tokenizer, c))
+                                                                   for c in conversations]
+
+
+def test_every_assistant_turn_and_its_end_token_carry_loss_nothing_else(tokenizer):
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Repeat: cat"},
+                    {"role": "assistant", "content": "cat"}, {"role": "user", "content": "Now: red dog"},
+                    {"role": "assistant", "content": "red dog"}]
+    ids, labels = tokenize_conversations(tokenizer, [conversation]).example(0)
+    supervised = [i for i, label in zip(ids, labels) if label != IGNORE]
+    assert supervised == [label for label in labels if label != IGNORE]  # a label is its own id
+    assert tokenizer.decode(supervised) == "cat<|end|>red dog<|end|>"
+    # two separate runs of supervised tokens: the second user turn between them is masked
+    runs = np.flatnonzero(np.diff(np.array(labels) != IGNORE).astype(int))
+    assert len(runs) == 4
 
 
 def test_loss_only_on_response_and_end_of_turn(tokenizer):
@@ -11,18 +79,89 @@ def test_loss_only_on_response_and_end_of_turn(tokenizer):
     supervised = [t for t in labels if t != IGNORE]
     assert tokenizer.decode(supervised) == "cat dog<|end|>"
     assert len(ids) == len(labels) and labels[0] == IGNORE
+    # evaluation renders prompts through render_prompt: training's prompt is that text, token for token
+    first = next(i for i, label in enumerate(labels) if label != IGNORE)
+    prompt_text = render_prompt(tokenizer, "Repeat after me: cat dog")
+    assert ids[:first] == tokenizer.encode(prompt_text, add_special_tokens=False)
 
 
-def test_best_fit_decreasing_packs_every_example_once():
+def test_renderer_joins_segments_and_falls_back_to_jinja(tokenizer):
+    renderer = ChatRenderer(tokenizer)
+    conversation = [{"role": "user", "content": " a "}, {"role": "assistant", "content": "b\n"}]
+    text, spans = renderer.render(conversation)
+    assert text == tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert [text[s:e] for s, e in spans] == ["b\n<|end|>"]
+    assert renderer._shapes[("user", "assistant")] is not None  # the fast path
+    aware = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|end|>",
+                            chat_template=CONTENT_AWARE)
+    renderer = ChatRenderer(aware)
+    for content in ("ab", "abcdefgh"):
+        renderer.render([{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}])
+    assert renderer._shapes[("user", "assistant")] is None  # a template that reads contents: jinja only
+
+
+def test_cache_hit_is_identical_and_a_changed_file_misses(tokenizer, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("SFT_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "train.jsonl"
+    conversations = random_conversations(40, seed=1)
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    loads = []
+
+    def load(p):
+        loads.append(p)
+        return [json.loads(line)["messages"] for line in p.read_text().splitlines()]
+
+    first, hit = tokenize_file(tokenizer, path, load)
+    assert not hit and len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    again, hit = tokenize_file(tokenizer, path, load)
+    assert hit and len(loads) == 1
+    for name in ("ids", "labels", "offsets"):
+        assert np.array_equal(getattr(first, name), getattr(again, name))
+    path.write_text(path.read_text().replace("cat", "cow", 1))
+    _, hit = tokenize_file(tokenizer, path, load)
+    assert not hit and len(loads) == 2
+
+
+def test_bins_hold_every_example_once_and_fill_nearly_full():
     rng = np.random.default_rng(0)
-    lengths = rng.integers(5, 60, size=500).tolist()
-    bins = pack_best_fit_decreasing(lengths, 128)
-    flat = sorted(i for b in bins for i in b)
-    assert flat == list(range(500))
-    assert all(sum(lengths[i] for i in b) <= 128 for b in bins)
-    assert sum(lengths) / (len(bins) * 128) > 0.97
+    for lengths, capacity in [(rng.integers(5, 60, size=500), 128),  # many short examples a bin
+                              (rng.integers(22, 55, size=3000), 128),  # the demo's mix: 2-5 a bin
+                              (rng.normal(390, 40, size=3000).astype(int), 2048)]:  # production-like
+        bins = pack_bins(lengths, capacity)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+        assert lengths.sum() / (len(bins) * capacity) > 0.985
+    assert pack_bins([30, 30, 30, 25, 25, 40], 100) == [[0, 1, 5], [3, 4, 2]]  # 40 + 30 + 30 fills a bin exactly
     with pytest.raises(ValueError, match="more than the bin capacity"):
-        pack_best_fit_decreasing([10, 200], 128)
+        pack_bins([10, 200], 128)
+
+
+def test_length_buckets_cut_padding_and_are_deterministic(tokenizer):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=2000)
+    batch = 8
+
+    def padding(order):  # what trimming each batch to its longest row leaves as padding
+        rows = lengths[order][: len(order) // batch * batch].reshape(-1, batch)
+        return 1 - rows.sum() / (rows.max(axis=1) * batch).sum()
+
+    bucketed = bucket_order(lengths, bucket_rows=256, seed=3)
+    assert sorted(bucketed.tolist()) == list(range(2000))
+    assert padding(bucketed) < padding(rng.permutation(2000)) / 5
+    assert np.array_equal(bucketed, bucket_order(lengths, 256, seed=3))
+    assert not np.array_equal(bucketed, bucket_order(lengths, 256, seed=4))
+
+    examples = [tokenize_pair(tokenizer, f"Repeat after me: {'cat ' * (i % 9)}", "dog " * (i % 5)) for i in range(60)]
+    rows = bucket_examples(examples, max_len=64, pad_id=tokenizer.pad_token_id, bucket_rows=16, seed=0)
+    assert rows.input_ids.shape == (60, 64)
+    assert rows.lengths.tolist() == (rows.input_ids != tokenizer.pad_token_id).sum(1).tolist()
+    by_ids = {tuple(ids): labels for ids, labels in examples}
+    for r in range(60):
+        n = rows.lengths[r]
+        assert rows.labels[r, :n].tolist() == by_ids[tuple(rows.input_ids[r, :n].tolist())]
+        assert rows.position_ids[r, :n].tolist() == list(range(n))
 
 
 def test_replay_share_is_exact_and_seeded():
@@ -41,6 +180,24 @@ def test_prepare_stats(tokenizer):
     assert packed.input_ids.shape[1] == 64 and packed.stats["fill"] > 0.9
     # position ids restart at every example
     assert (packed.position_ids == 0).sum() >= 200
+    # messages rows and prompt/response rows are the same examples
+    as_messages = [{"messages": [{"role": "user", "content": r["prompt"]},
+                                 {"role": "assistant", "content": r["response"]}]} for r in train]
+    again = prepare(tokenizer, as_messages, [], max_len=64, replay_share=0.0, seed=0)
+    assert np.array_equal(again.input_ids, packed.input_ids) and np.array_equal(again.labels, packed.labels)
+
+
+def test_packing_keeps_every_example_whole_and_in_place(tokenizer):
+    examples = [tokenize_pair(tokenizer, f"Give the first and last word: {'a b ' * (i % 7)}", "x " * (i % 4))
+                for i in range(120)]
+    packed = pack_examples(examples, max_len=96, pad_id=tokenizer.pad_token_id)
+    found = []
+    for row_ids, row_labels, row_positions in zip(packed.input_ids, packed.labels, packed.position_ids):
+        starts = np.flatnonzero(row_positions == 0).tolist() + [96]
+        for a, b in itertools.pairwise(starts):
+            found.append((row_ids[a:b].tolist(), row_labels[a:b].tolist()))
+    real = [(ids, labels) for ids, labels in found if ids[0] != tokenizer.pad_token_id]
+    assert sorted(real) == sorted(examples)
 
 
 def per_example_losses(model, ids, labels, positions):
@@ -71,3 +228,13 @@ def test_packed_and_unpacked_losses_agree(tiny_model_dir, tokenizer):
             assert torch.allclose(packed_loss[span], alone, atol=1e-5)
             leaked += (cross_talk[span] - alone).abs().sum().item()
     assert leaked > 1e-3, "control: without position resets the examples do see each other"
+
+
+def test_forked_workers_give_the_same_arrays(tokenizer, monkeypatch):
+    import pipeline.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "ENCODE_CHUNK", 40)  # several chunks from a small set
+    conversations = random_conversations(130, seed=2)
+    alone, forked = (tokenize_conversations(tokenizer, conversations, workers=w) for w in (1, 2))
+    for name in ("ids", "labels", "offsets"):
+        assert np.array_equal(getattr(alone, name), getattr(forked, name))

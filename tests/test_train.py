@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.prepare import prepare
+from pipeline.prepare import IGNORE, prepare
 from pipeline.train.checkpoint import list_checkpoints, rotate, weights_sha256
 from pipeline.train.loop import cosine_with_warmup, train
 from pipeline.train.strategies import init_runtime
@@ -106,3 +106,26 @@ def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_mod
     assert load_train_state(tmp_path / "state", fingerprint(cfg, {"data_sha256": "other"}, 4)) is None
     (tmp_path / "state/latest/manifest.json").unlink()  # as if the write had been cut short
     assert load_train_state(tmp_path / "state", run_id) is None
+
+
+def test_unpacked_batches_are_trimmed_and_loss_targets_never_cross_examples():
+    import torch
+
+    from pipeline.train.loop import loss_targets, trim_padding
+
+    labels = torch.full((2, 64), IGNORE)
+    labels[0, 5:10] = 7  # row 0 ends at 10, row 1 at 20: the batch needs 20 columns, rounded up to 24
+    labels[1, 15:20] = 8
+    batch = {"input_ids": torch.zeros(2, 64, dtype=torch.long), "labels": labels,
+             "position_ids": torch.arange(64).repeat(2, 1)}
+    trimmed = trim_padding(batch, multiple=8)
+    assert {k: v.shape[1] for k, v in trimmed.items()} == {"input_ids": 24, "labels": 24, "position_ids": 24}
+    positions, targets = loss_targets(trimmed["labels"], trimmed["position_ids"])
+    # token t predicts t + 1: row 0's supervised 5..9 are predicted from 4..8, row 1's from 24 + 14..18
+    assert positions.tolist() == [4, 5, 6, 7, 8, 38, 39, 40, 41, 42]
+    assert targets.tolist() == [7] * 5 + [8] * 5
+    # a packed neighbour starts at position 0: the token before it predicts nothing
+    position_ids = torch.cat([torch.arange(6), torch.arange(6)])[None]
+    packed_labels = torch.tensor([[IGNORE, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1]])
+    positions, _ = loss_targets(packed_labels, position_ids)
+    assert 5 not in positions.tolist() and positions.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]

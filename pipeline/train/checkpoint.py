@@ -59,12 +59,10 @@ def weights_sha256(checkpoint: Path) -> str:
 # It is written to a temporary folder and swapped in once every rank has finished writing; the
 # manifest goes last, so a folder without one is a write that never finished and is ignored.
 
-def save_train_state(root: Path, model, optimizer, trainer: dict, runtime) -> None:
-    import warnings
-
+def save_train_state(root: Path, sharded, trainer: dict, runtime) -> None:
+    """Every rank writes its shards (the strategy's own format), rank 0 the loop's state, then the
+    manifest; `latest` is swapped in only when all of it is on disk."""
     import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = Path(root)
     tmp, latest, old = root / ".tmp", root / "latest", root / ".old"
@@ -72,10 +70,8 @@ def save_train_state(root: Path, model, optimizer, trainer: dict, runtime) -> No
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     runtime.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # one process without a process group is a supported case
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "shards"))
+    sharded.save(tmp / "shards")
+    runtime.barrier()
     if runtime.is_main:
         torch.save(trainer, tmp / "trainer.pt")
         (tmp / MANIFEST).write_text(json.dumps({k: trainer[k] for k in ("epoch", "step", "fingerprint")}) + "\n")
@@ -101,17 +97,3 @@ def load_train_state(root: Path, fingerprint: str) -> tuple[Path, dict] | None:
 
 def clear_train_state(root: Path) -> None:
     shutil.rmtree(Path(root), ignore_errors=True)
-
-
-def restore_shards(path: Path, model, optimizer) -> None:
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=str(Path(path) / "shards"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

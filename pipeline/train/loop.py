@@ -17,15 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.prepare import IGNORE
-from pipeline.train.checkpoint import (
-    clear_train_state,
-    load_train_state,
-    restore_shards,
-    rotate,
-    save_checkpoint,
-    save_train_state,
-)
-from pipeline.train.strategies import Runtime, full_state_dict, init_runtime, prepare_model
+from pipeline.train.checkpoint import clear_train_state, load_train_state, rotate, save_checkpoint, save_train_state
+from pipeline.train.strategies import Runtime, init_runtime, shard, uses_flex_attention
 
 
 @dataclass
@@ -36,13 +29,7 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay matrices only; norms and biases keep their scale."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    local_numel: int = 0  # parameters this rank held while training (sharding: a fraction of the model)
 
 
 def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
@@ -55,11 +42,38 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def token_loss_sum(model, input_ids, labels, position_ids) -> torch.Tensor:
-    """Sum (not mean) of next-token losses over supervised positions."""
-    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE, reduction="sum")
+def loss_targets(labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets) of every supervised next-token prediction in a micro-batch, as flat
+    indices into its [rows * length] tokens. Built on the host, before the batch moves, so the
+    device never waits on a data-dependent size."""
+    following = labels.flatten()[1:]
+    # token t predicts t + 1, never across an example start (a new row or a packed neighbour)
+    following = following.masked_fill(position_ids.flatten()[1:] == 0, IGNORE)
+    positions = (following != IGNORE).nonzero().squeeze(1)
+    return positions, following[positions]
+
+
+def token_loss_sum(forward, input_ids, position_ids, positions, targets, flatten: bool) -> torch.Tensor:
+    """Sum (not mean) of the losses at `positions`. With `flatten`, the micro-batch goes in as one
+    padding-free row (flex attention keeps examples apart at block-sparse cost) and the vocabulary
+    projection is computed only where a loss is taken: prompts and padding never reach the head."""
+    if flatten:
+        logits = forward(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1),
+                       logits_to_keep=positions, use_cache=False).logits[0]
+    else:  # dense attention: one row per packed sequence keeps the mask (and its cost) per row
+        logits = forward(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.flatten(0, 1)[positions]
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def trim_padding(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """Cut the padding columns every row of the batch shares (the unpacked, length-bucketed path).
+    Every example ends with a supervised end-of-turn token, so a row's last supervised label ends
+    it. Lengths round up to `multiple` so a compiled model sees only a few shapes."""
+    width = batch["labels"].shape[1]
+    supervised = batch["labels"] != IGNORE
+    last = int((supervised * torch.arange(1, width + 1)).max())
+    keep = min(width, -(-last // multiple) * multiple)
+    return {k: v[:, :keep] for k, v in batch.items()} if keep < width else batch
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
@@ -102,28 +116,26 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
     for p in model.parameters():
         p.requires_grad_(True)  # full SFT: every weight
     model.config.use_cache = False
-    model = prepare_model(model, cfg.strategy, runtime)
-    model.train()
+    params = sum(p.numel() for p in model.parameters())  # before sharding hides the full sizes
+    sharded = shard(model, cfg, runtime)
+    sharded.model.train()
+    flatten = uses_flex_attention(device)
 
-    data = {k: torch.from_numpy(v.astype(np.int64)) for k, v in packed.items()}
-    rows = data["input_ids"].shape[0]
+    data = {k: torch.from_numpy(packed[k].astype(np.int64)) for k in ("input_ids", "labels", "position_ids")}
+    rows, width = data["labels"].shape
+    unpacked = "lengths" in packed
     per_step = cfg.micro_batch_size * cfg.grad_accum * runtime.world_size  # rows per optimizer step
     steps_per_epoch = max(1, rows // per_step)  # drop the ragged tail: every step has the same size
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = max(1, math.ceil(cfg.warmup_ratio * total_steps))
-
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    scheduler = cosine_with_warmup(optimizer, warmup_steps, total_steps)
-    # fsdp2 casts through its mixed-precision policy; a single GPU uses autocast
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=device.type == "cuda" and cfg.strategy == "single")
+    scheduler = cosine_with_warmup(sharded.optimizer, warmup_steps, total_steps)
 
     history, checkpoints, tokens, step = [], [], 0, 0
     run_id = fingerprint(cfg, meta, rows)
     resumed = load_train_state(state_dir, run_id) if state_dir else None
     if resumed:
         path, trainer = resumed
-        restore_shards(path, model, optimizer)
+        sharded.load(path / "shards")
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["rng"])
         step, history, tokens = trainer["step"], trainer["history"], trainer["tokens"]
@@ -134,44 +146,51 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
 
     def save_state(epoch: int):
         if state_dir:
-            save_train_state(state_dir, model, optimizer, {
+            save_train_state(state_dir, sharded, {
                 "epoch": epoch, "step": step, "fingerprint": run_id, "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "history": history, "tokens": tokens}, runtime)
 
-    params = sum(p.numel() for p in model.parameters())  # a sharded DTensor reports its full size
     peak = peak_flops(device)
     started = time.perf_counter()
     for epoch in range(step // steps_per_epoch + 1, cfg.epochs + 1):
         # the same permutation on every rank; each rank takes its own stride of every step
-        order = torch.randperm(rows, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        if unpacked:  # keep prepare's length buckets together: shuffle whole steps, not rows
+            blocks = torch.randperm(steps_per_epoch, generator=generator)
+            order = (blocks[:, None] * per_step + torch.arange(per_step)).flatten()
+        else:
+            order = torch.randperm(rows, generator=generator)
         for local in range(step % steps_per_epoch, steps_per_epoch):
             index = order[local * per_step:(local + 1) * per_step][runtime.rank::runtime.world_size]
             step_started = time.perf_counter()
-            batch = {k: v[index].to(device) for k, v in data.items()}
+            micro_batches = []
+            for micro in range(cfg.grad_accum):  # on the host: targets and sizes need no device sync
+                part = index[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]
+                batch = {k: v[part] for k, v in data.items()}
+                if unpacked:  # packed rows are full; length-bucketed single examples are not
+                    batch = trim_padding(batch, multiple=max(8, width // 8))
+                positions, targets = loss_targets(batch["labels"], batch["position_ids"])
+                micro_batches.append((batch["input_ids"], batch["position_ids"], positions, targets))
             # normalise by the supervised tokens of the whole global step (all ranks, all micro-batches)
-            supervised = runtime.sum(int((batch["labels"][:, 1:] != IGNORE).sum()))
+            supervised = runtime.sum(sum(len(m[3]) for m in micro_batches))
             # gradients are averaged over ranks by the reduce-scatter; scale back to a global sum
             scale = runtime.world_size / max(supervised, 1)
-            step_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                part = slice(micro * cfg.micro_batch_size, (micro + 1) * cfg.micro_batch_size)
-                with autocast:
-                    loss_sum = token_loss_sum(model, batch["input_ids"][part], batch["labels"][part],
-                                              batch["position_ids"][part])
-                (loss_sum * scale).backward()
-                step_loss += loss_sum.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            step_loss = torch.zeros((), device=device)
+            for micro in micro_batches:
+                input_ids, position_ids, positions, targets = (t.to(device, non_blocking=True) for t in micro)
+                loss_sum = token_loss_sum(sharded.forward, input_ids, position_ids, positions, targets, flatten)
+                sharded.backward(loss_sum * scale)
+                step_loss += loss_sum.detach()
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            grad_norm = sharded.step(cfg.max_grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_tokens = int(runtime.sum(int((batch["input_ids"] != tokenizer.pad_token_id).sum())))
+            step_tokens = int(runtime.sum(sum(int((m[0] != tokenizer.pad_token_id).sum()) for m in micro_batches)))
             tokens += step_tokens
+            loss = runtime.sum(step_loss.item()) / max(supervised, 1)
             seconds = time.perf_counter() - step_started
-            record = {"step": step, "epoch": epoch, "loss": round(runtime.sum(step_loss) / max(supervised, 1), 5),
-                      "lr": lr, "grad_norm": round(grad_norm.item(), 4),
+            record = {"step": step, "epoch": epoch, "loss": round(loss, 5),
+                      "lr": lr, "grad_norm": round(grad_norm, 4),
                       "tokens_per_s": round(step_tokens / seconds, 1),
                       # 6N FLOPs per real token (forward + backward) against the cards' dense bf16 peak
                       "mfu": round(6 * params * step_tokens / seconds / (peak * runtime.world_size), 4) if peak else None,
@@ -182,7 +201,7 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
             every = cfg.checkpoint_every_steps
             if every and step % every == 0 and local + 1 < steps_per_epoch:
                 save_state(epoch)
-        state = full_state_dict(model, runtime)  # a collective: every rank takes part
+        state = sharded.full_state_dict()  # a collective: every rank takes part
         if runtime.is_main:
             path = save_checkpoint(model, tokenizer, out_dir, epoch,
                                    {**meta, "step": step, "loss": history[-1]["loss"]}, state_dict=state)
@@ -193,4 +212,5 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
     if state_dir and runtime.is_main:
         clear_train_state(state_dir)  # finished: a later run starts afresh instead of resuming at the end
     runtime.barrier()
-    return TrainResult(step, history[-1]["loss"], tokens, time.perf_counter() - started, history, checkpoints)
+    return TrainResult(step, history[-1]["loss"], tokens, time.perf_counter() - started, history, checkpoints,
+                       sharded.local_numel())

@@ -1,15 +1,26 @@
-"""How the model is spread over devices, chosen by `train.strategy`: one function per strategy.
+"""How the model is spread over devices, chosen by `train.strategy`.
 
 - single: one process, one device.
 - fsdp2: torch `fully_shard` on every decoder layer and on the root, launched by torchrun
   (one node or many). Parameters, gradients and optimizer state are sharded over the ranks;
   on GPU, bf16 compute with fp32 gradient reduction. Works on CPU with gloo too (the tests).
+- zero3 / zero3_offload: DeepSpeed ZeRO-3 (the same sharding, DeepSpeed's engine), the
+  offload variant keeping optimizer state and parameters in CPU memory between uses.
+
+The loop sees one interface, `Sharded`: forward through `.model`, then `backward`, `step`,
+`full_state_dict` (consolidated weights for the epoch export) and `save`/`load` (sharded
+resume state: torch.distributed.checkpoint, or DeepSpeed's own format).
+
+On GPU every strategy uses flex attention over padding-free rows (examples never attend to
+each other, at block-sparse cost) and compiles each decoder layer (`train.compile`).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -59,6 +70,95 @@ def init_runtime(strategy: str, device_name: str) -> Runtime:
     return Runtime(dist.get_rank(), dist.get_world_size(), device)
 
 
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms and biases keep their scale."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def uses_flex_attention(device: torch.device) -> bool:
+    # flex attention has no CPU backward; dense attention per packed row is right there
+    return device.type == "cuda"
+
+
+def prepare_layers(model, cfg, device: torch.device):
+    """Attention kernel, activation checkpointing and compilation: the same for every strategy,
+    applied before sharding (the order torchtitan uses)."""
+    if uses_flex_attention(device):
+        model.set_attn_implementation("flex_attention")
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile and device.type == "cuda":
+        for layer in model.model.layers:  # one graph per block: compiles fast, no recompiles per batch
+            layer.compile()
+    return model
+
+
+class Sharded:
+    """single and fsdp2: plain torch modules, AdamW, torch.distributed.checkpoint for resume."""
+
+    def __init__(self, model, cfg, runtime: Runtime):
+        self.runtime = runtime
+        model.to(runtime.device)
+        prepare_layers(model, cfg, runtime.device)
+        self.fsdp = cfg.strategy == "fsdp2"
+        if self.fsdp:
+            apply_fsdp2(model, runtime.device)
+        self.model = model
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                                           fused=runtime.device.type == "cuda")
+        # fsdp2 casts through its mixed-precision policy; a single GPU uses autocast
+        self.autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16,
+                                       enabled=runtime.device.type == "cuda" and cfg.strategy == "single")
+
+    def forward(self, **inputs):
+        with self.autocast:
+            return self.model(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, max_norm: float) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item()
+
+    def local_numel(self) -> int:
+        return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.model.parameters())
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's weights on rank 0's CPU (None: use the model's own state dict)."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return drop_tied_head(self.model, state)
+
+    def save(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one process without a process group is a supported case
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+
+    def load(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 def apply_fsdp2(model, device: torch.device):
     """Shard each decoder layer, then the root (embeddings, final norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -72,23 +172,89 @@ def apply_fsdp2(model, device: torch.device):
     return model
 
 
-def prepare_model(model, strategy: str, runtime: Runtime):
-    model.to(runtime.device)
-    if strategy == "fsdp2":
-        apply_fsdp2(model, runtime.device)
-    return model
-
-
-def full_state_dict(model, runtime: Runtime) -> dict | None:
-    """The whole model's weights on rank 0's CPU (None: use the model's own state dict)."""
-    if runtime.world_size == 1:
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def drop_tied_head(model, state: dict) -> dict:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied to the input embeddings; saved once, as save_pretrained does
     return state
+
+
+def deepspeed_config(cfg, runtime: Runtime) -> dict:
+    """ZeRO-3 as DeepSpeed's users write it. Gradient clipping is DeepSpeed's; the LR schedule and
+    the loss normalisation stay the loop's, so every strategy trains the same math."""
+    zero = {"stage": 3, "overlap_comm": runtime.device.type == "cuda", "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": True}
+    if cfg.strategy == "zero3_offload":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": runtime.device.type == "cuda"}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": runtime.device.type == "cuda"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * runtime.world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16": {"enabled": runtime.device.type == "cuda"},
+        "zero_optimization": zero,
+        # off GPU, DeepSpeed's CPU Adam would need a C++ build; torch's AdamW is the same update
+        "zero_force_ds_cpu_optimizer": runtime.device.type == "cuda",
+        "steps_per_print": 2**31,  # the loop reports progress
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedSharded:
+    """zero3 and zero3_offload through a DeepSpeed engine."""
+
+    def __init__(self, model, cfg, runtime: Runtime):
+        import deepspeed
+
+        self.runtime = runtime
+        prepare_layers(model, cfg, runtime.device)
+        groups = param_groups(model, cfg.weight_decay)
+        if cfg.strategy == "zero3_offload" and runtime.device.type == "cuda":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(0.9, 0.95), adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=deepspeed_config(cfg, runtime))
+        self.model = self.engine
+        self.module = model
+        # the client optimizer owns the param groups DeepSpeed steps with: the LR schedule drives it
+        self.optimizer = optimizer
+        self.grad_accum = cfg.grad_accum
+
+    def forward(self, **inputs):
+        return self.engine(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by its accumulation steps; the loop already normalised the loss
+        self.engine.backward(loss * self.grad_accum)
+        self.engine.step()  # a no-op until the accumulation boundary
+
+    def step(self, max_norm: float) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def local_numel(self) -> int:
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.module.parameters())
+
+    def full_state_dict(self) -> dict | None:
+        state = self.engine._zero3_consolidated_16bit_state_dict()  # a collective; rank 0 gets the weights
+        return drop_tied_head(self.module, {k: v.cpu() for k, v in state.items()}) if self.runtime.is_main else None
+
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag="state", save_latest=False)
+
+    def load(self, path: Path) -> None:
+        self.engine.load_checkpoint(str(path), tag="state")
+
+
+def shard(model, cfg, runtime: Runtime):
+    if cfg.strategy in ("zero3", "zero3_offload"):
+        if runtime.world_size == 1 and "WORLD_SIZE" not in os.environ:
+            raise RuntimeError(f"train.strategy={cfg.strategy} runs under torchrun or the deepspeed launcher")
+        return DeepSpeedSharded(model, cfg, runtime)
+    return Sharded(model, cfg, runtime)
 
 
 def close(runtime: Runtime) -> None:

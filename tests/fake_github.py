@@ -1,0 +1,141 @@
+"""A local stand-in for the GitHub REST endpoints pipeline/github.py uses: commit statuses (create,
+combined), issue comments (list with pages, create, update). It checks what GitHub checks (token,
+state, the 140-character description) and keeps every status ever set."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+
+class FakeGitHub:
+    def __init__(self, repository: str = "acme/sft", token: str = "ghs_test"):
+        self.repository, self.token = repository, token
+        self.statuses: dict[str, list[dict]] = {}  # sha -> every status, oldest first
+        self.comments: dict[int, list[dict]] = {}  # issue number -> comments
+        # Git Data: commit sha -> {"tree": {path: text}, "parents": [...]}; refs "heads/x" -> sha
+        self.commits: dict[str, dict] = {}
+        self.trees: dict[str, dict[str, str]] = {}
+        self.refs: dict[str, str] = {}
+        self._next_id = 1000
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.api_url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeGitHub:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def add_commit(self, files: dict[str, str], parents=(), message: str = "") -> str:
+        import hashlib
+
+        tree = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+        self.trees[tree] = dict(files)
+        sha = hashlib.sha1(f"{tree}{parents}{message}".encode()).hexdigest()
+        self.commits[sha] = {"tree": tree, "parents": list(parents), "message": message}
+        return sha
+
+    def add_comment(self, number: int, body: str) -> int:
+        self._next_id += 1
+        self.comments.setdefault(number, []).append({"id": self._next_id, "body": body})
+        return self._next_id
+
+    def _handler(gh):  # noqa: N805
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, status: int, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self, method: str):
+                if self.headers.get("Authorization") != f"Bearer {gh.token}":
+                    return self._reply(401, {"message": "Bad credentials"})
+                url = urlparse(self.path)
+                prefix = f"/repos/{gh.repository}"
+                if not url.path.startswith(prefix):
+                    return self._reply(404, {"message": "Not Found"})
+                path, query = url.path[len(prefix):], parse_qs(url.query)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                status, answer = gh._route(method, path, query, body)
+                self._reply(status, answer)
+
+            def do_GET(self):
+                self._handle("GET")
+
+            def do_POST(self):
+                self._handle("POST")
+
+            def do_PATCH(self):
+                self._handle("PATCH")
+
+        return Handler
+
+    def _route(self, method, path, query, body):
+        if m := re.fullmatch(r"/statuses/(\w+)", path):
+            if method != "POST":
+                return 404, {"message": "Not Found"}
+            if body.get("state") not in ("pending", "success", "failure", "error"):
+                return 422, {"message": "Validation Failed", "errors": [{"field": "state"}]}
+            if len(body.get("description") or "") > 140:
+                return 422, {"message": "Validation Failed", "errors": [{"field": "description",
+                                                                         "code": "custom"}]}
+            self.statuses.setdefault(m.group(1), []).append(body)
+            return 201, {"id": len(self.statuses[m.group(1)]), **body}
+        if (m := re.fullmatch(r"/commits/(\w+)/status", path)) and method == "GET":
+            latest = {}
+            for status in self.statuses.get(m.group(1), []):
+                latest[status["context"]] = status
+            statuses = list(latest.values())[::-1]
+            states = {s["state"] for s in statuses}
+            state = "failure" if states & {"failure", "error"} else "pending" if "pending" in states or not states \
+                else "success"
+            return 200, {"state": state, "sha": m.group(1), "statuses": statuses, "total_count": len(statuses)}
+        if m := re.fullmatch(r"/issues/(\d+)/comments", path):
+            number = int(m.group(1))
+            if method == "GET":
+                per_page, page = int(query.get("per_page", ["30"])[0]), int(query.get("page", ["1"])[0])
+                return 200, self.comments.get(number, [])[(page - 1) * per_page: page * per_page]
+            if method == "POST":
+                return 201, {"id": self.add_comment(number, body["body"]), "body": body["body"]}
+        if (m := re.fullmatch(r"/git/commits/(\w+)", path)) and method == "GET" and m.group(1) in self.commits:
+            return 200, {"sha": m.group(1), "tree": {"sha": self.commits[m.group(1)]["tree"]}}
+        if path == "/git/trees" and method == "POST":
+            files = dict(self.trees[body["base_tree"]])
+            files.update({e["path"]: e["content"] for e in body["tree"]})
+            sha = self.add_commit(files)  # registers the tree; the throwaway commit is harmless
+            return 201, {"sha": self.commits[sha]["tree"]}
+        if path == "/git/commits" and method == "POST":
+            sha = self.add_commit(self.trees[body["tree"]], tuple(body["parents"]), body["message"])
+            return 201, {"sha": sha}
+        if path == "/git/refs" and method == "POST":
+            name = body["ref"].removeprefix("refs/")
+            if name in self.refs:
+                return 422, {"message": "Reference already exists"}
+            self.refs[name] = body["sha"]
+            return 201, {"ref": body["ref"], "object": {"sha": body["sha"]}}
+        if (m := re.fullmatch(r"/git/refs/(.+)", path)) and method == "PATCH":
+            if m.group(1) not in self.refs:
+                return 422, {"message": "Reference does not exist"}
+            self.refs[m.group(1)] = body["sha"]
+            return 200, {"ref": f"refs/{m.group(1)}", "object": {"sha": body["sha"]}}
+        if (m := re.fullmatch(r"/issues/comments/(\d+)", path)) and method == "PATCH":
+            for comments in self.comments.values():
+                for comment in comments:
+                    if comment["id"] == int(m.group(1)):
+                        comment["body"] = body["body"]
+                        return 200, comment
+        return 404, {"message": "Not Found"}

@@ -1,0 +1,152 @@
+"""The eval-gate commit status and the one PR comment, against a local GitHub API stand-in."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.github import GitHub, ReleaseRefused, require_success, status_from_gate
+from pipeline.pr_comment import build_comment
+from tests.fake_github import FakeGitHub
+
+SHA = "a" * 40
+PASSED = {"passed": True, "chosen": "epoch-3", "sha256": "e96f5e7c52b456843b5d42e8656e3ad8712d693c661b50eb3e10136a2b5c62fb",
+          "rules": [{"metric": "golden", "rule": ">= 0.5", "observed": 0.585, "passed": True},
+                    {"metric": "general", "rule": "drop vs base <= 0.05 (95% CI)", "observed": 0.9875,
+                     "passed": True}]}
+FAILED = {**PASSED, "passed": False, "chosen": "epoch-1",
+          "rules": [{"metric": "golden", "rule": ">= 0.5", "observed": 0.13, "passed": False},
+                    {"metric": "general", "rule": "drop vs base <= 0.05 (95% CI)", "observed": 0.65,
+                     "passed": False},
+                    {"metric": "safety_refusals_on_a_long_metric_name", "rule": ">= 0.99", "observed": 0.5,
+                     "passed": False}]}
+
+
+@pytest.fixture
+def github(monkeypatch):
+    with FakeGitHub() as server:
+        monkeypatch.setenv("GITHUB_API_URL", server.api_url)
+        monkeypatch.setenv("GITHUB_REPOSITORY", server.repository)
+        monkeypatch.setenv("GITHUB_TOKEN", server.token)
+        yield server
+
+
+def sft(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+def write_gate(tmp_path, verdict):
+    path = tmp_path / "gate.json"
+    path.write_text(json.dumps(verdict))
+    return path
+
+
+def test_descriptions_from_the_verdict(tmp_path):
+    state, text = status_from_gate(write_gate(tmp_path, PASSED))
+    assert state == "success"
+    assert text == "passed: epoch-3 (golden 0.585, general 0.988), sha256 e96f5e7c52b4"
+    state, text = status_from_gate(write_gate(tmp_path, FAILED))
+    assert state == "failure"
+    assert text.startswith("failed: golden 0.130 fails >= 0.5; general 0.650 fails drop vs base <= 0.05")
+    assert len(text) == 140 and text.endswith("…")  # three failing rules do not fit: cut to GitHub's limit
+    state, text = status_from_gate(tmp_path / "missing.json")
+    assert state == "error" and "stopped before the gate" in text
+
+
+def test_pending_then_verdict_through_the_cli(github, tmp_path):
+    result = sft("status", "set", "--sha", SHA, "--state", "pending", "--description", "training on SkyPilot",
+                 "--target-url", "https://example.com/run/1")
+    assert result.exit_code == 0, result.output
+    assert github.statuses[SHA][-1] == {"state": "pending", "description": "training on SkyPilot",
+                                        "context": "eval-gate", "target_url": "https://example.com/run/1"}
+    result = sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, FAILED)))
+    assert result.exit_code == 0, result.output
+    assert github.statuses[SHA][-1]["state"] == "failure"
+    assert "golden 0.130 fails >= 0.5" in github.statuses[SHA][-1]["description"]
+    assert sft("status", "set", "--sha", SHA, "--state", "pending", "--from-gate", "x").exit_code == 1
+
+
+def test_release_requires_a_successful_eval_gate(github, tmp_path):
+    refused = sft("status", "require", "--sha", SHA)
+    assert refused.exit_code == 1 and "no 'eval-gate' status" in refused.output
+    sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, FAILED)))
+    refused = sft("status", "require", "--sha", SHA)
+    assert refused.exit_code == 1 and "'eval-gate' is failure (failed: golden" in refused.output
+    sft("status", "set", "--sha", SHA, "--state", "pending", "--description", "retraining")
+    assert sft("status", "require", "--sha", SHA).exit_code == 1  # only the latest status counts
+    sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, PASSED)))
+    allowed = sft("status", "require", "--sha", SHA)
+    assert allowed.exit_code == 0, allowed.output
+    # another context passing is no substitute for the gate
+    other = "b" * 40
+    github.statuses[other] = [{"state": "success", "context": "ci/tests", "description": ""}]
+    with pytest.raises(ReleaseRefused):
+        require_success(GitHub(github.api_url, github.repository, github.token), other)
+
+
+def test_bad_token_and_missing_env_are_clear(github, monkeypatch):
+    monkeypatch.setenv("GITHUB_TOKEN", "wrong")
+    result = sft("status", "require", "--sha", SHA)
+    assert result.exit_code == 1 and "HTTP 401" in result.output
+    monkeypatch.delenv("GITHUB_REPOSITORY")
+    result = sft("status", "require", "--sha", SHA)
+    assert result.exit_code == 1 and "set GITHUB_REPOSITORY" in result.output
+
+
+def test_one_pr_comment_updated_in_place(github, tmp_path, monkeypatch):
+    for i in range(105):  # our comment sits on the second page
+        github.add_comment(7, f"review {i}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate/gate.md").write_text("## Eval gate: PASSED\n\n![base vs candidate](change.png)\n")
+    first = sft("pr-comment", "--post", "7")
+    assert first.exit_code == 0 and "created" in first.output
+    (tmp_path / "gate/gate.md").write_text("## Eval gate: FAILED\n")
+    second = sft("pr-comment", "--post", "7")
+    assert second.exit_code == 0 and "updated" in second.output
+    ours = [c for c in github.comments[7] if c["body"].startswith("<!-- sft-pr-comment -->")]
+    assert len(ours) == 1 and len(github.comments[7]) == 106
+    assert "Eval gate: FAILED" in ours[0]["body"] and "PASSED" not in ours[0]["body"]
+    assert (tmp_path / "pr-comment.md").read_text() == ours[0]["body"]
+
+
+def test_comment_names_missing_reports_and_drops_images(tmp_path):
+    (tmp_path / "plan").mkdir()
+    (tmp_path / "plan/plan.md").write_text("## GPU plan\n![chart](x.png)\n| a |\n")
+    text = build_comment(tmp_path)
+    assert "| a |" in text and "x.png" not in text
+    assert "`validate/contract.md` was not produced" in text
+
+
+def test_results_commit_on_top_of_the_trained_commit(github, tmp_path, monkeypatch):
+    from pipeline.github import RESULT_FILES
+
+    trained = github.add_commit({"params.yaml": "lr: 1\n", "dvc.lock": "old\n"}, message="merge")
+    monkeypatch.chdir(tmp_path)
+    assert sft("results", "--sha", trained).exit_code == 1  # nothing to report before the DAG ran
+    for name in RESULT_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"{name} of run 1\n")
+    result = sft("results", "--sha", trained)
+    assert result.exit_code == 0, result.output
+    first = github.refs[f"heads/results/{trained}"]
+    assert github.commits[first]["parents"] == [trained]
+    tree = github.trees[github.commits[first]["tree"]]
+    assert tree["params.yaml"] == "lr: 1\n" and tree["dvc.lock"] == "dvc.lock of run 1\n"
+    (tmp_path / "gate/gate.json").write_text("rerun\n")  # a rerun of the same commit moves the branch
+    assert sft("results", "--sha", trained).exit_code == 0
+    second = github.refs[f"heads/results/{trained}"]
+    assert second != first and github.trees[github.commits[second]["tree"]]["gate/gate.json"] == "rerun\n"
+
+
+def test_committed_sample_comment_was_built_by_build_comment():
+    from pathlib import Path
+
+    from pipeline.pr_comment import SECTIONS
+
+    sample = (Path(__file__).resolve().parents[1] / "docs/pr-comment.md").read_text()
+    assert sample.startswith("<!-- sft-pr-comment -->\n## SFT pipeline report")
+    for title, name in SECTIONS:
+        assert f"<summary>{title}</summary>" in sample
+        assert f"`{name}` was not produced" not in sample  # the sample shows every report
