@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from tests.local_server import JSONHandler, LocalServer
 
-class FakeGitHub:
+
+class FakeGitHub(LocalServer):
     def __init__(self, repository: str = "acme/sft", token: str = "ghs_test"):
         self.repository, self.token = repository, token
         self.statuses: dict[str, list[dict]] = {}  # sha -> every status, oldest first
@@ -21,17 +21,8 @@ class FakeGitHub:
         self.trees: dict[str, dict[str, str]] = {}
         self.refs: dict[str, str] = {}
         self._next_id = 1000
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.api_url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeGitHub:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(self._handler())
+        self.api_url = self.url
 
     def add_commit(self, files: dict[str, str], parents=(), message: str = "") -> str:
         import hashlib
@@ -48,18 +39,7 @@ class FakeGitHub:
         return self._next_id
 
     def _handler(gh):  # noqa: N805
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, status: int, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def _handle(self, method: str):
                 if self.headers.get("Authorization") != f"Bearer {gh.token}":
                     return self._reply(401, {"message": "Bad credentials"})

@@ -11,10 +11,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
+
+from tests.local_server import JSONHandler, LocalServer
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".png")  # as the Hub's default .gitattributes
 
@@ -42,23 +42,14 @@ class Repo:
         return next((c for c in self.commits if c["oid"] == revision), None)
 
 
-class FakeHub:
+class FakeHub(LocalServer):
     def __init__(self, token: str = "hf_test_token"):
         self.token = token
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeHub:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(self._handler())
+        self.endpoint = self.url
 
     def pushed_commits(self, repo_id: str) -> list[dict]:
         """Commits made through the API (the Hub's own initial commit excluded)."""
@@ -66,18 +57,7 @@ class FakeHub:
 
     # ------------------------------------------------------------------ request handling
     def _handler(hub):  # noqa: N805 (the handler class closes over the hub)
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _reply(self, status: int, body=None):
-                data = b"" if body is None else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def _body(self) -> bytes:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
