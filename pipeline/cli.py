@@ -26,6 +26,15 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def base_tokenizer(base_dir: Path):
+    """The base model's tokenizer: token counts go through its chat template, as training's do."""
+    from transformers import AutoTokenizer
+
+    if not (base_dir / "tokenizer_config.json").exists():
+        fail(f"{base_dir}: no tokenizer; run `sft base` (token lengths use the base model's chat template)")
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
 def params():
     try:
         return load_params(PARAMS)
@@ -57,8 +66,6 @@ def base(out: Path = Path("base")):
 @app.command()
 def validate(base_dir: Path = Path("base"), out: Path = Path("validate")):
     """Check the training (and replay) data against the data contract (great-expectations)."""
-    from transformers import AutoTokenizer
-
     from pipeline.contract import (
         add_derived_columns,
         add_replay_columns,
@@ -82,9 +89,7 @@ def validate(base_dir: Path = Path("base"), out: Path = Path("validate")):
         held_out = eval_prompts(p.validate_.eval_sets)
     except DataError as err:  # a malformed file is named before anything else is asked for
         fail(str(err))
-    if not (base_dir / "tokenizer_config.json").exists():
-        fail(f"{base_dir}: no tokenizer; run `sft base` (token lengths use the base model's chat template)")
-    tokens = token_lengths_within(AutoTokenizer.from_pretrained(base_dir), frame, p.prepare.max_seq_len)
+    tokens = token_lengths_within(base_tokenizer(base_dir), frame, p.prepare.max_seq_len)
     frame = add_derived_columns(frame, held_out, p.validate_.leak_ngram, tokens)
     with atomic_dir(out / "data-docs") as docs:  # great-expectations Data Docs, for CI to upload
         checks = run_suite(frame, p.validate_, p.prepare.max_seq_len, replay, docs)
@@ -376,13 +381,9 @@ app.add_typer(data_app, name="data")
 
 
 def _data_stats(frame, base_dir: Path, p):
-    from transformers import AutoTokenizer
-
     from pipeline.stats import data_stats
 
-    if not (base_dir / "tokenizer_config.json").exists():
-        fail(f"{base_dir}: no tokenizer; run `sft base` (token lengths use the base model's chat template)")
-    return data_stats(frame, AutoTokenizer.from_pretrained(base_dir), p.prepare.max_seq_len)
+    return data_stats(frame, base_tokenizer(base_dir), p.prepare.max_seq_len)
 
 
 def _write_report(out: Path, current: dict, other: dict | None = None, rev: str | None = None) -> None:
