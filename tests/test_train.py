@@ -118,7 +118,7 @@ def test_unpacked_batches_are_trimmed_and_loss_targets_never_cross_examples():
     labels[1, 15:20] = 8
     batch = {"input_ids": torch.zeros(2, 64, dtype=torch.long), "labels": labels,
              "position_ids": torch.arange(64).repeat(2, 1)}
-    trimmed = trim_padding(batch, multiple=8)
+    trimmed = trim_padding(batch, torch.tensor([10, 20]), multiple=8)
     assert {k: v.shape[1] for k, v in trimmed.items()} == {"input_ids": 24, "labels": 24, "position_ids": 24}
     positions, targets = loss_targets(trimmed["labels"], trimmed["position_ids"])
     # token t predicts t + 1: row 0's supervised 5..9 are predicted from 4..8, row 1's from 24 + 14..18

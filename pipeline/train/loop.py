@@ -65,14 +65,12 @@ def token_loss_sum(forward, input_ids, position_ids, positions, targets, flatten
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def trim_padding(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
-    """Cut the padding columns every row of the batch shares (the unpacked, length-bucketed path).
-    Every example ends with a supervised end-of-turn token, so a row's last supervised label ends
-    it. Lengths round up to `multiple` so a compiled model sees only a few shapes."""
+def trim_padding(batch: dict[str, torch.Tensor], lengths: torch.Tensor, multiple: int) -> dict[str, torch.Tensor]:
+    """Cut the padding columns every row of the batch shares (the unpacked, length-bucketed path):
+    keep the longest row's real tokens (prepare's `lengths`), rounded up to `multiple` so a
+    compiled model sees only a few shapes."""
     width = batch["labels"].shape[1]
-    supervised = batch["labels"] != IGNORE
-    last = int((supervised * torch.arange(1, width + 1)).max())
-    keep = min(width, -(-last // multiple) * multiple)
+    keep = min(width, -(-int(lengths.max()) // multiple) * multiple)
     return {k: v[:, :keep] for k, v in batch.items()} if keep < width else batch
 
 
@@ -123,7 +121,8 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
 
     data = {k: torch.from_numpy(packed[k].astype(np.int64)) for k in ("input_ids", "labels", "position_ids")}
     rows, width = data["labels"].shape
-    unpacked = "lengths" in packed
+    lengths = torch.from_numpy(packed["lengths"]) if "lengths" in packed else None  # unpacked rows only
+    unpacked = lengths is not None
     per_step = cfg.micro_batch_size * cfg.grad_accum * runtime.world_size  # rows per optimizer step
     steps_per_epoch = max(1, rows // per_step)  # drop the ragged tail: every step has the same size
     total_steps = steps_per_epoch * cfg.epochs
@@ -168,7 +167,7 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
                 part = index[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]
                 batch = {k: v[part] for k, v in data.items()}
                 if unpacked:  # packed rows are full; length-bucketed single examples are not
-                    batch = trim_padding(batch, multiple=max(8, width // 8))
+                    batch = trim_padding(batch, lengths[part], multiple=max(8, width // 8))
                 positions, targets = loss_targets(batch["labels"], batch["position_ids"])
                 micro_batches.append((batch["input_ids"], batch["position_ids"], positions, targets))
             # normalise by the supervised tokens of the whole global step (all ranks, all micro-batches)
