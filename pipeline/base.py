@@ -1,34 +1,78 @@
-"""base: resolve the base model once (weights + tokenizer + chat template) into one folder.
+"""base and tokenizer: resolve the base model once, into two folders.
+
+- `tokenizer/`: the small files (tokenizer, chat template, config.json, generation config, licence).
+  Everything a pull request needs (the data contract's token lengths, `sft plan`'s model shape)
+  without the weights: a gated 16 GB download has no place on a PR runner.
+- `base/`: the full model folder (weights + the same small files), for training and evaluation.
 
 Production names a Hub id pinned to a revision; the demo builds the tiny model locally.
-`base/meta.json` records where it came from and the sha256 of its weights, so every later
-stage (and the model card) can say exactly what was fine-tuned.
+`meta.json` records where it came from (and, in base/, the sha256 of the weights), so every
+later stage (and the model card) can say exactly what was fine-tuned.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from pipeline.files import atomic_dir, sha256_files
 
+# what a PR needs, and what the licence requires to travel with the weights (Llama: LICENSE, USE_POLICY.md)
+SMALL_FILES = ["*.json", "tokenizer*", "*.jinja", "*.model", "*.txt", "LICENSE*", "USE_POLICY*", "NOTICE*"]
+WEIGHT_FILES = ["*.safetensors", "model.safetensors.index.json"]
 
-def download_hub_base(cfg, out_dir: Path) -> dict:
+
+def count_parameters(folder: Path) -> int:
+    """Parameters in the folder's safetensors files, from their headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+    return total
+
+
+def download(cfg, out_dir: Path, patterns: list[str]) -> None:
     from huggingface_hub import snapshot_download
 
-    snapshot_download(repo_id=cfg.model, revision=cfg.revision, local_dir=out_dir,
-                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"])
-    from transformers import AutoConfig, AutoTokenizer
+    # top-level files only: Llama repos also carry `original/` (the same weights in another format)
+    snapshot_download(repo_id=cfg.model, revision=cfg.revision, local_dir=out_dir, allow_patterns=patterns)
+    if (Path(out_dir) / ".cache").exists():
+        shutil.rmtree(Path(out_dir) / ".cache")  # huggingface_hub's download bookkeeping, not model files
 
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    if not tokenizer.chat_template:
+
+def check_chat_template(folder: Path, cfg) -> None:
+    from transformers import AutoTokenizer
+
+    if not AutoTokenizer.from_pretrained(folder).chat_template:
         raise ValueError(f"{cfg.model}@{cfg.revision}: the tokenizer has no chat template; "
                          "pick an instruct tokenizer or add one before fine-tuning")
-    config = AutoConfig.from_pretrained(out_dir)
-    return {"params": None, "architecture": config.architectures}
+
+
+def resolve_tokenizer(cfg, out_dir: Path) -> dict:
+    """tokenizer/: tokenizer, chat template and model config, without the weights."""
+    with atomic_dir(out_dir) as tmp:
+        if cfg.source == "demo":
+            from pipeline.demo import build_demo_tokenizer
+
+            build_demo_tokenizer(cfg.demo, tmp)
+        else:
+            download(cfg, tmp, SMALL_FILES)
+            check_chat_template(tmp, cfg)
+        info = {"source": cfg.source, "model": cfg.model, "revision": cfg.revision}
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def resolve_base(cfg, out_dir: Path, log=print) -> dict:
+    """base/: the full model folder, weights hashed."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         if cfg.source == "demo":
@@ -36,8 +80,15 @@ def resolve_base(cfg, out_dir: Path, log=print) -> dict:
 
             info = build_base_model(cfg.demo, tmp, log=log)
         else:
-            info = download_hub_base(cfg, tmp)
-        info.update(source=cfg.source, model=cfg.model, revision=cfg.revision,
-                    sha256=sha256_files(sorted(tmp.glob("*.safetensors"))))
+            download(cfg, tmp, SMALL_FILES + WEIGHT_FILES)
+            check_chat_template(tmp, cfg)
+            from transformers import AutoConfig
+
+            info = {"architecture": AutoConfig.from_pretrained(tmp).architectures}
+        weights = sorted(tmp.glob("*.safetensors"))
+        if not weights:
+            raise ValueError(f"{cfg.model}@{cfg.revision}: no *.safetensors weights (other formats are not loaded)")
+        info.update(source=cfg.source, model=cfg.model, revision=cfg.revision, params=count_parameters(tmp),
+                    sha256=sha256_files(weights))
         (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

@@ -26,13 +26,13 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def base_tokenizer(base_dir: Path):
+def base_tokenizer(folder: Path = Path("tokenizer")):
     """The base model's tokenizer: token counts go through its chat template, as training's do."""
     from transformers import AutoTokenizer
 
-    if not (base_dir / "tokenizer_config.json").exists():
-        fail(f"{base_dir}: no tokenizer; run `sft base` (token lengths use the base model's chat template)")
-    return AutoTokenizer.from_pretrained(base_dir)
+    if not (folder / "tokenizer_config.json").exists():
+        fail(f"{folder}: no tokenizer; run `sft tokenizer` (token lengths use the base model's chat template)")
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def params():
@@ -54,6 +54,16 @@ def demo(out: Path = typer.Option(Path("data"), help="folder for the demo data s
 
 
 @app.command()
+def tokenizer(out: Path = Path("tokenizer")):
+    """The base model's small files: tokenizer, chat template, config (no weights: what a PR needs)."""
+    from pipeline.base import resolve_tokenizer
+
+    p = params()
+    resolve_tokenizer(p.base, out)
+    typer.echo(f"tokenizer, chat template and config of {p.base.model}@{p.base.revision or 'built locally'} in {out}/")
+
+
+@app.command()
 def base(out: Path = Path("base")):
     """Resolve the base model: build the tiny demo model, or download a pinned Hub revision."""
     from pipeline.base import resolve_base
@@ -64,7 +74,7 @@ def base(out: Path = Path("base")):
 
 
 @app.command()
-def validate(base_dir: Path = Path("base"), out: Path = Path("validate")):
+def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate")):
     """Check the training (and replay) data against the data contract (great-expectations)."""
     from pipeline.contract import (
         add_derived_columns,
@@ -89,7 +99,7 @@ def validate(base_dir: Path = Path("base"), out: Path = Path("validate")):
         held_out = eval_prompts(p.validate_.eval_sets)
     except DataError as err:  # a malformed file is named before anything else is asked for
         fail(str(err))
-    tokens = token_lengths_within(base_tokenizer(base_dir), frame, p.prepare.max_seq_len)
+    tokens = token_lengths_within(base_tokenizer(tokenizer_dir), frame, p.prepare.max_seq_len)
     frame = add_derived_columns(frame, held_out, p.validate_.leak_ngram, tokens)
     with atomic_dir(out / "data-docs") as docs:  # great-expectations Data Docs, for CI to upload
         checks = run_suite(frame, p.validate_, p.prepare.max_seq_len, replay, docs)
@@ -105,7 +115,7 @@ def validate(base_dir: Path = Path("base"), out: Path = Path("validate")):
 
 
 @app.command()
-def prepare(base_dir: Path = Path("base"), out: Path = Path("prepare")):
+def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")):
     """Mix replay, apply the chat template, tokenize, mask prompts, pack into fixed-length rows."""
     import numpy as np
     from transformers import AutoTokenizer
@@ -117,7 +127,7 @@ def prepare(base_dir: Path = Path("base"), out: Path = Path("prepare")):
     contract = json.loads(Path("validate/contract.json").read_text())
     if not contract["passed"]:
         fail("validate/contract.json: the data contract did not pass; run `sft validate`")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     def load(path):
         return load_examples(path)["messages"].tolist()
 
@@ -214,8 +224,8 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
     """Run the lm-eval tasks of params.yaml on the base model, the kept checkpoints or the chosen one."""
     from transformers import AutoTokenizer
 
-    from pipeline.evaluate import (cache_base_results, cached_base_results, evaluate_models, suite_fingerprint,
-                                   summary)
+    from pipeline.evaluate import (base_cache_dir, cache_base_results, cached_base_results, evaluate_models,
+                                   suite_fingerprint, summary)
     from pipeline.train.checkpoint import list_checkpoints
 
     p = params()
@@ -232,7 +242,7 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
             key = suite_fingerprint(p.evaluate, json.loads((base_dir / "meta.json").read_text())["sha256"])
             results = cached_base_results(p.evaluate, key)
             if results:
-                typer.echo(f"base results from the cache ({p.evaluate.base_cache}/{key[:12]}…): same weights, tasks "
+                typer.echo(f"base results from the cache ({base_cache_dir(p.evaluate)}/{key[:12]}…): same weights, tasks "
                            "and data")
             else:
                 results = evaluate_models({"base": base_dir}, p.evaluate, typer.echo, training_tokenizer)
@@ -353,22 +363,22 @@ def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...)
     from pipeline.plan import SHAPES, Shape, plan as make_plan, render_markdown
 
     p = params()
-    name = model or p.plan.model or "base/config.json"
+    # the model's shape from its config.json: `sft tokenizer` fetches it without the weights
+    name = model or p.plan.model or next((f for f in ("tokenizer/config.json", "base/config.json")
+                                           if Path(f).is_file()), "tokenizer/config.json")
     if name in SHAPES:
         shape = Shape(**SHAPES[name])
     elif Path(name).is_file():
         shape = Shape.from_config(json.loads(Path(name).read_text()))
     else:
-        fail(f"plan: {name!r} is neither a known shape ({', '.join(SHAPES)}) nor a config.json file")
+        fail(f"plan: {name!r} is neither a known shape ({', '.join(SHAPES)}) nor a config.json file; "
+             "run `sft tokenizer` (it fetches config.json) or set plan.model")
     if tokens is None:
-        stats = Path("prepare/stats.json")
-        if not stats.exists():
-            fail("plan: pass --tokens or run `sft prepare` first (prepare/stats.json counts the tokens)")
-        tokens = json.loads(stats.read_text())["tokens"]
+        tokens = planned_tokens(p)
     tokens_per_run = tokens * p.train.epochs
     tokens_per_gpu = p.train.micro_batch_size * p.prepare.max_seq_len
     rows = make_plan(shape, tokens_per_run, tokens_per_gpu, p.plan.gpus_per_node, p.plan.mfu, p.plan.prices,
-                     p.plan.activation_checkpointing)
+                     p.train.activation_checkpointing)  # the plan is for the run the config makes
     markdown = render_markdown(name, shape, rows, tokens_per_run, p.plan.mfu)
     write_json(out / "plan.json", {"model": name, "params": shape.params, "tokens_per_run": tokens_per_run,
                                    "tokens_per_gpu_step": tokens_per_gpu, "rows": rows})
@@ -376,14 +386,29 @@ def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...)
     typer.echo(markdown)
 
 
+def planned_tokens(p) -> int:
+    """Tokens an epoch of this branch's data makes: prepare's exact count when it was made from these
+    very files, else `sft data stats` of them with the replay share added. Never another data set's."""
+    inputs = [Path(p.data.train)] + ([Path(p.data.replay)] if p.data.replay else [])
+    prepared, report = Path("prepare/stats.json"), Path("data-report/stats.json")
+    if prepared.is_file() and all(f.is_file() for f in inputs):
+        stats = json.loads(prepared.read_text())
+        if stats.get("data_sha256") == sha256_files(inputs):
+            return stats["tokens"]
+    if report.is_file():
+        current = json.loads(report.read_text())["current"]  # the training file only: add the replay mix
+        return round(current["tokens"] / (1 - p.prepare.replay_share))
+    fail("plan: no token count for this data; run `sft data stats` (or `sft prepare`) first, or pass --tokens")
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Training data statistics and diffs (for pull requests).")
 app.add_typer(data_app, name="data")
 
 
-def _data_stats(frame, base_dir: Path, p):
+def _data_stats(frame, tokenizer_dir: Path, p):
     from pipeline.stats import data_stats
 
-    return data_stats(frame, base_tokenizer(base_dir), p.prepare.max_seq_len)
+    return data_stats(frame, base_tokenizer(tokenizer_dir), p.prepare.max_seq_len)
 
 
 def _write_report(out: Path, current: dict, other: dict | None = None, rev: str | None = None) -> None:
@@ -399,7 +424,7 @@ def _write_report(out: Path, current: dict, other: dict | None = None, rev: str 
 
 
 @data_app.command("stats")
-def data_stats_command(base_dir: Path = Path("base"), out: Path = Path("data-report")):
+def data_stats_command(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("data-report")):
     """Rows, token-length histogram (table + PNG), duplicate and truncation shares."""
     from pipeline.data import load_examples
 
@@ -408,12 +433,12 @@ def data_stats_command(base_dir: Path = Path("base"), out: Path = Path("data-rep
         frame = load_examples(p.data.train)
     except DataError as err:
         fail(str(err))
-    _write_report(out, _data_stats(frame, base_dir, p))
+    _write_report(out, _data_stats(frame, tokenizer_dir, p))
 
 
 @data_app.command("diff")
 def data_diff_command(rev: str = typer.Argument(..., help="git revision to compare with, e.g. origin/main"),
-                      base_dir: Path = Path("base"), out: Path = Path("data-report")):
+                      tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("data-report")):
     """The same statistics for this branch and for REV's data (read through DVC), side by side."""
     import dvc.api
 
@@ -429,7 +454,7 @@ def data_diff_command(rev: str = typer.Argument(..., help="git revision to compa
         other = load_examples(f"{p.data.train}@{rev}", text=text)
     except DataError as err:
         fail(str(err))
-    _write_report(out, _data_stats(current, base_dir, p), _data_stats(other, base_dir, p), rev)
+    _write_report(out, _data_stats(current, tokenizer_dir, p), _data_stats(other, tokenizer_dir, p), rev)
 
 
 # ------------------------------------------------------------------ release: Hub, commit status, PR comment

@@ -108,6 +108,9 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory
     compile: bool = True  # torch.compile each decoder layer (GPU only)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # epoch checkpoints (and so card/ and the Hub) in bf16, sharded as transformers shards large models
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    export_shard_size: str = "5GB"
 
     METHOD_RANGES: ClassVar[dict[str, tuple[float, float]]] = {
         "lr": (1e-5, 5e-5),
@@ -171,7 +174,6 @@ class PlanConfig(Section):
     model: str | None = None  # a shape from pipeline/plan.py (e.g. llama-3.1-8b); None: base/config.json
     gpus_per_node: int = Field(8, ge=1)
     mfu: float = Field(0.4, gt=0, le=1)  # model FLOPs utilisation assumed for the hours
-    activation_checkpointing: bool = True
     prices: dict[str, float] = {"H100-80GB": 3.0, "H200-141GB": 4.0}  # USD per GPU-hour
 
 

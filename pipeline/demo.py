@@ -306,24 +306,37 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
     )
 
 
+def demo_config(cfg, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 3,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"],
+    )
+
+
+def build_demo_tokenizer(cfg, out_dir: Path):
+    """The demo's tokenizer/ folder: the same tokenizer and config the base model is built with."""
+    tokenizer = build_tokenizer(pretraining_corpus(cfg.seed), cfg.vocab_size)
+    tokenizer.save_pretrained(out_dir)
+    demo_config(cfg, tokenizer).save_pretrained(out_dir)
+    return tokenizer
+
+
 def build_base_model(cfg, out_dir: Path, log=print) -> dict:
     """Tokenizer + tiny Llama, pretrained briefly on the world's plain sentences."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from pipeline.train.loop import cosine_with_warmup
 
     torch.manual_seed(cfg.seed)
     corpus = pretraining_corpus(cfg.seed)
     tokenizer = build_tokenizer(corpus, cfg.vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 3,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads, max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(demo_config(cfg, tokenizer))
 
     # one token stream of shuffled documents, cut into fixed windows
     rng = random.Random(cfg.seed)
@@ -357,6 +370,6 @@ def build_base_model(cfg, out_dir: Path, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return {"params": sum(p.numel() for p in model.parameters()), "pretrain_loss": round(loss.item(), 4),
+    return {"pretrain_loss": round(loss.item(), 4),
             "pretrain_loss_start": round(first_loss, 4) if first_loss is not None else None,
             "pretrain_tokens": int(data.numel())}

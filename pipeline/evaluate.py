@@ -21,8 +21,8 @@ from typing import Callable
 
 import yaml
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Offline is the caller's choice (the Makefile sets it for the demo and the tests): on the cluster
+# the registry tasks (mmlu_pro, ifeval, crows_pairs) download their data sets.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -162,15 +162,23 @@ def suite_fingerprint(cfg, base_sha256: str) -> str:
     return digest.hexdigest()
 
 
+def base_cache_dir(cfg) -> Path | None:
+    """Where base results are kept: $SFT_BASE_CACHE (the training job points it into the bucket, which
+    outlives the cluster), else evaluate.base_cache; None: no cache."""
+    folder = os.environ.get("SFT_BASE_CACHE") or cfg.base_cache
+    return Path(folder).expanduser() if folder else None
+
+
 def cached_base_results(cfg, key: str) -> dict | None:
-    path = Path(cfg.base_cache).expanduser() / f"{key}.json" if cfg.base_cache else None
+    folder = base_cache_dir(cfg)
+    path = folder / f"{key}.json" if folder else None
     return json.loads(path.read_text()) if path and path.is_file() else None
 
 
 def cache_base_results(cfg, key: str, results: dict) -> None:
-    if not cfg.base_cache:
+    folder = base_cache_dir(cfg)
+    if folder is None:
         return
-    folder = Path(cfg.base_cache).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{key}.json.tmp"
     tmp.write_text(json.dumps(results))

@@ -53,12 +53,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def combine_digests(digests: dict[str, str]) -> str:
+    """One hash over named file hashes, order-independent (a Hub listing's LFS hashes give the same)."""
+    digest = hashlib.sha256()
+    for name in sorted(digests):
+        digest.update(f"{name}\0{digests[name]}\n".encode())
+    return digest.hexdigest()
+
+
 def sha256_files(paths: list[Path]) -> str:
     """One hash over several files (name and content), order-independent."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
-        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
+    return combine_digests({Path(p).name: sha256_file(p) for p in paths})
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """A model folder's weights: one model.safetensors, or the shards transformers writes for large models."""
+    return sorted(Path(folder).glob("*.safetensors"))
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -79,10 +89,15 @@ def write_text(path: str | Path, text: str) -> None:
 
 @contextmanager
 def atomic_dir(path: str | Path):
-    """Yield a temporary sibling folder; it replaces `path` only if the block succeeds."""
+    """Yield a temporary sibling folder; it replaces `path` only if the block succeeds. The old
+    folder is moved aside, not deleted, until the new one is in place: there is no moment when
+    neither exists (a crash in between leaves `.NAME.old-PID`, which the next run clears)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     tmp.mkdir(parents=True)
     try:
         yield tmp
@@ -90,5 +105,7 @@ def atomic_dir(path: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if path.exists():
-        shutil.rmtree(path)
+        path.rename(old)
     tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)

@@ -13,9 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.files import sha256_file
-
-WEIGHTS = "model.safetensors"
+from pipeline.files import combine_digests, sha256_files, weight_files
 
 
 class PublishRefused(ValueError):
@@ -47,13 +45,14 @@ def check_release(folder: Path, gate_path: Path) -> dict:
     expected = verdict.get("sha256")
     if not isinstance(expected, str) or len(expected) != 64:
         raise PublishRefused(f"{gate_path}: sha256: missing or not a sha256 hex digest")
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise PublishRefused(f"{weights}: not found; run `sft card`")
-    actual = sha256_file(weights)
+    weights = weight_files(folder)
+    if not weights:
+        raise PublishRefused(f"{folder}: no *.safetensors weights; run `sft card`")
+    actual = sha256_files(weights)
     if actual != expected:
-        raise PublishRefused(f"{weights}: sha256 {actual} differs from {gate_path} sha256 {expected}; "
-                             "these are not the weights the gate passed")
+        names = ", ".join(w.name for w in weights)
+        raise PublishRefused(f"{folder}: weights ({names}) sha256 {actual} differs from {gate_path} sha256 "
+                             f"{expected}; these are not the weights the gate passed")
     return verdict
 
 
@@ -69,8 +68,10 @@ def publish(folder: Path, gate_path: Path, repo_id: str, tag: str, *, endpoint: 
     tagged = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).tags}
     if tag in tagged:
         # a tag never moves: it either already names these weights (a retry) or the release is refused
-        remote = api.get_paths_info(repo_id, [WEIGHTS], revision=tagged[tag])
-        remote_sha = remote[0].lfs.sha256 if remote and getattr(remote[0], "lfs", None) else None
+        names = [w.name for w in weight_files(folder)]
+        remote = api.get_paths_info(repo_id, names, revision=tagged[tag])
+        lfs = {f.path: f.lfs.sha256 for f in remote if getattr(f, "lfs", None)}
+        remote_sha = combine_digests(lfs) if sorted(lfs) == sorted(names) else None
         if remote_sha != verdict["sha256"]:
             raise PublishRefused(f"{repo_id}@{tag}: the tag already exists on other weights ({remote_sha}); "
                                  "use a new tag")

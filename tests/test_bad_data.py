@@ -31,7 +31,7 @@ def base_dir(tmp_path_factory, tokenizer):
 
 def run_validate(folder: Path, tmp_path: Path, base_dir: Path):
     shutil.copytree(folder, tmp_path / "data", ignore=shutil.ignore_patterns("expected.txt", "params.yaml"))
-    shutil.copytree(base_dir, tmp_path / "base")
+    shutil.copytree(base_dir, tmp_path / "tokenizer")  # validate reads the tokenizer/ stage, never base/
     params = {k: dict(v) for k, v in PARAMS.items()}
     own = folder / "params.yaml"
     for section, values in (yaml.safe_load(own.read_text()) if own.exists() else {}).items():
@@ -56,7 +56,7 @@ def test_bad_data_is_refused(case, tmp_path, monkeypatch, base_dir):
         assert expected in result.output, f"{case}: {expected!r} not in:\n{result.output}"
     written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     allowed = {"params.yaml", "validate/contract.json", "validate/contract.md"}
-    assert all(p in allowed or p.split("/")[0] in ("data", "base") or p.startswith("validate/data-docs/")
+    assert all(p in allowed or p.split("/")[0] in ("data", "tokenizer") or p.startswith("validate/data-docs/")
                for p in written), f"nothing downstream is written: {sorted(written)}"
 
 

@@ -3,7 +3,7 @@ from typer.testing import CliRunner
 from pipeline import cli
 
 runner = CliRunner()
-STAGES = ("base", "validate", "prepare", "train", "evaluate", "gate", "card")
+STAGES = ("tokenizer", "base", "validate", "prepare", "train", "evaluate", "gate", "card")
 
 
 def test_help_lists_every_stage():
@@ -23,7 +23,7 @@ def test_out_of_range_lr_is_refused(tmp_path, monkeypatch):
 
 def test_validate_stops_on_duplicates_and_writes_the_report(tmp_path, monkeypatch, tokenizer):
     monkeypatch.chdir(tmp_path)
-    tokenizer.save_pretrained(tmp_path / "base")  # token lengths are counted with the base's chat template
+    tokenizer.save_pretrained(tmp_path / "tokenizer")  # token lengths are counted with the base's chat template
     (tmp_path / "data").mkdir()
     rows = [f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)] + ['{"prompt": "q3", "response": "a3"}\n']
     (tmp_path / "data/train.jsonl").write_text("".join(rows))

@@ -59,7 +59,7 @@ TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_sc
 
 def test_gate_policy_and_task_yamls_parse():
     policy = load_policy(ROOT / "evals/gate.yaml")
-    assert {r.metric for r in policy.rules} <= set(load_params(ROOT / "params.yaml").evaluate.metrics)
+    assert {r.metric for r in policy.rules} <= set(load_params(ROOT / "configs/demo.yaml").evaluate.metrics)
     for task in (ROOT / "evals/tasks").glob("*.yaml"):
         spec = yaml.load(task.read_text(), Loader=TaskLoader)
         assert spec["task"] and spec["output_type"] in {"generate_until", "multiple_choice", "loglikelihood"}

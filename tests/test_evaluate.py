@@ -34,7 +34,7 @@ def test_every_shipped_suite_runs_offline_and_scores_every_item(tiny_model_dir, 
     from pipeline.evaluate import run_tasks
 
     root = Path(__file__).resolve().parents[1]
-    shipped = load_params(root / "params.yaml").evaluate
+    shipped = load_params(root / "configs/demo.yaml").evaluate  # never the team-edited params.yaml
     write_demo_data(tmp_path / "data", train_rows=10)
     monkeypatch.chdir(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -140,7 +140,7 @@ def test_shipped_policy_names_only_metrics_the_params_define():
 
     from tests.conftest import ROOT
 
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / "configs/demo.yaml")
     policy = load_policy(ROOT / params.gate.policy)
     assert {r.metric for r in policy.rules} <= set(params.evaluate.metrics)
     assert policy.select_by in params.evaluate.per_checkpoint

@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.files import combine_digests
 from tests.fake_hub import FakeHub
 
 REPO = "acme/tiny-sft"
@@ -25,6 +26,11 @@ def hub(monkeypatch):
         yield server
 
 
+def weights_digest(weights: bytes) -> str:
+    """What the gate records for a folder with one model.safetensors."""
+    return combine_digests({"model.safetensors": hashlib.sha256(weights).hexdigest()})
+
+
 def make_release(tmp_path, passed=True, weights=WEIGHTS, gate_sha=None):
     card = tmp_path / "card"
     card.mkdir()
@@ -33,7 +39,7 @@ def make_release(tmp_path, passed=True, weights=WEIGHTS, gate_sha=None):
     (card / "config.json").write_text('{"model_type": "llama"}\n')
     rules = [{"metric": "golden", "rule": ">= 0.5", "observed": 0.585 if passed else 0.13, "passed": passed}]
     verdict = {"passed": passed, "chosen": "epoch-3", "rules": rules,
-               "sha256": gate_sha or hashlib.sha256(WEIGHTS).hexdigest()}
+               "sha256": gate_sha or weights_digest(WEIGHTS)}
     (tmp_path / "gate.json").write_text(json.dumps(verdict))
     return card, tmp_path / "gate.json"
 
@@ -55,7 +61,7 @@ def test_weights_changed_after_the_gate_upload_nothing(hub, tmp_path):
     card, gate = make_release(tmp_path, weights=WEIGHTS + b"retrained")
     result = run_publish(hub, card, gate)
     assert result.exit_code == 1
-    assert "model.safetensors: sha256" in result.output and "not the weights the gate passed" in result.output
+    assert "weights (model.safetensors) sha256" in result.output and "not the weights the gate passed" in result.output
     assert hub.requests == []
 
 
@@ -101,7 +107,7 @@ def test_an_existing_tag_on_other_weights_is_never_moved(hub, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     new_weights = WEIGHTS + b"v2"
-    card2, gate2 = make_release(other, weights=new_weights, gate_sha=hashlib.sha256(new_weights).hexdigest())
+    card2, gate2 = make_release(other, weights=new_weights, gate_sha=weights_digest(new_weights))
     result = run_publish(hub, card2, gate2, tag="v1.0.0")
     assert result.exit_code == 1 and "already exists on other weights" in result.output
     assert len(hub.pushed_commits(REPO)) == 1

@@ -95,7 +95,8 @@ def peak_memory_gib(device: torch.device) -> float:
 def fingerprint(cfg, meta: dict, rows: int) -> str:
     """What a resumed run must share with the run that wrote the state: the math (config, data and
     this package's code), not the logistics."""
-    config = {k: v for k, v in cfg.model_dump().items() if k not in ("keep_last", "checkpoint_every_steps", "device")}
+    config = {k: v for k, v in cfg.model_dump().items() if k not in ("keep_last", "checkpoint_every_steps", "device",
+                                                                 "export_dtype", "export_shard_size")}
     code = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(__file__).parent.glob("*.py"))}
     blob = json.dumps({"config": config, "data": meta.get("data_sha256"), "rows": rows, "code": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -140,7 +141,7 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
         step, history, tokens = trainer["step"], trainer["history"], trainer["tokens"]
     elif runtime.is_main:  # a fresh run: nothing from another configuration may survive
         for stale in [Path(out_dir), Path(state_dir)] if state_dir else []:
-            shutil.rmtree(stale, ignore_errors=True)
+            clear_train_state(stale)  # emptied, not removed: either may be a link into a bucket
     runtime.barrier()
 
     def save_state(epoch: int):
@@ -203,7 +204,8 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
         state = sharded.full_state_dict()  # a collective: every rank takes part
         if runtime.is_main:
             path = save_checkpoint(model, tokenizer, out_dir, epoch,
-                                   {**meta, "step": step, "loss": history[-1]["loss"]}, state_dict=state)
+                                   {**meta, "step": step, "loss": history[-1]["loss"]}, state_dict=state,
+                                   dtype=cfg.export_dtype, max_shard_size=cfg.export_shard_size)
             checkpoints.append(str(path))
             rotate(out_dir, cfg.keep_last)
         save_state(epoch)
