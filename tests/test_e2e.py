@@ -37,14 +37,14 @@ def repo(tmp_path_factory):
     (dest / "dvc.lock").unlink(missing_ok=True)
     # the embedded demo, whatever the team made of params.yaml and data.dvc (tests never read those)
     shutil.copy2(ROOT / "configs/demo.yaml", dest / "params.yaml")
-    shutil.copy2(ROOT / "configs/demo.data.dvc", dest / "data.dvc")
+    shutil.copy2(ROOT / "configs/demo-data.dvc.yaml", dest / "data.dvc")
     run(["git", "init", "-q"], dest)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy", "--allow-empty"], dest)
     return dest
 
 
 def test_demo_data_matches_data_dvc(repo):
-    """The generator reproduces exactly the data set configs/demo.data.dvc records (the demo's data.dvc)."""
+    """The generator reproduces exactly the data set configs/demo-data.dvc.yaml records (the demo's data.dvc)."""
     recorded = (repo / "data.dvc").read_text()
     run(["sft", "demo", "--out", "data"], repo)
     assert "modified" not in run(["dvc", "status", "data.dvc"], repo).stdout
