@@ -13,10 +13,11 @@ later stage (and the model card) can say exactly what was fine-tuned.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
-from pipeline.files import atomic_dir, sha256_files
+from pipeline.files import atomic_dir, sha256_files, weight_files
 
 # what a PR needs, and what the licence requires to travel with the weights (Llama: LICENSE, USE_POLICY.md)
 SMALL_FILES = ["*.json", "tokenizer*", "*.jinja", "*.model", "*.txt", "LICENSE*", "USE_POLICY*", "NOTICE*"]
@@ -28,14 +29,9 @@ def count_parameters(folder: Path) -> int:
     from safetensors import safe_open
 
     total = 0
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    for path in weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                shape = f.get_slice(name).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     return total
 
 
@@ -85,7 +81,7 @@ def resolve_base(cfg, out_dir: Path, log=print) -> dict:
             from transformers import AutoConfig
 
             info = {"architecture": AutoConfig.from_pretrained(tmp).architectures}
-        weights = sorted(tmp.glob("*.safetensors"))
+        weights = weight_files(tmp)
         if not weights:
             raise ValueError(f"{cfg.model}@{cfg.revision}: no *.safetensors weights (other formats are not loaded)")
         info.update(source=cfg.source, model=cfg.model, revision=cfg.revision, params=count_parameters(tmp),

@@ -118,7 +118,6 @@ def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate
 def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")):
     """Mix replay, apply the chat template, tokenize, mask prompts, pack into fixed-length rows."""
     import numpy as np
-    from transformers import AutoTokenizer
 
     from pipeline.data import load_examples
     from pipeline.prepare import prepare_tokenized, tokenize_file
@@ -127,7 +126,7 @@ def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")
     contract = json.loads(Path("validate/contract.json").read_text())
     if not contract["passed"]:
         fail("validate/contract.json: the data contract did not pass; run `sft validate`")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = base_tokenizer(tokenizer_dir)
     def load(path):
         return load_examples(path)["messages"].tolist()
 
@@ -405,10 +404,10 @@ data_app = typer.Typer(no_args_is_help=True, help="Training data statistics and 
 app.add_typer(data_app, name="data")
 
 
-def _data_stats(frame, tokenizer_dir: Path, p):
+def _data_stats(frame, tokenizer, p):
     from pipeline.stats import data_stats
 
-    return data_stats(frame, base_tokenizer(tokenizer_dir), p.prepare.max_seq_len)
+    return data_stats(frame, tokenizer, p.prepare.max_seq_len)
 
 
 def _write_report(out: Path, current: dict, other: dict | None = None, rev: str | None = None) -> None:
@@ -433,7 +432,7 @@ def data_stats_command(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path
         frame = load_examples(p.data.train)
     except DataError as err:
         fail(str(err))
-    _write_report(out, _data_stats(frame, tokenizer_dir, p))
+    _write_report(out, _data_stats(frame, base_tokenizer(tokenizer_dir), p))
 
 
 @data_app.command("diff")
@@ -454,7 +453,8 @@ def data_diff_command(rev: str = typer.Argument(..., help="git revision to compa
         other = load_examples(f"{p.data.train}@{rev}", text=text)
     except DataError as err:
         fail(str(err))
-    _write_report(out, _data_stats(current, tokenizer_dir, p), _data_stats(other, tokenizer_dir, p), rev)
+    tokenizer = base_tokenizer(tokenizer_dir)  # loaded once for both revisions
+    _write_report(out, _data_stats(current, tokenizer, p), _data_stats(other, tokenizer, p), rev)
 
 
 # ------------------------------------------------------------------ release: Hub, commit status, PR comment

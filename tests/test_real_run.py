@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -187,8 +186,7 @@ def test_failed_gate_ends_the_job_without_a_relaunch(tmp_path):
     """A failed gate exits 1 by design; the job must end 0 (verdict reported), or job_recovery
     relaunches the whole paid run. With no verdict at all it is an error (non-zero)."""
     run = yaml.safe_load((ROOT / "sky/train.yaml").read_text())["run"]
-    block = textwrap.dedent(run[run.index("if ! dvc repro evaluate gate card"):run.index("dvc push")].rstrip(" "))
-    block = "  " + block
+    block = run[run.index("if ! dvc repro evaluate gate card"):run.index("dvc push")]
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "dvc").write_text("#!/bin/sh\nexit 1\n")
