@@ -7,6 +7,8 @@ does the file IO and printing here. Stage folders are the ones dvc.yaml declares
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -51,6 +53,26 @@ def demo(out: Path = typer.Option(Path("data"), help="folder for the demo data s
 
     counts = write_demo_data(out, seed=seed, train_rows=rows)
     typer.echo(" ".join(f"{name}={n}" for name, n in counts.items()) + f" -> {out}/")
+
+
+@app.command()
+def smoke(params_file: Path = typer.Option(Path("configs/demo.yaml"), "--params", help="the demo preset"),
+          out: Path = typer.Option(Path("smoke"), help="where the smoke run's gate report goes"),
+          work: Path = typer.Option(None, help="scratch copy of the project (default: a temporary folder)"),
+          rows: int = typer.Option(15_000, help="demo training pairs")):
+    """The CPU smoke run: the whole DAG on the embedded demo in a scratch copy of this project, so
+    data/, params.yaml and the committed results stay as the team left them."""
+    import subprocess
+    import tempfile
+
+    from pipeline.demo import smoke_run
+
+    with tempfile.TemporaryDirectory(prefix="sft-smoke-") as scratch:
+        try:
+            report = smoke_run(Path("."), params_file, work or Path(scratch) / "project", out, rows)
+        except subprocess.CalledProcessError as err:
+            fail(f"smoke run: `{' '.join(map(str, err.cmd))}` failed (exit {err.returncode}); the output is above")
+    typer.echo(f"\n{report.read_text()}\nsmoke run: the demo DAG passed end to end; report in {out}/")
 
 
 @app.command()
@@ -164,10 +186,15 @@ def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out
 
     from pipeline.train.checkpoint import list_checkpoints
     from pipeline.train.loop import train as run_training
-    from pipeline.train.strategies import close, init_runtime
+    from pipeline.train.strategies import close, init_runtime, torchrun_command
 
     p = params()
     try:
+        command = torchrun_command(p.train.strategy, sys.argv[1:], os.environ)
+        if command:  # fsdp2 / zero3 outside a launcher (`dvc repro` runs `sft train`): one process per GPU
+            typer.echo(f"train.strategy={p.train.strategy}: {shlex.join(command)}")
+            sys.stdout.flush()
+            os.execv(command[0], command)
         runtime = init_runtime(p.train.strategy, p.train.device)
     except RuntimeError as err:
         fail(str(err))
@@ -491,8 +518,6 @@ app.add_typer(status_app, name="status")
 
 
 def _github():
-    import os
-
     from pipeline.github import GitHub
 
     missing = [name for name in ("GITHUB_REPOSITORY", "GITHUB_TOKEN") if not os.environ.get(name)]

@@ -3,6 +3,7 @@ matches one process."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,5 +80,53 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(strategy, tiny_mo
         assert abs(a - b) < 1e-4, (reference["losses"], resumed["losses"])
     one = load_file(unbroken / "checkpoints/epoch-2/model.safetensors")
     two = load_file(broken / "checkpoints/epoch-2/model.safetensors")
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-4), key
+
+
+def two_nodes(port: int, outs: list[Path], *args):
+    """Two torchrun "machines" on localhost, one process each, each with its own folder: no shared
+    filesystem, as on a multi-node cluster where every node mounts the bucket for itself."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               str(WORKER), *map(str, args[:1]), str(out), *map(str, args[1:])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank, out in enumerate(outs)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    return [node.returncode for node in nodes], logs
+
+
+def test_two_nodes_without_a_shared_filesystem_resume_from_the_newest_step_both_can_see(tiny_model_dir, tmp_path):
+    """Finding 12: rank 0 used to rename `latest` on its own mount while the other node's shards were
+    still uploading from its own. Each node now lists what it wrote; a step counts only when every
+    node's listing and files are visible, and both nodes agree on the newest such step."""
+    unbroken = [tmp_path / "unbroken0", tmp_path / "unbroken1"]
+    broken = [tmp_path / "node0", tmp_path / "node1"]
+    codes, logs = two_nodes(29611, unbroken, tiny_model_dir, "fsdp2", 2, 2)
+    assert codes == [0, 0], logs[0][-3000:]
+    reference = json.loads((unbroken[0] / "rank0.json").read_text())
+    steps_per_epoch = len(reference["steps"]) // 2
+    kill_at = steps_per_epoch + 3  # resume points at every 2 steps and each epoch end
+    assert steps_per_epoch % 2 == 0 and kill_at < 2 * steps_per_epoch
+    codes, logs = two_nodes(29612, broken, tiny_model_dir, "fsdp2", 2, 2, kill_at)
+    assert codes[0] != 0
+
+    # the bucket: each node's writes reach the other's view, except node 1's newest step (still uploading)
+    newest = max((broken[1] / "state").glob("step-*"))
+    assert newest.name == f"step-{kill_at - 1:08d}"
+    for source, target in [(broken[0], broken[1]), (broken[1], broken[0])]:
+        for step in (source / "state").glob("step-*"):
+            if step != newest:
+                shutil.copytree(step, target / "state" / step.name, dirs_exist_ok=True)
+    codes, logs = two_nodes(29613, broken, tiny_model_dir, "fsdp2", 2, 2)
+    assert codes == [0, 0], logs[0][-3000:]
+    resumed = json.loads((broken[0] / "rank0.json").read_text())
+    assert resumed["ran_steps"][0] == steps_per_epoch + 1, "resumed from the epoch end, the newest step both see"
+    assert resumed["steps"] == reference["steps"]
+    for a, b in zip(reference["losses"], resumed["losses"]):
+        assert abs(a - b) < 1e-4, (reference["losses"], resumed["losses"])
+    one = load_file(unbroken[0] / "checkpoints/epoch-2/model.safetensors")
+    two = load_file(broken[0] / "checkpoints/epoch-2/model.safetensors")
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-4), key

@@ -120,3 +120,44 @@ def test_data_diff_against_another_revision(repo):
     assert (repo / "data-report/lengths.png").read_bytes()[:4] == b"\x89PNG"
     bad = run(["sft", "data", "diff", "no-such-rev"], repo, check=False)
     assert bad.returncode == 1 and "data/train.jsonl@no-such-rev" in bad.stderr + bad.stdout
+
+
+def test_dvc_repro_trains_fsdp2_on_every_process_of_the_node(repo):
+    """Finding 3: `dvc repro` runs `sft train`, which used to stop at "runs under torchrun", so the
+    cluster trained outside DVC and `dvc repro` then redid everything. `sft train` now launches
+    torchrun itself, one process per GPU (here SkyPilot's count, 2 CPU processes with gloo)."""
+    small_params(repo)
+    run(["sft", "demo", "--out", "data", "--rows", "2000"], repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(strategy="fsdp2", epochs=1)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "SKYPILOT_NUM_GPUS_PER_NODE": "2",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["dvc", "repro", "train"], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((repo / "train/metrics.json").read_text())["world_size"] == 2
+    assert "up to date" in run(["dvc", "status", "train"], repo).stdout  # recorded in dvc.lock, nothing to redo
+
+
+def test_smoke_run_leaves_the_team_data_and_params_alone(repo, tmp_path):
+    """Finding 7: `make demo` as the PR smoke run overwrote data/ with the demo set and stopped at
+    "differs from data.dvc" on team data. `sft smoke` runs the demo DAG in a scratch copy."""
+    small_params(repo)  # the slice's params (and lax gate) become the smoke preset
+    shutil.copy2(repo / "params.yaml", tmp_path / "smoke-params.yaml")
+    shutil.copy2(ROOT / "configs/llama3-8b-8xh100.yaml", repo / "params.yaml")
+    shutil.rmtree(repo / "data", ignore_errors=True)
+    team = repo / "data/train.jsonl"
+    team.parent.mkdir()
+    team.write_text('{"prompt": "team prompt", "response": "team answer"}\n')
+    (repo / "gate").mkdir(exist_ok=True)
+    (repo / "gate/gate.md").write_text("committed verdict of an earlier run\n")
+    before = {p: p.read_bytes() for p in [team, repo / "params.yaml", repo / "data.dvc", repo / "gate/gate.md"]}
+
+    result = run(["sft", "smoke", "--params", str(tmp_path / "smoke-params.yaml"), "--rows", "2000",
+                  "--work", str(tmp_path / "scratch")], repo)
+    assert "passed end to end" in result.stdout
+    assert {p: p.read_bytes() for p in before} == before, "nothing of the team's project changed"
+    assert sorted(p.name for p in (repo / "data").iterdir()) == ["train.jsonl"]
+    gate = json.loads((repo / "smoke/gate.json").read_text())
+    assert gate["passed"] and "committed verdict" not in (repo / "smoke/gate.md").read_text()
+    assert not (tmp_path / "scratch/data.dvc").exists()

@@ -98,11 +98,11 @@ def test_one_pr_comment_updated_in_place(github, tmp_path, monkeypatch):
     for i in range(105):  # our comment sits on the second page
         github.add_comment(7, f"review {i}")
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "gate").mkdir()
-    (tmp_path / "gate/gate.md").write_text("## Eval gate: PASSED\n\n![base vs candidate](change.png)\n")
+    (tmp_path / "smoke").mkdir()
+    (tmp_path / "smoke/gate.md").write_text("## Eval gate: PASSED\n\n![base vs candidate](change.png)\n")
     first = sft("pr-comment", "--post", "7")
     assert first.exit_code == 0 and "created" in first.output
-    (tmp_path / "gate/gate.md").write_text("## Eval gate: FAILED\n")
+    (tmp_path / "smoke/gate.md").write_text("## Eval gate: FAILED\n")
     second = sft("pr-comment", "--post", "7")
     assert second.exit_code == 0 and "updated" in second.output
     ours = [c for c in github.comments[7] if c["body"].startswith("<!-- sft-pr-comment -->")]
@@ -114,9 +114,13 @@ def test_one_pr_comment_updated_in_place(github, tmp_path, monkeypatch):
 def test_comment_names_missing_reports_and_drops_images(tmp_path):
     (tmp_path / "plan").mkdir()
     (tmp_path / "plan/plan.md").write_text("## GPU plan\n![chart](x.png)\n| a |\n")
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate/gate.md").write_text("## Eval gate: PASSED (committed by the last demo run)\n")
     text = build_comment(tmp_path)
     assert "| a |" in text and "x.png" not in text
     assert "`validate/contract.md` was not produced" in text
+    # finding 13: a smoke run that did not run never shows the committed verdict in its place
+    assert "`smoke/gate.md` was not produced" in text and "committed by the last demo run" not in text
 
 
 def test_results_commit_on_top_of_the_trained_commit(github, tmp_path, monkeypatch):

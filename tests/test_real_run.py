@@ -158,8 +158,8 @@ def test_finished_run_clears_a_state_folder_that_is_a_bucket_link(tmp_path):
     from pipeline.train.checkpoint import clear_train_state
 
     bucket = tmp_path / "bucket/state"
-    (bucket / "latest/shards").mkdir(parents=True)
-    (bucket / "latest/manifest.json").write_text("{}")
+    (bucket / "step-00000004/shards").mkdir(parents=True)
+    (bucket / "step-00000004/manifest.json").write_text("{}")
     (tmp_path / "train").mkdir()
     (tmp_path / "train/state").symlink_to(bucket)
     clear_train_state(tmp_path / "train/state")
@@ -186,7 +186,7 @@ def test_failed_gate_ends_the_job_without_a_relaunch(tmp_path):
     """A failed gate exits 1 by design; the job must end 0 (verdict reported), or job_recovery
     relaunches the whole paid run. With no verdict at all it is an error (non-zero)."""
     run = yaml.safe_load((ROOT / "sky/train.yaml").read_text())["run"]
-    block = run[run.index("if ! dvc repro evaluate gate card"):run.index("dvc push")]
+    block = run[run.index("if ! dvc repro; then"):run.index("dvc push")]
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "dvc").write_text("#!/bin/sh\nexit 1\n")
@@ -200,3 +200,38 @@ def test_failed_gate_ends_the_job_without_a_relaunch(tmp_path):
     (tmp_path / "gate/gate.json").unlink()
     no_verdict = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert no_verdict.returncode != 0 and "reached-push" not in no_verdict.stdout
+
+
+def sky_run(tmp_path: Path, rank: int, exit_codes: dict[str, int] | None = None):
+    """sky/train.yaml's `run:` on node `rank`, with `dvc` and `sft` replaced by recorders and the
+    bucket mount in tmp_path: the commands each node runs, in order."""
+    run = re.sub(r"(?<![\w/])/checkpoints", str(tmp_path / "bucket"), yaml.safe_load((ROOT / "sky/train.yaml").read_text())["run"])
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for tool, code in {"dvc": 0, "sft": 0, **(exit_codes or {})}.items():
+        (fake / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "$CALLS"\nexit {code}\n')
+        (fake / tool).chmod(0o755)
+    work = tmp_path / f"node{rank}"
+    work.mkdir()
+    calls = work / "calls.txt"
+    env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", "CALLS": str(calls),
+           "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "8",
+           "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2", "GIT_SHA": "a" * 40, "RUN_URL": "https://ci/run"}
+    result = subprocess.run(["bash", "-c", run], cwd=work, env=env, capture_output=True, text=True)
+    return result, calls.read_text().splitlines()
+
+
+def test_node_zero_runs_the_whole_dag_through_dvc_and_the_others_only_their_inputs_and_training(tmp_path):
+    """Finding 3: base, validate, prepare and train ran outside DVC, so `dvc repro evaluate gate card`
+    found them changed, downloaded the base again and stopped at train. Node 0 now runs `dvc repro`
+    (whose train stage starts torchrun); the other nodes build their inputs and join the training."""
+    result, zero = sky_run(tmp_path, 0)
+    assert result.returncode == 0, result.stderr
+    assert zero == ["dvc config --local core.no_scm true", "dvc pull data.dvc", "dvc repro", "dvc push",
+                    f"sft results --sha {'a' * 40}",
+                    f"sft status set --sha {'a' * 40} --from-gate gate/gate.json --target-url https://ci/run"]
+    result, one = sky_run(tmp_path, 1)
+    assert result.returncode == 0, result.stderr
+    assert one == ["dvc config --local core.no_scm true", "dvc pull data.dvc", "dvc repro base prepare", "sft train"]
+    state = tmp_path / "node1/train/state"
+    assert state.is_symlink() and state.resolve() == (tmp_path / "bucket" / ("a" * 40) / "state").resolve()

@@ -24,8 +24,7 @@ def test_workflow_is_pinned_and_least_privilege(path):
             assert "${{" not in step.get("run", ""), f"{path.name}: expression inside run: of {step.get('name')}"
 
 
-def test_sky_task_parses_and_launches_sft_train():
+def test_sky_task_asks_for_eight_gpu_nodes_and_the_hub_token():
     task = yaml.safe_load((ROOT / "sky/train.yaml").read_text())
     assert set(task["resources"]["accelerators"]) == {"H100:8", "H200:8"}
-    assert "torchrun" in task["run"] and "pipeline.cli train" in task["run"]
     assert "HF_TOKEN" in task["secrets"]

@@ -83,14 +83,14 @@ def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_mod
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cfg = TrainConfig(lr=1e-3, epochs=1, micro_batch_size=4, override_method_ranges=True, device="cpu")
-    packed = tiny_packed(tokenizer, 16)
+    packed = tiny_packed(tokenizer, 48)
     meta = {"data_sha256": "abc"}
     cfg = cfg.model_copy(update={"epochs": 2})
     runtime = init_runtime("single", "cpu")
 
     def stop_after_epoch_one(record, total):
-        if record["step"] == total // 2:
-            raise KeyboardInterrupt  # stopped mid-run: the last resume point stays
+        if record["step"] == total // 2 + 2:
+            raise KeyboardInterrupt  # stopped mid-run: the last resume points stay
 
     train(model, tokenizer, packed, cfg, tmp_path / "ckpt", meta, state_dir=tmp_path / "state")
     assert not any((tmp_path / "state").iterdir()), "a finished run leaves no resume point behind"
@@ -104,7 +104,13 @@ def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_mod
     run_id = fingerprint(cfg, meta, packed["input_ids"].shape[0])
     assert load_train_state(tmp_path / "state", run_id)[1]["step"] > 0
     assert load_train_state(tmp_path / "state", fingerprint(cfg, {"data_sha256": "other"}, 4)) is None
-    (tmp_path / "state/latest/manifest.json").unlink()  # as if the write had been cut short
+    newest, trainer = load_train_state(tmp_path / "state", run_id)
+    assert len(list((tmp_path / "state").glob("step-*"))) == 2, "the two newest complete steps are kept"
+    (newest / "node-0.json").unlink()  # as if the write had been cut short: the step before it is used
+    previous, earlier = load_train_state(tmp_path / "state", run_id)
+    assert earlier["step"] < trainer["step"]
+    # a listed file that is not all there (an upload still in flight) makes a step incomplete too
+    (previous / "node-0.json").write_text(json.dumps({"trainer.pt": (previous / "trainer.pt").stat().st_size + 1}))
     assert load_train_state(tmp_path / "state", run_id) is None
 
 

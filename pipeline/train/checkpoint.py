@@ -82,45 +82,104 @@ def weights_sha256(checkpoint: Path) -> str:
 
 
 # ------------------------------------------------------------------ resumable training state
-# One copy, the newest: sharded model + optimizer (torch.distributed.checkpoint, every rank
-# writes its own shard), and the loop's position (epoch, step, scheduler, RNG, loss history).
-# It is written to a temporary folder and swapped in once every rank has finished writing; the
-# manifest goes last, so a folder without one is a write that never finished and is ignored.
+# Sharded model + optimizer (torch.distributed.checkpoint, every rank writes its own shard) and the
+# loop's position (epoch, step, scheduler, RNG, loss history), one write-once folder per step:
+# `step-00000120/`. Nodes need not share a filesystem: on the cluster each node writes to its own
+# mount of the bucket, uploaded in the background, so nothing is renamed and nothing is trusted
+# until it is listed. Each node, after its ranks have written, records the files it sees with their
+# sizes (`node-<n>.json`); a step is complete in a node's view when every node's listing is there
+# and every listed file has its listed size. Resume takes the newest step complete in every node's
+# view, so a node whose uploads were still in flight when the job died costs one step, not the run.
+
+_STEP = re.compile(r"^step-(\d+)$")
+_NODE = "node-{}.json"
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder that another node on a shared filesystem may be deleting too:
+    only "already gone" is tolerated, any other failure is an error."""
+    if path.is_dir() and not path.is_symlink():
+        while path.exists():
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:  # a file went under us: carry on with what is left
+                continue
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _listed_files(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+            if f.is_file() and not re.fullmatch(_NODE.format(r"\d+"), f.name)}
+
+
+def complete_steps(root: Path, fingerprint: str) -> list[int]:
+    """Steps whose state is complete in this node's view and was written by a run with this
+    fingerprint, oldest first."""
+    found = []
+    for folder in Path(root).glob("step-*"):
+        match = _STEP.match(folder.name)
+        manifest = folder / MANIFEST
+        if not match or not manifest.is_file():
+            continue
+        recorded = json.loads(manifest.read_text())
+        if recorded.get("fingerprint") != fingerprint:
+            continue
+        listings = [folder / _NODE.format(n) for n in range(recorded["nodes"])]
+        if not all(f.is_file() for f in listings):
+            continue
+        listed = {}
+        for listing in listings:
+            listed.update(json.loads(listing.read_text()))
+        if all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in listed.items()):
+            found.append(int(match.group(1)))
+    return sorted(found)
+
 
 def save_train_state(root: Path, sharded, trainer: dict, runtime) -> None:
-    """Every rank writes its shards (the strategy's own format), rank 0 the loop's state, then the
-    manifest; `latest` is swapped in only when all of it is on disk."""
+    """Every rank writes its shards (the strategy's own format), rank 0 the loop's state and the
+    manifest, then each node lists what it wrote; older steps go once two newer ones are complete."""
     import torch
 
-    root = Path(root)
-    tmp, latest, old = root / ".tmp", root / "latest", root / ".old"
-    if runtime.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    folder = Path(root) / f"step-{trainer['step']:08d}"
+    if runtime.is_node_main:  # a folder left by a crashed attempt at this step must not count as done
+        folder.mkdir(parents=True, exist_ok=True)
+        for listing in folder.glob(_NODE.format("*")):
+            _remove(listing)
     runtime.barrier()
-    sharded.save(tmp / "shards")
+    sharded.save(folder / "shards")
     runtime.barrier()
     if runtime.is_main:
-        torch.save(trainer, tmp / "trainer.pt")
-        (tmp / MANIFEST).write_text(json.dumps({k: trainer[k] for k in ("epoch", "step", "fingerprint")}) + "\n")
-        shutil.rmtree(old, ignore_errors=True)
-        if latest.exists():
-            latest.rename(old)
-        tmp.rename(latest)
-        shutil.rmtree(old, ignore_errors=True)
+        torch.save(trainer, folder / "trainer.pt")
+        (folder / MANIFEST).write_text(json.dumps({**{k: trainer[k] for k in ("epoch", "step", "fingerprint")},
+                                                   "nodes": runtime.nodes}) + "\n")
+    if runtime.is_node_main:
+        (folder / _NODE.format(runtime.node)).write_text(json.dumps(_listed_files(folder)) + "\n")
+    runtime.barrier()
+    if runtime.is_node_main:
+        # keep the two newest steps complete in this node's view, and anything newer: the newest may
+        # still be uploading this node's own files (they are visible here before they reach the bucket)
+        done = complete_steps(root, trainer["fingerprint"])
+        for old in Path(root).glob("step-*"):
+            match = _STEP.match(old.name)
+            if len(done) > 1 and match and int(match.group(1)) < done[-2]:
+                _remove(old)
     runtime.barrier()
 
 
-def load_train_state(root: Path, fingerprint: str) -> tuple[Path, dict] | None:
-    """The newest complete state written by a run with the same fingerprint, else None."""
+def load_train_state(root: Path, fingerprint: str, runtime=None) -> tuple[Path, dict] | None:
+    """The newest state complete in every node's view and written by a run with the same
+    fingerprint, else None. A collective when `runtime` spans several processes."""
     import torch
 
-    latest = Path(root) / "latest"
-    if not (latest / MANIFEST).exists():
+    steps = set(complete_steps(root, fingerprint))
+    if runtime is not None:
+        for other in runtime.gather(sorted(steps)):
+            steps &= set(other)
+    if not steps:
         return None
-    if json.loads((latest / MANIFEST).read_text()).get("fingerprint") != fingerprint:
-        return None
-    return latest, torch.load(latest / "trainer.pt", weights_only=False)
+    folder = Path(root) / f"step-{max(steps):08d}"
+    return folder, torch.load(folder / "trainer.pt", weights_only=False)
 
 
 def clear_train_state(root: Path) -> None:
@@ -131,7 +190,4 @@ def clear_train_state(root: Path) -> None:
     if not root.exists():
         return
     for child in root.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+        _remove(child)

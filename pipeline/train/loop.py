@@ -131,16 +131,17 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
 
     history, checkpoints, tokens, step = [], [], 0, 0
     run_id = fingerprint(cfg, meta, rows)
-    resumed = load_train_state(state_dir, run_id) if state_dir else None
+    resumed = load_train_state(state_dir, run_id, runtime) if state_dir else None
     if resumed:
         path, trainer = resumed
         sharded.load(path / "shards")
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["rng"])
         step, history, tokens = trainer["step"], trainer["history"], trainer["tokens"]
-    elif runtime.is_main:  # a fresh run: nothing from another configuration may survive
-        for stale in [Path(out_dir), Path(state_dir)] if state_dir else []:
-            clear_train_state(stale)  # emptied, not removed: either may be a link into a bucket
+    elif state_dir:  # a fresh run: nothing from another configuration may survive
+        # emptied, not removed: either may be a link into a bucket; every node clears its own view
+        for stale in ([Path(out_dir)] if runtime.is_main else []) + ([Path(state_dir)] if runtime.is_node_main else []):
+            clear_train_state(stale)
     runtime.barrier()
 
     def save_state(epoch: int):
@@ -209,7 +210,7 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
             rotate(out_dir, cfg.keep_last)
         save_state(epoch)
         runtime.barrier()
-    if state_dir and runtime.is_main:
+    if state_dir and runtime.is_node_main:
         clear_train_state(state_dir)  # finished: a later run starts afresh instead of resuming at the end
     runtime.barrier()
     return TrainResult(step, history[-1]["loss"], tokens, time.perf_counter() - started, history, checkpoints,

@@ -18,6 +18,7 @@ each other, at block-sparse cost) and compiles each decoder layer (`train.compil
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,26 @@ class Runtime:
     rank: int
     world_size: int
     device: torch.device
+    node: int = 0        # torchrun's GROUP_RANK: which machine
+    nodes: int = 1
+    local_rank: int = 0  # rank within the node
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_node_main(self) -> bool:
+        """One process per machine: for work on the node's own filesystem."""
+        return self.local_rank == 0
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (picklable), in rank order."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def sum(self, value: float) -> float:
         """Sum a number over all ranks (identity for one process)."""
@@ -55,6 +72,29 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def torchrun_command(strategy: str, argv: list[str], env) -> list[str] | None:
+    """The torchrun command that re-runs this command (`argv`, e.g. ["train"]) on every GPU of every
+    node, or None when it needs no launcher (single) or already runs under one. Nodes come from
+    SkyPilot's variables, so `dvc repro` on a cluster node (or `dvc exp run` on one machine) trains
+    the same way as a hand-written torchrun line."""
+    if strategy == "single" or "WORLD_SIZE" in env:
+        return None
+    per_node = env.get("SKYPILOT_NUM_GPUS_PER_NODE") or str(torch.cuda.device_count())
+    if int(per_node) < 1:
+        raise RuntimeError(f"train.strategy={strategy} needs one process per GPU and this machine has none: "
+                           "set SKYPILOT_NUM_GPUS_PER_NODE (processes per node; gloo on CPU) or run "
+                           "`torchrun --nproc-per-node N -m pipeline.cli train`")
+    nodes = int(env.get("SKYPILOT_NUM_NODES", "1"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", per_node]
+    if nodes == 1:
+        launcher.append("--standalone")  # a free local port: two runs on one machine never collide
+    else:
+        master = env["SKYPILOT_NODE_IPS"].split()[0]  # one address per line, node 0 first
+        launcher += ["--nnodes", str(nodes), "--node-rank", env["SKYPILOT_NODE_RANK"], "--master-addr", master,
+                     "--master-port", env.get("MASTER_PORT", "29500")]
+    return [*launcher, "-m", "pipeline.cli", *argv]
+
+
 def init_runtime(strategy: str, device_name: str) -> Runtime:
     if strategy == "single":
         return Runtime(0, 1, pick_device(device_name))
@@ -67,7 +107,10 @@ def init_runtime(strategy: str, device_name: str) -> Runtime:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    return Runtime(dist.get_rank(), dist.get_world_size(), device)
+    world_size = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return Runtime(dist.get_rank(), world_size, device, node=int(os.environ.get("GROUP_RANK", 0)),
+                   nodes=world_size // per_node, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -243,6 +286,8 @@ class DeepSpeedSharded:
         return drop_tied_head(self.module, {k: v.cpu() for k, v in state.items()}) if self.runtime.is_main else None
 
     def save(self, path: Path) -> None:
+        # DeepSpeed creates the folder on rank 0 only; nodes without a shared filesystem need their own
+        (Path(path) / "state").mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(path), tag="state", save_latest=False)
 
     def load(self, path: Path) -> None:
