@@ -212,10 +212,10 @@ def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out
         if bar is None:
             from dvclive import Live
 
-            bar = tqdm(total=total, initial=record["step"] - 1, desc="train", unit="step", file=sys.stdout,
-                       mininterval=2)
-            # the stage declares train/live in dvc.yaml; resume keeps the steps logged before a restart
-            live = Live(str(out / "live"), resume=record["step"] > 1, save_dvc_exp=False, dvcyaml=None)
+            bar = tqdm(total=total, desc="train", unit="step", file=sys.stdout, mininterval=2)
+            # the stage declares train/live in dvc.yaml. Always a fresh record: a resumed run replays its
+            # steps from the resume state, so files already there (the last demo's, committed) never mix in
+            live = Live(str(out / "live"), resume=False, save_dvc_exp=False, dvcyaml=None)
         bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
         bar.update(1)
         live.step = record["step"]
@@ -562,13 +562,14 @@ def status_require(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commi
 @app.command()
 def results(sha: str = typer.Option(..., envvar="GIT_SHA", help="the trained commit")):
     """Commit this run's dvc.lock and metrics to branch results/<sha> (the release checks it out)."""
-    from pipeline.github import RESULT_FILES, GitHubError, push_results, results_branch
+    from pipeline.github import GitHubError, push_results, result_paths, results_branch
 
-    missing = [name for name in RESULT_FILES if not Path(name).is_file()]
-    if missing:
-        fail(f"results: {', '.join(missing)} missing; run the whole DAG first")
     try:
-        commit = push_results(_github(), sha, {name: Path(name).read_text() for name in RESULT_FILES})
+        names = result_paths()
+    except FileNotFoundError as missing:
+        fail(f"results: {missing} missing; run the whole DAG first")
+    try:
+        commit = push_results(_github(), sha, {name: Path(name).read_bytes() for name in names})
     except GitHubError as err:
         fail(f"results: {err}")
     typer.echo(f"results of {sha[:12]} committed as {commit[:12]} on {results_branch(sha)}")

@@ -159,7 +159,10 @@ def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int
 
 def _template_bytes(tokenizer, roles: tuple[str, ...]) -> int:
     """Bytes the chat template adds around the contents of a conversation with these roles."""
-    text = tokenizer.apply_chat_template([{"role": r, "content": "x"} for r in roles], tokenize=False)
+    from pipeline.prepare import TEMPLATE_VARIABLES
+
+    text = tokenizer.apply_chat_template([{"role": r, "content": "x"} for r in roles], tokenize=False,
+                                         **TEMPLATE_VARIABLES)
     return len(text.encode()) - len(roles)
 
 

@@ -7,6 +7,7 @@ failing rules in the description, `error` when the pipeline stopped before the g
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
 import urllib.request
@@ -127,17 +128,38 @@ def upsert_comment(github: GitHub, number: int, body: str, marker: str = COMMENT
 # through the Git Data API: one commit on top of the trained commit, on branch results/<sha>.
 # The release checks that branch out: its dvc.lock names the exact checkpoint and card to pull.
 RESULT_FILES = ("dvc.lock", "validate/contract.json", "prepare/stats.json", "train/metrics.json",
-                "evaluate/base.json", "evaluate/checkpoints.json", "gate/gate.json", "gate/gate.md")
+                "evaluate/base.json", "evaluate/checkpoints.json", "evaluate/suite.json", "gate/gate.json",
+                "gate/gate.md", "gate/change.png")
+RESULT_DIRS = ("train/live",)  # DVCLive's per-step metrics and plots: `dvc plots diff` on the results
+
+
+def is_result_path(name: str) -> bool:
+    return name in RESULT_FILES or any(name.startswith(folder + "/") for folder in RESULT_DIRS)
+
+
+def result_paths(root: Path = Path(".")) -> list[str]:
+    """Every result file of a finished run, relative to `root`; a missing one is an error naming it."""
+    root = Path(root)
+    missing = [name for name in RESULT_FILES + RESULT_DIRS if not (root / name).exists()]
+    if missing:
+        raise FileNotFoundError(", ".join(missing))
+    found = [str(f.relative_to(root)) for folder in RESULT_DIRS for f in sorted((root / folder).rglob("*"))
+             if f.is_file()]
+    return list(RESULT_FILES) + found
 
 
 def results_branch(sha: str) -> str:
     return f"results/{sha}"
 
 
-def push_results(github: GitHub, sha: str, files: dict[str, str]) -> str:
-    """Commit `files` ({path: text}) on top of `sha` to results/<sha> (replaced on a rerun); the new commit."""
+def push_results(github: GitHub, sha: str, files: dict[str, bytes]) -> str:
+    """Commit `files` ({path: bytes}) on top of `sha` to results/<sha> (replaced on a rerun); the new commit.
+    Each file is a blob of its own, base64-encoded, so plots travel as well as text."""
     base_tree = github.request("GET", f"/git/commits/{sha}")["tree"]["sha"]
-    entries = [{"path": path, "mode": "100644", "type": "blob", "content": text} for path, text in files.items()]
+    entries = []
+    for path, data in files.items():
+        blob = github.request("POST", "/git/blobs", {"content": base64.b64encode(data).decode(), "encoding": "base64"})
+        entries.append({"path": path, "mode": "100644", "type": "blob", "sha": blob["sha"]})
     tree = github.request("POST", "/git/trees", {"base_tree": base_tree, "tree": entries})["sha"]
     commit = github.request("POST", "/git/commits", {"message": f"Training results for {sha}", "tree": tree,
                                                      "parents": [sha]})["sha"]

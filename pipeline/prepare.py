@@ -17,6 +17,7 @@ flat numpy arrays with offsets, never as one Python list per example.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import multiprocessing
 import os
@@ -34,10 +35,18 @@ ENCODE_CHUNK = 4096  # conversations per encode_batch call: bounded memory, enou
 DEFAULT_CACHE_DIR = ".cache/sft-prepare"
 
 
+# Templates that print today's date (Llama 3.x: "Today Date: {{ date_string }}", which falls back to
+# `strftime_now`) would bake the day of the run into every example, and a rerun on another day would
+# tokenize differently. Every render here passes this date; the tokenization cache key covers it (it
+# hashes this source). transformers hands templates only plain data, so `date_string` is the lever.
+TEMPLATE_DATE = datetime.date(2026, 1, 1)
+TEMPLATE_VARIABLES = {"date_string": TEMPLATE_DATE.strftime("%d %b %Y")}
+
+
 def render_prompt(tokenizer, prompt: str) -> str:
     """The exact text the model sees before its answer, in training and in evaluation."""
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
+                                         add_generation_prompt=True, tokenize=False, **TEMPLATE_VARIABLES)
 
 
 def as_conversation(row: dict) -> list[dict]:
@@ -73,7 +82,7 @@ class ChatRenderer:
         self._checked: dict[tuple[str, ...], int] = {}
 
     def jinja(self, conversation: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False)
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, **TEMPLATE_VARIABLES)
 
     def _learn(self, roles: tuple[str, ...]) -> tuple[list[str], bool] | None:
         """The literal segments between contents for this role sequence, and whether the template

@@ -14,7 +14,7 @@ import jsonschema
 import yaml
 
 # What train.yml passes at launch (--env / --secret) and the job relies on; see docs/ci.md
-REQUIRED = {"train.yaml": {"envs": {"GIT_SHA", "GITHUB_REPOSITORY", "RUN_URL"},
+REQUIRED = {"train.yaml": {"envs": {"GIT_SHA", "GITHUB_REPOSITORY", "RUN_URL", "CHECKPOINT_BUCKET"},
                            "secrets": {"HF_TOKEN", "GITHUB_TOKEN"}}}
 
 

@@ -133,9 +133,16 @@ def test_dvc_repro_trains_fsdp2_on_every_process_of_the_node(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "SKYPILOT_NUM_GPUS_PER_NODE": "2",
            "OMP_NUM_THREADS": "1"}
+    loss_curve = repo / "train/live/plots/metrics/train/loss.tsv"
+    loss_curve.parent.mkdir(parents=True, exist_ok=True)
+    loss_curve.write_text("step\tloss\n1\t9.99\n2\t9.98\n")  # a committed curve of an earlier (demo) run
     result = subprocess.run(["dvc", "repro", "train"], cwd=repo, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads((repo / "train/metrics.json").read_text())["world_size"] == 2
+    metrics = json.loads((repo / "train/metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    # finding 15: DVCLive starts its record afresh; nothing of the earlier curve is appended to
+    rows = loss_curve.read_text().splitlines()
+    assert len(rows) == metrics["steps"] + 1 and "9.99" not in loss_curve.read_text()
     assert "up to date" in run(["dvc", "status", "train"], repo).stdout  # recorded in dvc.lock, nothing to redo
 
 

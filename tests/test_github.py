@@ -132,12 +132,21 @@ def test_results_commit_on_top_of_the_trained_commit(github, tmp_path, monkeypat
     for name in RESULT_FILES:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(f"{name} of run 1\n")
+    png = b"\x89PNG\r\n\x1a\n\xff\x00"  # not UTF-8: the plot travels as bytes
+    (tmp_path / "gate/change.png").write_bytes(png)
+    result = sft("results", "--sha", trained)
+    assert result.exit_code == 1 and "train/live missing" in result.output
+    (tmp_path / "train/live/plots/metrics/train").mkdir(parents=True)
+    (tmp_path / "train/live/plots/metrics/train/loss.tsv").write_text("step\tloss\n1\t2.0\n")
     result = sft("results", "--sha", trained)
     assert result.exit_code == 0, result.output
     first = github.refs[f"heads/results/{trained}"]
     assert github.commits[first]["parents"] == [trained]
     tree = github.trees[github.commits[first]["tree"]]
     assert tree["params.yaml"] == "lr: 1\n" and tree["dvc.lock"] == "dvc.lock of run 1\n"
+    # finding 15: the suite's results, the change plot and DVCLive's history reach the results branch
+    assert tree["gate/change.png"] == png and tree["evaluate/suite.json"] == "evaluate/suite.json of run 1\n"
+    assert tree["train/live/plots/metrics/train/loss.tsv"].startswith("step\tloss")
     (tmp_path / "gate/gate.json").write_text("rerun\n")  # a rerun of the same commit moves the branch
     assert sft("results", "--sha", trained).exit_code == 0
     second = github.refs[f"heads/results/{trained}"]

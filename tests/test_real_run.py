@@ -4,6 +4,7 @@ None reads the shipped params.yaml; where a test needs a team's config it copies
 (configs/llama3-8b-8xh100.yaml), as the README tells a team to.
 """
 
+import copy
 import json
 import os
 import re
@@ -205,7 +206,7 @@ def test_failed_gate_ends_the_job_without_a_relaunch(tmp_path):
 def sky_run(tmp_path: Path, rank: int, exit_codes: dict[str, int] | None = None):
     """sky/train.yaml's `run:` on node `rank`, with `dvc` and `sft` replaced by recorders and the
     bucket mount in tmp_path: the commands each node runs, in order."""
-    run = re.sub(r"(?<![\w/])/checkpoints", str(tmp_path / "bucket"), yaml.safe_load((ROOT / "sky/train.yaml").read_text())["run"])
+    run = yaml.safe_load((ROOT / "sky/train.yaml").read_text())["run"]
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     for tool, code in {"dvc": 0, "sft": 0, **(exit_codes or {})}.items():
@@ -216,7 +217,8 @@ def sky_run(tmp_path: Path, rank: int, exit_codes: dict[str, int] | None = None)
     calls = work / "calls.txt"
     env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", "CALLS": str(calls),
            "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "8",
-           "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2", "GIT_SHA": "a" * 40, "RUN_URL": "https://ci/run"}
+           "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2", "GIT_SHA": "a" * 40, "RUN_URL": "https://ci/run",
+           "CHECKPOINT_ROOT": str(tmp_path / "bucket")}
     result = subprocess.run(["bash", "-c", run], cwd=work, env=env, capture_output=True, text=True)
     return result, calls.read_text().splitlines()
 
@@ -235,3 +237,32 @@ def test_node_zero_runs_the_whole_dag_through_dvc_and_the_others_only_their_inpu
     assert one == ["dvc config --local core.no_scm true", "dvc pull data.dvc", "dvc repro base prepare", "sft train"]
     state = tmp_path / "node1/train/state"
     assert state.is_symlink() and state.resolve() == (tmp_path / "bucket" / ("a" * 40) / "state").resolve()
+
+
+def test_bucket_name_comes_from_the_team_not_the_template():
+    """Finding 15: `sft-checkpoints` was hard-coded, and S3 bucket names are global: every fork
+    would fight over one name. The name is the launch's CHECKPOINT_BUCKET, required by train.yml."""
+    task = yaml.safe_load((ROOT / "sky/train.yaml").read_text())
+    (mount,) = task["file_mounts"].values()
+    assert mount["name"] == "${CHECKPOINT_BUCKET}" and "CHECKPOINT_BUCKET" in task["envs"]
+    launch = (ROOT / ".github/workflows/train.yml").read_text()
+    assert "--env CHECKPOINT_BUCKET" in launch and "vars.CHECKPOINT_BUCKET" in launch
+
+
+def test_chat_template_date_is_fixed_so_training_tokens_do_not_depend_on_the_day(tokenizer):
+    """Finding 15: Llama 3.1's template prints today's date (`strftime_now`); every example carried the
+    day of the run, and a rerun on another day tokenized differently under the same cache key."""
+    import datetime
+
+    from pipeline.prepare import ChatRenderer, render_prompt
+
+    dated = copy.deepcopy(tokenizer)
+    dated.chat_template = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+                           "{%- endif %}{{ bos_token }}Today Date: {{ date_string }}\n"
+                           "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                           "{% if add_generation_prompt %}<assistant>{% endif %}")
+    today = datetime.date.today().strftime("%d %b %Y")
+    prompt = render_prompt(dated, "hello")
+    conversation = ChatRenderer(dated).jinja([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert "Today Date: 01 Jan 2026" in prompt and "Today Date: 01 Jan 2026" in conversation
+    assert today not in prompt or today == "01 Jan 2026"

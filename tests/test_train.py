@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import torch
@@ -102,6 +103,14 @@ def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_mod
     except KeyboardInterrupt:
         pass
     run_id = fingerprint(cfg, meta, packed["input_ids"].shape[0])
+    # a resumed run hands the steps already run to progress first (DVCLive's fresh record), then the rest
+    seen = []
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    state_copy = tmp_path / "state-copy"
+    shutil.copytree(tmp_path / "state", state_copy)
+    result = train(model, tokenizer, packed, cfg, tmp_path / "ckpt2", meta, progress=lambda r, t: seen.append(r["step"]),
+                   runtime=runtime, state_dir=state_copy)
+    assert seen == list(range(1, result.steps + 1))
     assert load_train_state(tmp_path / "state", run_id)[1]["step"] > 0
     assert load_train_state(tmp_path / "state", fingerprint(cfg, {"data_sha256": "other"}, 4)) is None
     newest, trainer = load_train_state(tmp_path / "state", run_id)

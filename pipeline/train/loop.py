@@ -138,6 +138,9 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["rng"])
         step, history, tokens = trainer["step"], trainer["history"], trainer["tokens"]
+        if progress and runtime.is_main:  # the record starts afresh with the steps already run, in order
+            for record in history:
+                progress(record, total_steps)
     elif state_dir:  # a fresh run: nothing from another configuration may survive
         # emptied, not removed: either may be a link into a bucket; every node clears its own view
         for stale in ([Path(out_dir)] if runtime.is_main else []) + ([Path(state_dir)] if runtime.is_node_main else []):
