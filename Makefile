@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: demo smoke test setup lint clean
+.PHONY: demo smoke test lifecycle setup lint clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,10 @@ lint: setup $(SKY_VENV)/.installed
 
 test: setup lint
 	python -m pytest -q
+
+# A team's run from merge to release: sky/train.yaml on 2 local nodes, S3 remote, GitHub and Hub stand-ins
+lifecycle: setup
+	python -m pytest -q -m lifecycle tests/lifecycle
 
 clean:
 	rm -rf base validate prepare train evaluate gate card data

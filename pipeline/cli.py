@@ -235,10 +235,12 @@ def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out
     write_json(out / "metrics.json", {
         "steps": result.steps, "final_loss": result.final_loss, "tokens": result.tokens,
         "tokens_per_second": round(result.tokens / result.seconds), "seconds": round(result.seconds, 1),
-        "strategy": p.train.strategy, "world_size": runtime.world_size,
+        "strategy": p.train.strategy, "world_size": runtime.world_size, "resumed_from_step": result.resumed_from_step,
     })
     kept = ", ".join(c.name for c in list_checkpoints(out / "checkpoints"))
-    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.4f}; kept {kept}")
+    resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
+    typer.echo(f"trained {result.steps} steps{resumed} in {result.seconds:.0f}s, final loss {result.final_loss:.4f}; "
+               f"kept {kept}")
 
 
 @app.command()

@@ -29,6 +29,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     local_numel: int = 0  # parameters this rank held while training (sharding: a fraction of the model)
+    resumed_from_step: int = 0  # 0: a fresh run; else the step of the resume state it continued from
 
 
 def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
@@ -132,8 +133,10 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
     history, checkpoints, tokens, step = [], [], 0, 0
     run_id = fingerprint(cfg, meta, rows)
     resumed = load_train_state(state_dir, run_id, runtime) if state_dir else None
+    resumed_from = 0
     if resumed:
         path, trainer = resumed
+        resumed_from = trainer["step"]
         sharded.load(path / "shards")
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["rng"])
@@ -217,4 +220,4 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
         clear_train_state(state_dir)  # finished: a later run starts afresh instead of resuming at the end
     runtime.barrier()
     return TrainResult(step, history[-1]["loss"], tokens, time.perf_counter() - started, history, checkpoints,
-                       sharded.local_numel())
+                       sharded.local_numel(), resumed_from)
