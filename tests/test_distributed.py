@@ -73,7 +73,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(strategy, tiny_mo
     assert launch(torchrun(tiny_model_dir, broken, strategy, 2, 2, kill_at), broken, expect_ok=False) == []
     (resumed, _) = launch(torchrun(tiny_model_dir, broken, strategy, 2, 2), broken)
 
-    assert resumed["ran_steps"][0] == kill_at, "the second launch resumed from the last resume point"
+    assert resumed["resumed_from"] == kill_at - 1, "the second launch resumed from the last resume point"
     # every step exactly once, in order, with the same losses: nothing skipped, nothing repeated
     assert resumed["steps"] == reference["steps"] == list(range(1, 2 * steps_per_epoch + 1))
     for a, b in zip(reference["losses"], resumed["losses"]):
@@ -122,7 +122,7 @@ def test_two_nodes_without_a_shared_filesystem_resume_from_the_newest_step_both_
     codes, logs = two_nodes(29613, broken, tiny_model_dir, "fsdp2", 2, 2)
     assert codes == [0, 0], logs[0][-3000:]
     resumed = json.loads((broken[0] / "rank0.json").read_text())
-    assert resumed["ran_steps"][0] == steps_per_epoch + 1, "resumed from the epoch end, the newest step both see"
+    assert resumed["resumed_from"] == steps_per_epoch, "resumed from the epoch end, the newest step both see"
     assert resumed["steps"] == reference["steps"]
     for a, b in zip(reference["losses"], resumed["losses"]):
         assert abs(a - b) < 1e-4, (reference["losses"], resumed["losses"])

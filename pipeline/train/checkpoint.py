@@ -119,21 +119,24 @@ def complete_steps(root: Path, fingerprint: str) -> list[int]:
     found = []
     for folder in Path(root).glob("step-*"):
         match = _STEP.match(folder.name)
-        manifest = folder / MANIFEST
-        if not match or not manifest.is_file():
-            continue
-        recorded = json.loads(manifest.read_text())
-        if recorded.get("fingerprint") != fingerprint:
-            continue
-        listings = [folder / _NODE.format(n) for n in range(recorded["nodes"])]
-        if not all(f.is_file() for f in listings):
-            continue
-        listed = {}
-        for listing in listings:
-            listed.update(json.loads(listing.read_text()))
-        if all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in listed.items()):
+        if match and _is_complete(folder, fingerprint):
             found.append(int(match.group(1)))
     return sorted(found)
+
+
+def _is_complete(folder: Path, fingerprint: str) -> bool:
+    # another node may be pruning this folder, or still writing a listing, while this one reads it:
+    # a file that vanishes or does not parse yet makes the step incomplete, not the run fail
+    try:
+        recorded = json.loads((folder / MANIFEST).read_text())
+        if recorded.get("fingerprint") != fingerprint:
+            return False
+        listed = {}
+        for node in range(recorded["nodes"]):
+            listed.update(json.loads((folder / _NODE.format(node)).read_text()))
+        return all((folder / name).stat().st_size == size for name, size in listed.items())
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def save_train_state(root: Path, sharded, trainer: dict, runtime) -> None:
@@ -153,6 +156,7 @@ def save_train_state(root: Path, sharded, trainer: dict, runtime) -> None:
         torch.save(trainer, folder / "trainer.pt")
         (folder / MANIFEST).write_text(json.dumps({**{k: trainer[k] for k in ("epoch", "step", "fingerprint")},
                                                    "nodes": runtime.nodes}) + "\n")
+    runtime.barrier()  # on a shared filesystem another node must not list trainer.pt half-written
     if runtime.is_node_main:
         (folder / _NODE.format(runtime.node)).write_text(json.dumps(_listed_files(folder)) + "\n")
     runtime.barrier()

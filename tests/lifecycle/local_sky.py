@@ -58,11 +58,25 @@ class Job:
         return [node.wait(timeout=max(1, deadline - time.monotonic())) for node in self.nodes]
 
     def preempt(self) -> None:
+        """Every process of every node dies at once, as when the machines go: DVC and torchrun start
+        process groups of their own, so the whole tree is collected first, then killed."""
+        import psutil
+
+        doomed = []
         for node in self.nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
+            try:
+                root = psutil.Process(node.pid)
+                doomed += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for process in doomed:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
         for node in self.nodes:
             node.wait()
+        psutil.wait_procs(doomed, timeout=30)
 
     def log(self, rank: int = 0) -> str:
         return self.logs[rank].read_text(errors="replace")
