@@ -54,7 +54,8 @@ def test_demo_data_matches_data_dvc(repo):
 
 
 def small_params(repo: Path) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    """The slice's settings, from the demo preset (not from what an earlier test left in params.yaml)."""
+    params = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
     params["base"]["demo"].update(hidden_size=32, num_layers=2, num_heads=2, pretrain_steps=20, pretrain_batch_size=8)
     params["validate"]["min_rows"] = 1500
     params["train"].update(epochs=2, micro_batch_size=8)
