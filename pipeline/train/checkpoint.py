@@ -93,6 +93,16 @@ def weights_sha256(checkpoint: Path) -> str:
 
 _STEP = re.compile(r"^step-(\d+)$")
 _NODE = "node-{}.json"
+_LISTING = re.compile(r"node-\d+\.json")
+
+
+def _step_folder(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def _step_folders(root: Path) -> dict[int, Path]:
+    """{step: folder} of every step folder under `root`, complete or not."""
+    return {int(m.group(1)): folder for folder in Path(root).glob("step-*") if (m := _STEP.match(folder.name))}
 
 
 def _remove(path: Path) -> None:
@@ -110,18 +120,13 @@ def _remove(path: Path) -> None:
 
 def _listed_files(folder: Path) -> dict[str, int]:
     return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
-            if f.is_file() and not re.fullmatch(_NODE.format(r"\d+"), f.name)}
+            if f.is_file() and not _LISTING.fullmatch(f.name)}
 
 
 def complete_steps(root: Path, fingerprint: str) -> list[int]:
     """Steps whose state is complete in this node's view and was written by a run with this
     fingerprint, oldest first."""
-    found = []
-    for folder in Path(root).glob("step-*"):
-        match = _STEP.match(folder.name)
-        if match and _is_complete(folder, fingerprint):
-            found.append(int(match.group(1)))
-    return sorted(found)
+    return sorted(step for step, folder in _step_folders(root).items() if _is_complete(folder, fingerprint))
 
 
 def _is_complete(folder: Path, fingerprint: str) -> bool:
@@ -144,7 +149,7 @@ def save_train_state(root: Path, sharded, trainer: dict, runtime) -> None:
     manifest, then each node lists what it wrote; older steps go once two newer ones are complete."""
     import torch
 
-    folder = Path(root) / f"step-{trainer['step']:08d}"
+    folder = _step_folder(root, trainer["step"])
     if runtime.is_node_main:  # a folder left by a crashed attempt at this step must not count as done
         folder.mkdir(parents=True, exist_ok=True)
         for listing in folder.glob(_NODE.format("*")):
@@ -164,9 +169,8 @@ def save_train_state(root: Path, sharded, trainer: dict, runtime) -> None:
         # keep the two newest steps complete in this node's view, and anything newer: the newest may
         # still be uploading this node's own files (they are visible here before they reach the bucket)
         done = complete_steps(root, trainer["fingerprint"])
-        for old in Path(root).glob("step-*"):
-            match = _STEP.match(old.name)
-            if len(done) > 1 and match and int(match.group(1)) < done[-2]:
+        for step, old in _step_folders(root).items():
+            if len(done) > 1 and step < done[-2]:
                 _remove(old)
     runtime.barrier()
 
@@ -182,7 +186,7 @@ def load_train_state(root: Path, fingerprint: str, runtime=None) -> tuple[Path, 
             steps &= set(other)
     if not steps:
         return None
-    folder = Path(root) / f"step-{max(steps):08d}"
+    folder = _step_folder(root, max(steps))
     return folder, torch.load(folder / "trainer.pt", weights_only=False)
 
 

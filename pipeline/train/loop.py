@@ -133,10 +133,8 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
     history, checkpoints, tokens, step = [], [], 0, 0
     run_id = fingerprint(cfg, meta, rows)
     resumed = load_train_state(state_dir, run_id, runtime) if state_dir else None
-    resumed_from = 0
     if resumed:
         path, trainer = resumed
-        resumed_from = trainer["step"]
         sharded.load(path / "shards")
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["rng"])
@@ -149,6 +147,7 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
         for stale in ([Path(out_dir)] if runtime.is_main else []) + ([Path(state_dir)] if runtime.is_node_main else []):
             clear_train_state(stale)
     runtime.barrier()
+    resumed_from = step  # 0 for a fresh run
 
     def save_state(epoch: int):
         if state_dir:
