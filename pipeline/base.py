@@ -24,6 +24,10 @@ SMALL_FILES = ["*.json", "tokenizer*", "*.jinja", "*.model", "*.txt", "LICENSE*"
 WEIGHT_FILES = ["*.safetensors", "model.safetensors.index.json"]
 
 
+class BaseUnavailable(RuntimeError):
+    """The base model cannot be resolved as params.yaml names it (the message says what to change)."""
+
+
 def count_parameters(folder: Path) -> int:
     """Parameters in the folder's safetensors files, from their headers (no tensor is loaded)."""
     from safetensors import safe_open
@@ -37,9 +41,18 @@ def count_parameters(folder: Path) -> int:
 
 def download(cfg, out_dir: Path, patterns: list[str]) -> None:
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
 
-    # top-level files only: Llama repos also carry `original/` (the same weights in another format)
-    snapshot_download(repo_id=cfg.model, revision=cfg.revision, local_dir=out_dir, allow_patterns=patterns)
+    try:
+        # top-level files only: Llama repos also carry `original/` (the same weights in another format)
+        snapshot_download(repo_id=cfg.model, revision=cfg.revision, local_dir=out_dir, allow_patterns=patterns)
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        hint = {401: "set HF_TOKEN to a token with read access (gated models: accept the licence on the Hub first)",
+                403: "this token has no access to the repository (gated: request access on its Hub page)",
+                404: "no such repository or revision (params.yaml base.model / base.revision)"}.get(status, "")
+        raise BaseUnavailable(f"params.yaml base: downloading {cfg.model}@{cfg.revision} failed"
+                           f" (HTTP {status}){': ' + hint if hint else ''}") from err
     if (Path(out_dir) / ".cache").exists():
         shutil.rmtree(Path(out_dir) / ".cache")  # huggingface_hub's download bookkeeping, not model files
 
@@ -48,7 +61,7 @@ def check_chat_template(folder: Path, cfg) -> None:
     from transformers import AutoTokenizer
 
     if not AutoTokenizer.from_pretrained(folder).chat_template:
-        raise ValueError(f"{cfg.model}@{cfg.revision}: the tokenizer has no chat template; "
+        raise BaseUnavailable(f"{cfg.model}@{cfg.revision}: the tokenizer has no chat template; "
                          "pick an instruct tokenizer or add one before fine-tuning")
 
 
@@ -83,7 +96,7 @@ def resolve_base(cfg, out_dir: Path, log=print) -> dict:
             info = {"architecture": AutoConfig.from_pretrained(tmp).architectures}
         weights = weight_files(tmp)
         if not weights:
-            raise ValueError(f"{cfg.model}@{cfg.revision}: no *.safetensors weights (other formats are not loaded)")
+            raise BaseUnavailable(f"{cfg.model}@{cfg.revision}: no *.safetensors weights (other formats are not loaded)")
         info.update(source=cfg.source, model=cfg.model, revision=cfg.revision, params=count_parameters(tmp),
                     sha256=sha256_files(weights))
         (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -78,20 +78,26 @@ def smoke(params_file: Path = typer.Option(Path("configs/demo.yaml"), "--params"
 @app.command()
 def tokenizer(out: Path = Path("tokenizer")):
     """The base model's small files: tokenizer, chat template, config (no weights: what a PR needs)."""
-    from pipeline.base import resolve_tokenizer
+    from pipeline.base import BaseUnavailable, resolve_tokenizer
 
     p = params()
-    resolve_tokenizer(p.base, out)
+    try:
+        resolve_tokenizer(p.base, out)
+    except BaseUnavailable as err:
+        fail(str(err))
     typer.echo(f"tokenizer, chat template and config of {p.base.model}@{p.base.revision or 'built locally'} in {out}/")
 
 
 @app.command()
 def base(out: Path = Path("base")):
     """Resolve the base model: build the tiny demo model, or download a pinned Hub revision."""
-    from pipeline.base import resolve_base
+    from pipeline.base import BaseUnavailable, resolve_base
 
     p = params()
-    info = resolve_base(p.base, out, log=typer.echo)
+    try:
+        info = resolve_base(p.base, out, log=typer.echo)
+    except BaseUnavailable as err:
+        fail(str(err))
     typer.echo(f"base model ready in {out}/ ({info['params']:,} parameters, sha256 {info['sha256'][:12]})")
 
 

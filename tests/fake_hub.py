@@ -1,7 +1,9 @@
 """A local stand-in for the Hugging Face Hub API: just the endpoints huggingface_hub 2.4 calls for
 create_repo, upload_folder (preupload, LFS batch + PUT, NDJSON commit), create_tag,
-list_repo_refs, repo_info and get_paths_info. State lives in memory; every request is logged so a
-test can assert what reached the "Hub" (nothing, one commit, a tag).
+list_repo_refs, repo_info, get_paths_info and snapshot_download (repo info with its files, then
+HEAD + GET on /{repo}/resolve/{revision}/{path}). State lives in memory; every request is logged so
+a test can assert what reached the "Hub" (nothing, one commit, a tag) and what was downloaded.
+Every route, downloads included, wants the token, as a gated repository does.
 
 The client must not use Xet (HF_HUB_DISABLE_XET) and must not be offline (HF_HUB_OFFLINE).
 """
@@ -51,6 +53,33 @@ class FakeHub(LocalServer):
         super().__init__(self._handler())
         self.endpoint = self.url
 
+    def seed(self, repo_id: str, folder, message: str = "upload model") -> str:
+        """A model repository holding `folder`'s files (weights as LFS objects); returns the commit id,
+        the revision a team pins."""
+        from pathlib import Path
+
+        files = {}
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                content = path.read_bytes()
+                name = path.relative_to(folder).as_posix()
+                if name.endswith(LFS_SUFFIXES):
+                    oid = hashlib.sha256(content).hexdigest()
+                    self.lfs[oid] = content
+                    files[name] = {"lfs": oid, "size": len(content)}
+                else:
+                    files[name] = {"content": content}
+        repo = self.repos.setdefault(repo_id, Repo(private=True))
+        oid = hashlib.sha1(f"{repo_id}{message}{len(repo.commits)}".encode()).hexdigest()
+        repo.commits.append({"oid": oid, "message": message, "files": files})
+        return oid
+
+    def downloaded(self, repo_id: str) -> list[str]:
+        """The files of `repo_id` fetched with GET (what reached the client), in order."""
+        prefix = f"/{repo_id}/resolve/"
+        return [path[len(prefix):].split("/", 1)[1] for method, path in self.requests
+                if method == "GET" and path.startswith(prefix)]
+
     def pushed_commits(self, repo_id: str) -> list[dict]:
         """Commits made through the API (the Hub's own initial commit excluded)."""
         return self.repos[repo_id].commits[1:] if repo_id in self.repos else []
@@ -77,6 +106,9 @@ class FakeHub(LocalServer):
             def do_GET(self):
                 self._route("GET")
 
+            def do_HEAD(self):
+                self._route("HEAD")
+
             def do_POST(self):
                 self._route("POST")
 
@@ -93,6 +125,8 @@ class FakeHub(LocalServer):
             return h._reply(200, {"errors": [], "warnings": []})
         if method == "POST" and path.endswith(".git/info/lfs/objects/batch"):
             return self._lfs_batch(h, json.loads(body))
+        if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
+            return self._resolve(h, method, "/".join(parts[:2]), parts[3], "/".join(parts[4:]))
         if parts[:2] == ["api", "models"] and len(parts) >= 5:
             repo_id, action, revision = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
             repo = self.repos[repo_id]
@@ -103,7 +137,10 @@ class FakeHub(LocalServer):
                     "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": oid} for t, oid in repo.tags.items()]})
             if method == "GET" and action == "revision":
                 commit = repo.resolve(revision)
-                return h._reply(200, {"id": repo_id, "sha": commit["oid"], "private": repo.private})
+                if commit is None:
+                    return h._reply(404, {"error": f"Invalid rev id: {unquote(revision)}"})
+                return h._reply(200, {"id": repo_id, "sha": commit["oid"], "private": repo.private, "gated": "manual",
+                                      "siblings": [{"rfilename": path} for path in commit["files"]]})
             if method == "POST" and action == "preupload":
                 return self._preupload(h, repo, revision, json.loads(body))
             if method == "POST" and action == "commit":
@@ -112,6 +149,11 @@ class FakeHub(LocalServer):
                 return self._tag(h, repo, revision, json.loads(body))
             if method == "POST" and action == "paths-info":
                 return self._paths_info(h, repo, revision, parse_qs(body.decode()))
+            if method == "GET" and action == "tree":  # snapshot_download lists the revision's files
+                commit = repo.resolve(revision)
+                if commit is None:
+                    return h._reply(404, {"error": f"Invalid rev id: {unquote(revision)}"})
+                return h._reply(200, self._entries(commit["files"], list(commit["files"])))
         return h._reply(404, {"error": f"no route for {method} {path}"})
 
     def _create_repo(self, h, payload: dict):
@@ -178,10 +220,27 @@ class FakeHub(LocalServer):
         repo.tags[payload["tag"]] = repo.resolve(revision)["oid"]
         return h._reply(200, {})
 
+    def _resolve(self, h, method: str, repo_id: str, revision: str, path: str):
+        commit = self.repos[repo_id].resolve(revision) if repo_id in self.repos else None
+        if commit is None or unquote(path) not in commit["files"]:
+            return h._reply(404, {"error": f"{repo_id}@{unquote(revision)}: no file {unquote(path)}"})
+        entry = commit["files"][unquote(path)]
+        content = self.lfs[entry["lfs"]] if "lfs" in entry else entry["content"]
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(content)))
+        h.send_header("X-Repo-Commit", commit["oid"])
+        h.send_header("ETag", f'"{entry.get("lfs") or git_blob_oid(content)}"')
+        h.end_headers()
+        if method == "GET":
+            h.wfile.write(content)
+
     def _paths_info(self, h, repo: Repo, revision: str, form: dict):
-        files = repo.resolve(revision)["files"]
+        return h._reply(200, self._entries(repo.resolve(revision)["files"], form.get("paths", [])))
+
+    @staticmethod
+    def _entries(files: dict, paths: list[str]) -> list[dict]:
         answer = []
-        for path in form.get("paths", []):
+        for path in paths:
             if path not in files:
                 continue
             entry = files[path]
@@ -191,4 +250,4 @@ class FakeHub(LocalServer):
             else:
                 answer.append({"type": "file", "path": path, "size": len(entry["content"]),
                                "oid": git_blob_oid(entry["content"])})
-        return h._reply(200, answer)
+        return answer

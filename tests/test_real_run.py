@@ -67,6 +67,37 @@ def test_base_from_hub_reports_its_parameter_count_and_keeps_the_licence(hub_rep
     assert "pytorch_model.bin" not in downloaded and not Path("base/.cache").exists()
 
 
+def test_base_downloads_the_pinned_revision_from_a_hub_api_with_the_token(hub_repo, tmp_path, monkeypatch):
+    """The real huggingface_hub client against a local Hub API: the pinned commit, not main, with the
+    token a gated repository wants; without it, one line that says what to set."""
+    from tests.fake_hub import FakeHub
+
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load(PRESET.read_text())
+    with FakeHub() as hub:
+        pinned = hub.seed("acme-base/tiny-instruct", hub_repo)
+        (hub_repo / "model.safetensors").write_bytes(b"a later commit")  # main moves on; the pin must not
+        hub.seed("acme-base/tiny-instruct", hub_repo, message="later")
+        params["base"].update(model="acme-base/tiny-instruct", revision=pinned)
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+               "HF_HOME": str(tmp_path / "hf")}
+        env.pop("HF_TOKEN", None)
+        sft = [str(Path(sys.executable).parent / "sft"), "base"]
+        refused = subprocess.run(sft, env=env, capture_output=True, text=True)
+        assert refused.returncode != 0 and "HTTP 401" in refused.stderr and "set HF_TOKEN" in refused.stderr
+        assert not Path("base").exists(), "nothing half-written"
+        result = subprocess.run(sft, env={**env, "HF_TOKEN": hub.token}, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        downloaded = hub.downloaded("acme-base/tiny-instruct")
+    meta = json.loads(Path("base/meta.json").read_text())
+    assert meta["revision"] == pinned and "model.safetensors" in downloaded and "pytorch_model.bin" not in downloaded
+    from pipeline.files import sha256_files
+
+    assert Path("base/model.safetensors").read_bytes() != b"a later commit"
+    assert meta["sha256"] == sha256_files([Path("base/model.safetensors")])
+
+
 def test_pull_request_path_needs_no_weights(hub_repo, tmp_path, monkeypatch):
     """validate depends on the small tokenizer/ folder, not base/; `sft plan` reads the shape from
     tokenizer/config.json and the tokens from this branch's data, never the demo's prepare/stats.json."""
