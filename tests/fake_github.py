@@ -27,10 +27,11 @@ class FakeGitHub(LocalServer):
         super().__init__(self._handler())
         self.api_url = self.url
 
-    def add_commit(self, files: dict[str, str], parents=(), message: str = "") -> str:
+    def add_commit(self, files: dict[str, str], parents=(), message: str = "", sha: str | None = None) -> str:
+        """A commit of `files`; `sha` registers a commit of a real local repository under its own id."""
         tree = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
         self.trees[tree] = dict(files)
-        sha = hashlib.sha1(f"{tree}{parents}{message}".encode()).hexdigest()
+        sha = sha or hashlib.sha1(f"{tree}{parents}{message}".encode()).hexdigest()
         self.commits[sha] = {"tree": tree, "parents": list(parents), "message": message}
         return sha
 

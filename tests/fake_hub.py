@@ -53,7 +53,7 @@ class FakeHub(LocalServer):
         super().__init__(self._handler())
         self.endpoint = self.url
 
-    def seed(self, repo_id: str, folder, message: str = "upload model") -> str:
+    def seed(self, repo_id: str, folder, message: str = "upload model", oid: str | None = None) -> str:
         """A model repository holding `folder`'s files (weights as LFS objects); returns the commit id,
         the revision a team pins."""
         from pathlib import Path
@@ -64,13 +64,13 @@ class FakeHub(LocalServer):
                 content = path.read_bytes()
                 name = path.relative_to(folder).as_posix()
                 if name.endswith(LFS_SUFFIXES):
-                    oid = hashlib.sha256(content).hexdigest()
-                    self.lfs[oid] = content
-                    files[name] = {"lfs": oid, "size": len(content)}
+                    digest = hashlib.sha256(content).hexdigest()
+                    self.lfs[digest] = content
+                    files[name] = {"lfs": digest, "size": len(content)}
                 else:
                     files[name] = {"content": content}
         repo = self.repos.setdefault(repo_id, Repo(private=True))
-        oid = hashlib.sha1(f"{repo_id}{message}{len(repo.commits)}".encode()).hexdigest()
+        oid = oid or hashlib.sha1(f"{repo_id}{message}{len(repo.commits)}".encode()).hexdigest()
         repo.commits.append({"oid": oid, "message": message, "files": files})
         return oid
 
