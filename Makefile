@@ -52,7 +52,8 @@ lint: setup $(SKY_VENV)/.installed
 test: setup lint
 	python -m pytest -q
 
-# A team's run from merge to release: sky/train.yaml on 2 local nodes, S3 remote, GitHub and Hub stand-ins
+# A team's run from PR to release: the workflows under act, sky/train.yaml on 2 local nodes, S3 remote,
+# GitHub, Hub and SkyPilot stand-ins (SFT_ACT_ACTIONS=<folder of pinned actions> where GitHub is unreachable)
 lifecycle: setup
 	python -m pytest -q -m lifecycle tests/lifecycle
 

@@ -22,6 +22,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.files import copy_project
+
 ENGLISH = (
     "cat dog bird fish cow horse sheep goat frog mouse lion bear wolf fox deer duck "
     "red blue green black white brown pink gray gold silver "
@@ -388,15 +390,10 @@ def smoke_run(source: Path, params: Path, work: Path, out: Path, rows: int, run=
     data/, params.yaml and committed results are never touched, and none of them reaches the run.
     The gate's report is copied to `out`. Raises CalledProcessError naming the failing command."""
     source, work, out = Path(source).resolve(), Path(work).resolve(), Path(out).resolve()
-    files = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=source,
-                capture_output=True, text=True, check=True).stdout.split("\0")
     if work.exists():
         shutil.rmtree(work)
-    for name in filter(None, files):
-        if name.split("/")[0] in OUTPUTS or not (source / name).is_file():
-            continue  # committed results belong to the last real run, not to this one
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / name, work / name)
+    # committed results belong to the last real run, not to this one
+    copy_project(source, work, skip=lambda name: name.split("/")[0] in OUTPUTS)
     shutil.copy2(params, work / "params.yaml")
     (work / "data.dvc").unlink(missing_ok=True)  # the team's data record: the smoke run makes its own data
     write_demo_data(work / "data", train_rows=rows)

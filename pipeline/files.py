@@ -109,3 +109,19 @@ def atomic_dir(path: str | Path):
     tmp.rename(path)
     if old.exists():
         shutil.rmtree(old)
+
+
+def copy_project(source: Path, dest: Path, skip=lambda name: False) -> list[str]:
+    """Copy the project's files as git sees them (tracked, and untracked but not ignored: no .venv, no
+    outputs DVC ignores) from `source` to `dest`, leaving out the relative paths `skip` names."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=source,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    copied = []
+    for name in filter(None, listed):
+        if (Path(source) / name).is_file() and not skip(name):
+            (Path(dest) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(source) / name, Path(dest) / name)
+            copied.append(name)
+    return copied

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.files import copy_project
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -26,11 +28,7 @@ def run(args, cwd, check=True):
 def repo(tmp_path_factory):
     """A git + DVC copy of this repository's files (no outputs, no .venv)."""
     dest = tmp_path_factory.mktemp("repo")
-    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
+    copy_project(ROOT, dest)
     # start from no results: the committed metrics of the last demo run belong to the full demo
     for output in ("base", "validate", "prepare", "train", "evaluate", "gate", "card"):
         shutil.rmtree(dest / output, ignore_errors=True)

@@ -297,3 +297,19 @@ def test_chat_template_date_is_fixed_so_training_tokens_do_not_depend_on_the_day
     conversation = ChatRenderer(dated).jinja([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
     assert "Today Date: 01 Jan 2026" in prompt and "Today Date: 01 Jan 2026" in conversation
     assert today not in prompt or today == "01 Jan 2026"
+
+
+def test_torchrun_command_spans_the_nodes_skypilot_describes_and_names_a_missing_variable():
+    from pipeline.train.strategies import torchrun_command
+
+    env = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6",
+           "SKYPILOT_NUM_GPUS_PER_NODE": "8", "MASTER_PORT": "29511"}
+    command = torchrun_command("fsdp2", ["train"], env)
+    flags = dict(zip(command[3::2], command[4::2]))
+    assert flags["--nproc-per-node"] == "8" and flags["--nnodes"] == "2" and flags["--node-rank"] == "1"
+    assert flags["--master-addr"] == "10.0.0.5" and flags["--master-port"] == "29511"
+    assert command[-3:] == ["-m", "pipeline.cli", "train"]
+    assert "--standalone" in torchrun_command("fsdp2", ["train"], {"SKYPILOT_NUM_GPUS_PER_NODE": "2"})
+    assert torchrun_command("fsdp2", ["train"], {**env, "WORLD_SIZE": "16"}) is None, "already under torchrun"
+    with pytest.raises(RuntimeError, match="SKYPILOT_NODE_RANK not set"):
+        torchrun_command("zero3", ["train"], {k: v for k, v in env.items() if k != "SKYPILOT_NODE_RANK"})

@@ -89,6 +89,10 @@ def torchrun_command(strategy: str, argv: list[str], env) -> list[str] | None:
     if nodes == 1:
         launcher.append("--standalone")  # a free local port: two runs on one machine never collide
     else:
+        missing = [name for name in ("SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS") if not env.get(name)]
+        if missing:
+            raise RuntimeError(f"train.strategy={strategy} on SKYPILOT_NUM_NODES={nodes} nodes: {', '.join(missing)} "
+                               "not set (SkyPilot sets them on every node; by hand, set them or run torchrun)")
         master = env["SKYPILOT_NODE_IPS"].split()[0]  # one address per line, node 0 first
         launcher += ["--nnodes", str(nodes), "--node-rank", env["SKYPILOT_NODE_RANK"], "--master-addr", master,
                      "--master-port", env.get("MASTER_PORT", "29500")]

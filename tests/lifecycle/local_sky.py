@@ -36,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.files import copy_project
+
 ROOT = Path(__file__).resolve().parents[2]
 PASSED_THROUGH = ("HOME", "LANG", "TMPDIR", "USER")  # what any machine has
 
@@ -48,9 +50,8 @@ def free_port() -> int:
 
 def upload_workdir(project: Path, dest: Path) -> Path:
     """The project's tracked and untracked files (not ignored), as SkyPilot uploads a workdir: no .git."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=project,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in [*filter(None, files), ".dvc/config", ".dvc/config.local"]:  # and the remote the job pulls from
+    copy_project(project, dest)
+    for name in (".dvc/config", ".dvc/config.local"):  # the remote the job pulls from, even where ignored
         if (project / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(project / name, dest / name)

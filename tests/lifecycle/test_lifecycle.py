@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.files import copy_project
 from tests.fake_github import FakeGitHub
 from tests.fake_hub import FakeHub
 from tests.lifecycle.act import run_workflow, step_failed
@@ -130,11 +131,7 @@ def world(tmp_path_factory, s3):
     scratch = tmp_path_factory.mktemp("world")
     project = scratch / "project"
     project.mkdir()
-    files = sh(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file() and name != "data.dvc":  # the demo's outputs and dvc.lock come along, as in a fork
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, project / name)
+    copy_project(ROOT, project, skip=lambda name: name == "data.dvc")  # the demo's outputs come along, as in a fork
     with FakeGitHub(REPO) as github, FakeHub() as hub:
         revision = hub.seed(BASE_REPO, tiny_base(scratch / "tiny-base"))
         hub.seed(PRESET["base"]["model"], llama_8b_shaped(scratch / "llama-8b"), oid=PRESET["base"]["revision"])
@@ -344,7 +341,7 @@ def test_failing_gate_reports_failure_without_a_relaunch_and_the_release_refuses
         job = merge(world, sha, tmp_path / "merge")
         assert job.wait() == [{"codes": [0, 0]}], "a known verdict ends the job 0: one attempt, no relaunch"
     finally:
-        git(world["project"], "revert", "--no-edit", "-q", "HEAD")
+        git(world["project"], "-c", "user.name=t", "-c", "user.email=t@x", "revert", "--no-edit", "HEAD")
     status = last_status(github, sha)
     assert status["state"] == "failure" and "golden" in status["description"]
     assert json.loads(results(github, sha)["gate/gate.json"])["passed"] is False
