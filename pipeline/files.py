@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -114,8 +115,6 @@ def atomic_dir(path: str | Path):
 def copy_project(source: Path, dest: Path, skip=lambda name: False) -> list[str]:
     """Copy the project's files as git sees them (tracked, and untracked but not ignored: no .venv, no
     outputs DVC ignores) from `source` to `dest`, leaving out the relative paths `skip` names."""
-    import subprocess
-
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=source,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     copied = []

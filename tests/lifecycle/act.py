@@ -106,7 +106,9 @@ def run_workflow(project: Path, workflow: str, event_name: str, event: dict, scr
     overlay_environments(project, scratch)
     event_file = scratch / f"{workflow}-{event_name}.json"
     event_file.write_text(json.dumps(event))
-    repository = event.get("repository", {}).get("full_name") or "acme/sft"
+    # act names the repository after the origin remote, as actions/checkout's fetch URL does
+    origin = subprocess.run(["git", "remote", "get-url", "origin"], cwd=project, capture_output=True, text=True,
+                            check=True).stdout.strip().removesuffix(".git")
     args = [str(ACT), event_name, "-W", f".github/workflows/{workflow}", "-e", str(event_file),
             "-P", "ubuntu-latest=-self-hosted", "--use-gitignore=false"]
     if actions := os.environ.get("SFT_ACT_ACTIONS"):
@@ -117,16 +119,15 @@ def run_workflow(project: Path, workflow: str, event_name: str, event: dict, scr
         args += ["-s", f"{key}={value}"]
     for key, value in (variables or {}).items():
         args += ["--var", f"{key}={value}"]
-    for key in ("GITHUB_API_URL",):  # act sets these itself: only --env overrides them
-        if env and key in env:
-            args += ["--env", f"{key}={env[key]}"]
+    if env and "GITHUB_API_URL" in env:  # act sets it itself: only --env overrides it
+        args += ["--env", f"GITHUB_API_URL={env['GITHUB_API_URL']}"]
     # the runner's environment: this machine's, without the offline switches the test suite sets
     run_env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                                                                  "PYTEST_ADDOPTS", "PYTHONPATH")}
     run_env.update({"XDG_CACHE_HOME": str(cache), "PIP_CACHE_DIR": str(Path.home() / ".cache/pip"),
                     "PIP_FIND_LINKS": str(build_sky_wheel(scratch / "wheels").parent),
                     "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.file://{project.resolve()}.insteadOf",
-                    "GIT_CONFIG_VALUE_0": f"https://github.com/{repository}", **(env or {})})
+                    "GIT_CONFIG_VALUE_0": origin, **(env or {})})
     result = subprocess.run(args, cwd=project, env=run_env, capture_output=True, text=True, timeout=timeout)
     (scratch / f"{workflow}-{event_name}.log").write_text(result.stdout + result.stderr)  # for a failure's reader
     return result
