@@ -26,6 +26,7 @@ import platform
 import re
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -78,23 +79,25 @@ def tool_cache_python(cache: Path) -> None:
 
 
 def overlay_environments(project: Path, scratch: Path) -> None:
-    """The runner's cache hit, without letting the workflow write into this checkout's environment:
-    .venv is a venv of its own that sees this checkout's .venv packages (a site dir added by a .pth)
-    and links to its commands, so `make setup` finds every requirement satisfied and installs only
-    the project itself, there. .venv-sky, which make never reinstalls, is a plain link."""
+    """The runner's cache hit, without letting the workflow write into the environment this test runs
+    in (make's .venv): .venv is a venv of its own that sees that environment's packages (a site dir
+    added by a .pth) and links to its commands, so `make setup` finds every requirement satisfied and
+    installs only the project itself, there. .venv-sky (make's, beside .venv), which make never
+    reinstalls, is a plain link."""
+    environment = Path(sys.executable).parent.parent
     overlay = scratch / "overlay-venv"
     if not overlay.exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(overlay)], check=True)
-        site = ROOT / ".venv/lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
         (next(overlay.glob("lib/python*/site-packages")) / "checkout-venv.pth").write_text(
-            f"import site; site.addsitedir({str(site)!r})\n")
-        for command in (ROOT / ".venv/bin").iterdir():
+            f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+        for command in (environment / "bin").iterdir():
             if not command.name.startswith("pip") and not (overlay / "bin" / command.name).exists():
                 (overlay / "bin" / command.name).symlink_to(command)
     if not (project / ".venv").exists():
         (project / ".venv").symlink_to(overlay)
-    if (ROOT / ".venv-sky/.installed").exists() and not (project / ".venv-sky").exists():
-        (project / ".venv-sky").symlink_to(ROOT / ".venv-sky")
+    sky = environment.parent / ".venv-sky"
+    if (sky / ".installed").exists() and not (project / ".venv-sky").exists():
+        (project / ".venv-sky").symlink_to(sky)
 
 
 def run_workflow(project: Path, workflow: str, event_name: str, event: dict, scratch: Path, *,
