@@ -109,6 +109,7 @@ def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate
         add_replay_columns,
         eval_prompts,
         failure_message,
+        loss_mask_flags,
         render_markdown,
         run_suite,
         token_lengths_within,
@@ -127,8 +128,10 @@ def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate
         held_out = eval_prompts(p.validate_.eval_sets)
     except DataError as err:  # a malformed file is named before anything else is asked for
         fail(str(err))
-    tokens = token_lengths_within(base_tokenizer(tokenizer_dir), frame, p.prepare.max_seq_len)
-    frame = add_derived_columns(frame, held_out, p.validate_.leak_ngram, tokens)
+    tokenizer = base_tokenizer(tokenizer_dir)
+    tokens = token_lengths_within(tokenizer, frame, p.prepare.max_seq_len)
+    loss_mask = loss_mask_flags(tokenizer, frame, p.prepare.max_seq_len, tokens)
+    frame = add_derived_columns(frame, held_out, tokens, p.validate_, loss_mask)
     with atomic_dir(out / "data-docs") as docs:  # great-expectations Data Docs, for CI to upload
         checks = run_suite(frame, p.validate_, p.prepare.max_seq_len, replay, docs)
     passed = all(c["passed"] for c in checks)
@@ -185,41 +188,68 @@ def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")
 @app.command()
 def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out: Path = Path("train")):
     """Full fine-tuning: every weight, a checkpoint every epoch, the last N kept."""
+    p = params()
+    _train_stage(p.train, base_dir, packed_dir, out)
+
+
+@app.command()
+def lora(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out: Path = Path("lora")):
+    """The LoRA baseline: adapters on every linear layer, the same data, epochs and loop as `sft train`
+    at LoRA's learning rate; each epoch's checkpoint is the merged model."""
+    p = params()
+    try:
+        cfg = p.lora.training(p.train)
+    except ValueError as err:
+        fail(str(err))
+    _train_stage(cfg, base_dir, packed_dir, out, adapters=p.lora)
+
+
+def _train_stage(cfg, base_dir: Path, packed_dir: Path, out: Path, adapters=None) -> None:
     import numpy as np
-    import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from pipeline.train.checkpoint import list_checkpoints
     from pipeline.train.loop import train as run_training
-    from pipeline.train.strategies import close, init_runtime, torchrun_command
+    from pipeline.train.strategies import close, init_runtime, load_model, torchrun_command
 
-    p = params()
     try:
-        command = torchrun_command(p.train.strategy, sys.argv[1:], os.environ)
+        command = torchrun_command(cfg.strategy, sys.argv[1:], os.environ)
         if command:  # fsdp2 / zero3 outside a launcher (`dvc repro` runs `sft train`): one process per GPU
-            typer.echo(f"train.strategy={p.train.strategy}: {shlex.join(command)}")
+            typer.echo(f"train.strategy={cfg.strategy}: {shlex.join(command)}")
             sys.stdout.flush()
             os.execv(command[0], command)
-        runtime = init_runtime(p.train.strategy, p.train.device)
+        runtime = init_runtime(cfg.strategy, cfg.device, cfg.collective_timeout_minutes)
     except RuntimeError as err:
         fail(str(err))
     packed = dict(np.load(packed_dir / "packed.npz"))
     stats = json.loads((packed_dir / "stats.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    meta = {"config": p.train.model_dump(), "base": json.loads((base_dir / "meta.json").read_text()),
+    meta = {"config": cfg.model_dump(), "base": json.loads((base_dir / "meta.json").read_text()),
             "data_sha256": stats["data_sha256"]}
+    if adapters is None:
+        model, weights = load_model(base_dir, cfg, runtime)
+    else:  # every rank loads the base: its weights are frozen, the adapters are what is sharded and trained
+        from pipeline.lora import add_adapters, trainable_share
+
+        model, weights = load_model(base_dir, cfg.model_copy(update={"strategy": "single"}), runtime)
+        model = add_adapters(model, adapters)
+        meta["adapters"] = adapters.model_dump()
+        trainable, total = trainable_share(model)
+        if runtime.is_main:
+            typer.echo(f"LoRA rank {adapters.rank}{' (DoRA)' if adapters.dora else ''} on every linear layer: "
+                       f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
 
     bar = live = None
+    stage = out.name
 
     def progress(record: dict, total: int):  # rank 0 only: a progress bar and DVCLive step metrics
         nonlocal bar, live
         if bar is None:
             from dvclive import Live
 
-            bar = tqdm(total=total, desc="train", unit="step", file=sys.stdout, mininterval=2)
-            # the stage declares train/live in dvc.yaml. Always a fresh record: a resumed run replays its
+            bar = tqdm(total=total, desc=stage, unit="step", file=sys.stdout, mininterval=2)
+            # the stage declares <out>/live in dvc.yaml. Always a fresh record: a resumed run replays its
             # steps from the resume state, so files already there (the last demo's, committed) never mix in
             live = Live(str(out / "live"), resume=False, save_dvc_exp=False, dvcyaml=None)
         bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
@@ -230,8 +260,9 @@ def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out
                 live.log_metric(f"train/{name}", value)
         live.next_step()
 
-    result = run_training(model, tokenizer, packed, p.train, out / "checkpoints", meta, progress, runtime,
-                          state_dir=out / "state")
+    result = run_training(model, tokenizer, packed, cfg, out / "checkpoints", meta, progress, runtime,
+                          state_dir=out / "state", weights=weights)
+    device = device_name(runtime.device)
     close(runtime)
     if bar:
         bar.close()
@@ -241,7 +272,8 @@ def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out
     write_json(out / "metrics.json", {
         "steps": result.steps, "final_loss": result.final_loss, "tokens": result.tokens,
         "tokens_per_second": round(result.tokens / result.seconds), "seconds": round(result.seconds, 1),
-        "strategy": p.train.strategy, "world_size": runtime.world_size, "resumed_from_step": result.resumed_from_step,
+        "strategy": cfg.strategy, "world_size": runtime.world_size, "device": device,
+        "resumed_from_step": result.resumed_from_step,
     })
     kept = ", ".join(c.name for c in list_checkpoints(out / "checkpoints"))
     resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
@@ -249,13 +281,23 @@ def train(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out
                f"kept {kept}")
 
 
+def device_name(device) -> str:
+    """What the cost of a run is priced by: the accelerator's name, or 'cpu'."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 @app.command()
 def evaluate(model: str = typer.Option("checkpoints", help="'base': the full suite on the base model (cached by "
                                        "its hash); 'checkpoints': evaluate.per_checkpoint on every kept one; "
-                                       "'chosen': the full suite on checkpoints in the gate's order until one passes"),
+                                       "'chosen': the full suite on checkpoints in the gate's order until one passes; "
+                                       "'lora': evaluate.per_checkpoint on every LoRA checkpoint, the full suite on "
+                                       "the best"),
              base_dir: Path = Path("base"), checkpoints: Path = Path("train/checkpoints"),
-             out: Path = Path("evaluate")):
-    """Run the lm-eval tasks of params.yaml on the base model, the kept checkpoints or the chosen one."""
+             lora_checkpoints: Path = Path("lora/checkpoints"), out: Path = Path("evaluate")):
+    """Run the lm-eval tasks of params.yaml on the base model, the kept checkpoints, the chosen one or
+    the LoRA baseline."""
     from transformers import AutoTokenizer
 
     from pipeline.evaluate import (base_cache_dir, cache_base_results, cached_base_results, evaluate_models,
@@ -263,11 +305,17 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
     from pipeline.train.checkpoint import list_checkpoints
 
     p = params()
-    if model not in ("base", "checkpoints", "chosen"):
-        fail(f"--model must be 'base', 'checkpoints' or 'chosen', not {model!r}")
-    kept = {c.name: c for c in list_checkpoints(checkpoints)}
+    if model not in ("base", "checkpoints", "chosen", "lora"):
+        fail(f"--model must be 'base', 'checkpoints', 'chosen' or 'lora', not {model!r}")
+    if model == "lora":
+        from pipeline.lora import PREFIX
+
+        checkpoints = lora_checkpoints
+        kept = {PREFIX + c.name: c for c in list_checkpoints(checkpoints)}
+    else:
+        kept = {c.name: c for c in list_checkpoints(checkpoints)}
     if model != "base" and not kept:
-        fail(f"{checkpoints}: no complete checkpoints to evaluate; run `sft train`")
+        fail(f"{checkpoints}: no complete checkpoints to evaluate; run `sft {'lora' if model == 'lora' else 'train'}`")
     started = time.perf_counter()
     # prompts must reach the model exactly as prepare rendered them with the base tokenizer
     training_tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -283,6 +331,8 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
                 cache_base_results(p.evaluate, key, results)
         elif model == "checkpoints":
             results = evaluate_models(kept, p.evaluate, typer.echo, training_tokenizer, p.evaluate.per_checkpoint)
+        elif model == "lora":
+            results = _lora_results(p, kept, training_tokenizer)
         else:
             results = _full_suite_in_gate_order(p, kept, out, training_tokenizer)
     except ValueError as err:
@@ -293,13 +343,28 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
     typer.echo(f"evaluated {len(results)} model(s) in {time.perf_counter() - started:.0f}s")
 
 
+def _lora_results(p, kept: dict[str, Path], training_tokenizer) -> dict:
+    """evaluate.per_checkpoint on every LoRA checkpoint, then the rest of the suite on the best by the
+    policy's select_by: the baseline full SFT is compared with."""
+    from pipeline.evaluate import evaluate_models, summary
+    from pipeline.gate import load_policy, ranked
+
+    results = evaluate_models(kept, p.evaluate, typer.echo, training_tokenizer, p.evaluate.per_checkpoint)
+    select_by = load_policy(p.gate.policy, set(p.evaluate.metrics)).select_by
+    best = ranked(summary(results), select_by)[0]
+    rest = [m for m in p.evaluate.metrics if m not in results[best]]
+    typer.echo(f"full suite on the best LoRA checkpoint by {select_by}: {best}")
+    results[best].update(evaluate_models({best: kept[best]}, p.evaluate, typer.echo, training_tokenizer, rest)[best])
+    return results
+
+
 def _full_suite_in_gate_order(p, kept: dict[str, Path], evaluations: Path, training_tokenizer) -> dict:
     """The full suite on the best checkpoint by golden that can still pass, then the next, until
     one passes the whole policy (usually the first): the gate stage then decides on these files."""
     from pipeline.evaluate import evaluate_in_order
     from pipeline.gate import check_candidate, load_policy, suite_order
 
-    policy = load_policy(p.gate.policy)
+    policy = load_policy(p.gate.policy, set(p.evaluate.metrics))
     base = json.loads((evaluations / "base-items.json").read_text())["base"]
     base_scores = {metric: r["score"] for metric, r in base.items()}
     golden = json.loads((evaluations / "checkpoints.json").read_text())
@@ -322,38 +387,55 @@ def _full_suite_in_gate_order(p, kept: dict[str, Path], evaluations: Path, train
 
 @app.command()
 def gate(evaluations: Path = Path("evaluate"), checkpoints: Path = Path("train/checkpoints"),
-         out: Path = Path("gate")):
-    """Apply evals/gate.yaml; write gate.json and gate.md; exit 1 unless the gate passes."""
-    from pipeline.gate import decide, load_policy, plot_change, render_markdown
+         lora_dir: Path = Path("lora"), trained: Path = Path("train/metrics.json"), out: Path = Path("gate")):
+    """Apply evals/gate.yaml; write gate.json, gate.md and the full-vs-LoRA decision record; exit 1
+    unless the gate passes."""
+    from pipeline.files import file_manifest
+    from pipeline.gate import (decide, decision_record, load_policy, plot_change, plot_decision, render_decision,
+                               render_markdown, run_cost)
+    from pipeline.lora import PREFIX
     from pipeline.train.checkpoint import list_checkpoints, weights_sha256
 
     p = params()
     try:
-        policy = load_policy(p.gate.policy)
+        policy = load_policy(p.gate.policy, set(p.evaluate.metrics))
     except ValueError as err:
         fail(str(err))
     base_scores = json.loads((evaluations / "base.json").read_text())["base"]
     golden = json.loads((evaluations / "checkpoints.json").read_text())
     suite = json.loads((evaluations / "suite.json").read_text())
     candidates = {name: {**scores, **suite.get(name, {})} for name, scores in golden.items()}
+    lora = json.loads((evaluations / "lora.json").read_text()) if (evaluations / "lora.json").exists() else {}
     kept = {c.name: c for c in list_checkpoints(checkpoints)}
-    unknown = sorted(set(candidates) - set(kept))
+    kept.update({PREFIX + c.name: c for c in list_checkpoints(lora_dir / "checkpoints")})
+    unknown = sorted(set(candidates) - set(kept)) + sorted(set(lora) - set(kept))
     if unknown:
-        fail(f"{evaluations}/checkpoints.json: results for {unknown} but no such checkpoint in {checkpoints}")
-    hashes = {name: weights_sha256(kept[name]) for name in candidates}
+        fail(f"{evaluations}: results for {unknown} but no such checkpoint in {checkpoints} or {lora_dir}/checkpoints")
+    hashes = {name: weights_sha256(kept[name]) for name in [*candidates, *lora]}
     items: dict[str, dict] = {}
-    for name in ("base", "checkpoints", "suite"):  # per-item scores, for the paired intervals
-        for model, metrics in json.loads((evaluations / f"{name}-items.json").read_text()).items():
+    for name in ("base", "checkpoints", "suite", "lora"):  # per-item scores, for the paired intervals
+        path = evaluations / f"{name}-items.json"
+        if name == "lora" and not path.exists():
+            continue
+        for model, metrics in json.loads(path.read_text()).items():
             items.setdefault(model, {}).update({metric: r["items"] for metric, r in metrics.items()})
     try:
-        verdict = decide(policy, base_scores, candidates, hashes, items)
+        verdict = decide(policy, base_scores, candidates, hashes, items, lora)
     except ValueError as err:
         fail(str(err))
-    verdict["weights"] = str(kept[verdict["chosen"]] / "model.safetensors")
+    verdict["path"] = str(kept[verdict["chosen"]])
+    verdict["files"] = file_manifest(kept[verdict["chosen"]])  # weights, config, tokenizer, chat template: all of it
     out.mkdir(parents=True, exist_ok=True)
     plot_change(verdict, out / "change.png")
     verdict["plot"] = "change.png"
-    markdown = render_markdown(verdict)
+    costs = {run: run_cost(json.loads(path.read_text()), p.plan.prices)
+             for run, path in (("full", trained), ("lora", lora_dir / "metrics.json")) if path.exists()}
+    record = decision_record(policy, verdict, items, costs)
+    plot_decision(record, out / "decision.png")
+    record["plot"] = "decision.png"
+    verdict["decision"] = record["verdict"]
+    markdown = render_markdown(verdict) + render_decision(record)
+    write_json(out / "decision.json", record)
     write_json(out / "gate.json", verdict)
     write_text(out / "gate.md", markdown)
     typer.echo(markdown)
@@ -363,30 +445,48 @@ def gate(evaluations: Path = Path("evaluate"), checkpoints: Path = Path("train/c
 
 @app.command()
 def card(gate_dir: Path = Path("gate"), checkpoints: Path = Path("train/checkpoints"),
-         base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out: Path = Path("card")):
-    """Write the model card and the publishable folder (weights + tokenizer + card + verdict)."""
+         lora_checkpoints: Path = Path("lora/checkpoints"),
+         base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out: Path = Path("card"),
+         manifest: Path = Path("release/manifest.json")):
+    """Write the model card, the publishable folder (weights + tokenizer + card + verdict) and the
+    release manifest (the sha256 of every file in it; the training job signs it with `sft sign`)."""
     from pipeline.card import assemble, build_card
-    from pipeline.files import atomic_dir
-    from pipeline.train.checkpoint import weights_sha256
+    from pipeline.files import atomic_dir, file_manifest, manifest_differences, sha256_file
 
     p = params()
     verdict = json.loads((gate_dir / "gate.json").read_text())
     if not verdict["passed"]:
         fail(f"{gate_dir}/gate.json: the gate did not pass; no card is written")
-    chosen = checkpoints / verdict["chosen"]
-    if weights_sha256(chosen) != verdict["sha256"]:
-        fail(f"{chosen}: weights differ from the ones the gate passed")
+    from pipeline.lora import checkpoint_path
+
+    chosen = checkpoint_path(verdict["chosen"], checkpoints, lora_checkpoints)
+    gated = verdict.get("files") or {}
+    differing = sorted(sum(manifest_differences(gated, file_manifest(chosen)), []))
+    if not gated or differing:
+        fail(f"{chosen}: {', '.join(differing) or 'files'} differ from what the gate passed ({gate_dir}/gate.json files)")
     base_meta = json.loads((base_dir / "meta.json").read_text())
     stats = json.loads((packed_dir / "stats.json").read_text())
     model_card = build_card(
         verdict, (gate_dir / "gate.md").read_text(), p.card.repo_id, base_meta["model"], base_meta.get("revision"),
         p.evaluate.metrics,
-        stats["data_sha256"], {k: v for k, v in p.train.model_dump().items() if k in ("lr", "epochs", "warmup_ratio",
-                                                                                    "weight_decay")},
+        stats["data_sha256"], training_summary(p, verdict.get("kind", "full")),
         p.card.license, p.card.language)
     with atomic_dir(out) as tmp:
-        assemble(chosen, model_card, [gate_dir / "gate.json", gate_dir / "gate.md", gate_dir / "change.png"], tmp)
+        assemble(chosen, model_card, [gate_dir / name for name in ("gate.json", "gate.md", "change.png", "decision.json",
+                                                                   "decision.png")], tmp)
+        files = file_manifest(tmp)
+    write_json(manifest, {"chosen": verdict["chosen"], "sha256": verdict["sha256"],
+                          "gate_sha256": sha256_file(gate_dir / "gate.json"), "files": files})
     typer.echo(f"model card and publishable folder in {out}/ ({verdict['chosen']}, sha256 {verdict['sha256'][:12]})")
+
+
+def training_summary(p, kind: str) -> dict:
+    """The hyperparameters of the run that made the shipped model, for the card."""
+    hyper = {k: v for k, v in p.train.model_dump().items() if k in ("lr", "epochs", "warmup_ratio", "weight_decay")}
+    if kind == "lora":
+        return {"method": "LoRA, merged into the base", **hyper, "lr": p.lora.lr, "rank": p.lora.rank,
+                "alpha": p.lora.alpha, "dora": p.lora.dora}
+    return {"method": "full SFT", **hyper}
 
 
 @app.command()
@@ -411,8 +511,12 @@ def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...)
         tokens = planned_tokens(p)
     tokens_per_run = tokens * p.train.epochs
     tokens_per_gpu = p.train.micro_batch_size * p.prepare.max_seq_len
+    # logits are computed only where a loss is taken: prepare's share for this data, else all of them
+    stats = prepared_stats(p) or {}
+    supervised_share = stats["supervised_tokens"] / stats["tokens"] if stats.get("supervised_tokens") else 1.0
+    # the plan is for the run the config makes
     rows = make_plan(shape, tokens_per_run, tokens_per_gpu, p.plan.gpus_per_node, p.plan.mfu, p.plan.prices,
-                     p.train.activation_checkpointing)  # the plan is for the run the config makes
+                     p.train.activation_checkpointing, p.train.compile, supervised_share)
     markdown = render_markdown(name, shape, rows, tokens_per_run, p.plan.mfu)
     write_json(out / "plan.json", {"model": name, "params": shape.params, "tokens_per_run": tokens_per_run,
                                    "tokens_per_gpu_step": tokens_per_gpu, "rows": rows})
@@ -420,15 +524,23 @@ def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...)
     typer.echo(markdown)
 
 
-def planned_tokens(p) -> int:
-    """Tokens an epoch of this branch's data makes: prepare's exact count when it was made from these
-    very files, else `sft data stats` of them with the replay share added. Never another data set's."""
+def prepared_stats(p) -> dict | None:
+    """prepare/stats.json when prepare made it from this branch's very files; never another data set's."""
     inputs = [Path(p.data.train)] + ([Path(p.data.replay)] if p.data.replay else [])
-    prepared, report = Path("prepare/stats.json"), Path("data-report/stats.json")
+    prepared = Path("prepare/stats.json")
     if prepared.is_file() and all(f.is_file() for f in inputs):
         stats = json.loads(prepared.read_text())
         if stats.get("data_sha256") == sha256_files(inputs):
-            return stats["tokens"]
+            return stats
+    return None
+
+
+def planned_tokens(p) -> int:
+    """Tokens an epoch of this branch's data makes: prepare's exact count when it was made from these
+    very files, else `sft data stats` of them with the replay share added."""
+    stats, report = prepared_stats(p), Path("data-report/stats.json")
+    if stats:
+        return stats["tokens"]
     if report.is_file():
         current = json.loads(report.read_text())["current"]  # the training file only: add the replay mix
         return round(current["tokens"] / (1 - p.prepare.replay_share))
@@ -497,6 +609,10 @@ def data_diff_command(rev: str = typer.Argument(..., help="git revision to compa
 def publish(tag: str = typer.Option(..., envvar="RELEASE_TAG", help="release tag, e.g. v1.0.0"),
             folder: Path = typer.Option(Path("card"), help="the folder `sft card` wrote"),
             gate_file: Path = typer.Option(Path("gate/gate.json"), "--gate", help="the gate verdict"),
+            sha: str = typer.Option(..., envvar="GITHUB_SHA", help="the tagged commit: the signed verdict must be its own"),
+            manifest: Path = typer.Option(Path("release/manifest.json"), help="the release manifest (signed through "
+                                                                               "release/attestation.json)"),
+            signers: Path = typer.Option(Path(".github/release-signers"), help="allowed signers (public keys)"),
             repo_id: str = typer.Option(None, help="Hub repo (default: params.yaml card.repo_id)"),
             endpoint: str = typer.Option(None, envvar="HF_ENDPOINT", help="Hub URL (default: huggingface.co)"),
             token: str = typer.Option(None, envvar="HF_TOKEN", show_default=False),
@@ -508,7 +624,8 @@ def publish(tag: str = typer.Option(..., envvar="RELEASE_TAG", help="release tag
 
     repo_id = repo_id or params().card.repo_id
     try:
-        result = push(folder, gate_file, repo_id, tag, endpoint=endpoint, token=token, private=not public)
+        result = push(folder, gate_file, repo_id, tag, manifest_path=manifest, signers=signers, commit=sha,
+                      endpoint=endpoint, token=token, private=not public)
     except PublishRefused as err:
         fail(f"publish refused: {err}")
     except OfflineModeIsEnabled:
@@ -519,6 +636,25 @@ def publish(tag: str = typer.Option(..., envvar="RELEASE_TAG", help="release tag
         typer.echo(f"published {folder}/ to {repo_id} at commit {result.commit[:12]}, tagged {tag}")
     else:
         typer.echo(f"{repo_id}@{tag} already holds these weights (commit {result.commit[:12]}); nothing pushed")
+
+
+@app.command()
+def sign(sha: str = typer.Option(..., envvar="GIT_SHA", help="the trained commit the verdict is for"),
+         manifest: Path = typer.Option(Path("release/manifest.json"), help="the release manifest `sft card` wrote")):
+    """Attest that `manifest` is the verdict of commit SHA and sign it with RELEASE_SIGNING_KEY (the
+    training job, after the DAG): release/attestation.json and its .sig."""
+    from pipeline.files import sha256_file
+    from pipeline.signing import SignatureError, sign as sign_file, signing_key_from_env
+
+    if not manifest.is_file():
+        fail(f"{manifest}: not found; run `sft card` (a failed gate has nothing to sign)")
+    attestation = manifest.with_name("attestation.json")
+    write_json(attestation, {"commit": sha, "manifest_sha256": sha256_file(manifest)})
+    try:
+        signature = sign_file(attestation, signing_key_from_env())
+    except SignatureError as err:
+        fail(f"sign: {err}")
+    typer.echo(f"signed {attestation} ({manifest} of {sha[:12]}) -> {signature}")
 
 
 status_app = typer.Typer(no_args_is_help=True, help="The eval-gate commit status on GitHub.")
@@ -540,14 +676,20 @@ def status_set(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to
                state: str = typer.Option(None, help="pending | success | failure | error"),
                description: str = typer.Option("", help="with --state"),
                from_gate: Path = typer.Option(None, help="a gate.json: success only if it passed"),
-               target_url: str = typer.Option(None, help="link shown beside the status")):
+               signed: Path = typer.Option(None, help="with --from-gate: a pass counts only if this file's "
+                                                      "signature (<file>.sig) is there (the training job)"),
+               target_url: str = typer.Option(None, help="link shown beside the status (inside a SkyPilot "
+                                              "managed job: the job's dashboard page when JOBS_DASHBOARD_URL is set)")):
     """Set eval-gate: `--state pending --description ...` while training, `--from-gate gate/gate.json` after."""
-    from pipeline.github import GitHubError, set_status, status_from_gate
+    from pipeline.github import GitHubError, job_page, set_status, status_from_gate
 
     if (state is None) == (from_gate is None):
         fail("status set: pass exactly one of --state or --from-gate")
+    target_url = job_page(dict(os.environ)) or target_url  # the job's own logs, not the workflow that launched it
     if from_gate is not None:
         state, description = status_from_gate(from_gate)
+        if state == "success" and signed is not None and not signed.with_name(signed.name + ".sig").is_file():
+            state, description = "error", f"the gate passed but {signed} is unsigned: nothing can be released (job log)"
     try:
         set_status(_github(), sha, state, description, target_url)
     except (GitHubError, ValueError) as err:
@@ -556,12 +698,14 @@ def status_set(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to
 
 
 @status_app.command("require")
-def status_require(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to check")):
-    """Exit 1 unless the commit's eval-gate status is success (the release check)."""
+def status_require(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to check"),
+                   creator: str = typer.Option("", envvar="EVAL_GATE_ACCOUNT",
+                                               help="the account whose eval-gate status counts (the job's token's)")):
+    """Exit 1 unless the commit's eval-gate status is success, set by the eval-gate account (the release check)."""
     from pipeline.github import GitHubError, ReleaseRefused, require_success
 
     try:
-        status = require_success(_github(), sha)
+        status = require_success(_github(), sha, creator)
     except (GitHubError, ReleaseRefused) as err:
         fail(f"release refused: {err}")
     typer.echo(f"eval-gate on {sha[:12]}: success ({status.get('description', '')})")
@@ -583,15 +727,36 @@ def results(sha: str = typer.Option(..., envvar="GIT_SHA", help="the trained com
     typer.echo(f"results of {sha[:12]} committed as {commit[:12]} on {results_branch(sha)}")
 
 
+@app.command("take-results")
+def take_results_command(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="the tagged commit"),
+                         checkout: Path = typer.Option(Path("results"), help="where results/<sha> is checked out")):
+    """Copy the training results (dvc.lock, metrics, the signed release manifest) from results/<sha>,
+    refusing a results commit that is not directly on the tagged commit or that changes other files."""
+    from pipeline.github import ReleaseRefused, take_results
+
+    try:
+        taken = take_results(checkout, sha)
+    except ReleaseRefused as err:
+        fail(f"release refused: {err}")
+    typer.echo(f"took {len(taken)} result file(s) of {sha[:12]} from {checkout}/")
+
+
 @app.command("pr-comment")
 def pr_comment(out: Path = typer.Option(Path("pr-comment.md"), help="where to write the comment"),
                post: int = typer.Option(None, help="PR number: create or update the one comment there"),
-               head: str = typer.Option(None, help="the PR head commit, named in the heading")):
+               head: str = typer.Option(None, help="the PR head commit, named in the heading"),
+               base: str = typer.Option(None, help="the base branch's revision (origin/main): changes to the "
+                                                   "gate's policy, eval sets or release path are flagged")):
     """Assemble the PR comment (contract, params diff, plan, data stats, gate); optionally post it."""
     from pipeline.github import GitHubError, upsert_comment
-    from pipeline.pr_comment import build_comment
+    from pipeline.pr_comment import build_comment, guarded_changes
 
-    body = build_comment(Path("."), head=head)
+    if base:
+        p = params()
+        guarded = guarded_changes(base, p.validate_.eval_sets, policy=p.gate.policy)
+    else:
+        guarded = None
+    body = build_comment(Path("."), head=head, guarded=guarded)
     write_text(out, body)
     typer.echo(f"PR comment written to {out} ({len(body):,} characters)")
     if post is not None:

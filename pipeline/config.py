@@ -61,11 +61,24 @@ class ValidateConfig(Section):
     max_response_chars: int = Field(16_000, ge=1)
     eval_sets: list[str] = ["data/golden.jsonl"]  # no training prompt may appear in these
     leak_ngram: int = Field(13, ge=3)  # a shared word n-gram of this length counts as a leak
-    max_pii_share: float = Field(0.0, ge=0, le=1)  # e-mails, phone and card numbers, API keys
+    max_pii_share: float = Field(0.0, ge=0, le=1)  # e-mails, card and phone numbers
+    # national phone formats checked besides international ones (+CC, any region), as ISO 3166 codes
+    # (e.g. [US, GB]); off by default: in a national format many plain 10-digit numbers (order and
+    # invoice numbers) are valid phone numbers
+    phone_regions: list[str] = []
+    max_secret_share: float = Field(0.0, ge=0, le=1)  # credentials detect-secrets recognises
+    # fuzzy near-duplicates (MinHash LSH over word 3-grams of the normalised pair); null: off
+    near_duplicate_jaccard: float | None = Field(0.8, gt=0, le=1)
+    max_fuzzy_duplicate_share: float = Field(0.0, ge=0, le=1)
     max_boilerplate_share: float = Field(0.01, ge=0, le=1)  # "As an AI model...", stock refusals
     min_rows_per_source: int = Field(100, ge=1)  # when the data has a `source` field: no source too thin to learn
     # share of examples that fit prepare.max_seq_len tokens after the chat template (the rest is truncated)
     min_fit_share: float = Field(0.99, ge=0, le=1)
+    # the average share of an example's tokens that carries loss (the assistant turns and their
+    # end-of-turn tokens, after truncation): below the floor, training pays for prompts and template
+    # and learns from almost nothing; the ceiling (1.0: off) catches prompts that are all but empty
+    min_supervised_share: float = Field(0.02, ge=0, le=1)
+    max_supervised_share: float = Field(1.0, ge=0, le=1)
     # the method: general replay makes 10-20% of the mixed training set (checked when prepare mixes replay)
     min_replay_share: float = Field(0.10, ge=0, le=1)
     max_replay_share: float = Field(0.20, ge=0, le=1)
@@ -75,6 +88,9 @@ class ValidateConfig(Section):
         if self.min_replay_share > self.max_replay_share:
             raise ValueError(f"min_replay_share ({self.min_replay_share}) is above "
                              f"max_replay_share ({self.max_replay_share})")
+        if self.min_supervised_share > self.max_supervised_share:
+            raise ValueError(f"min_supervised_share ({self.min_supervised_share}) is above "
+                             f"max_supervised_share ({self.max_supervised_share})")
         return self
 
 
@@ -108,6 +124,8 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory
     compile: bool = True  # torch.compile each decoder layer (GPU only)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # how long ranks wait in one collective before the job fails, e.g. while rank 0 writes an export
+    collective_timeout_minutes: int = Field(60, ge=1)
     # epoch checkpoints (and so card/ and the Hub) in bf16, sharded as transformers shards large models
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     export_shard_size: str = "5GB"
@@ -131,6 +149,37 @@ class TrainConfig(Section):
                     f"use a value in range, or set train.override_method_ranges: true and say why"
                 )
         return self
+
+
+class LoraConfig(Section):
+    """The LoRA baseline (`sft lora`): adapters on every linear layer of the same base, trained on
+    the same prepared data with train's epochs, batch, schedule and strategy, at LoRA's own LR. Full
+    SFT ships only where it beats this (evals/gate.yaml `versus_lora`)."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)  # the update is scaled by alpha / rank
+    dora: bool = True  # weight-decomposed LoRA: a learned magnitude per output row
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # LoRA wants about 10x full SFT's learning rate; out of range only with override_method_ranges
+    lr: float = Field(2e-4, gt=0)
+    override_method_ranges: bool = False
+
+    METHOD_RANGES: ClassVar[dict[str, tuple[float, float]]] = {"lr": (1e-4, 5e-4)}
+
+    @model_validator(mode="after")
+    def _method_ranges(self):
+        low, high = self.METHOD_RANGES["lr"]
+        if not self.override_method_ranges and not low <= self.lr <= high:
+            raise ValueError(f"lora.lr = {self.lr} is outside LoRA's range [{low}, {high}] (about 10x full SFT's); "
+                             "use a value in range, or set lora.override_method_ranges: true and say why")
+        return self
+
+    def training(self, train: TrainConfig) -> TrainConfig:
+        """train's settings with LoRA's learning rate: the same data, epochs, batch and schedule."""
+        if train.strategy not in ("single", "fsdp2"):
+            raise ValueError(f"lora: train.strategy {train.strategy!r} is not supported with adapters; the LoRA "
+                             "baseline runs under single or fsdp2")
+        return train.model_copy(update={"lr": self.lr})
 
 
 class MetricSpec(Section):
@@ -189,6 +238,7 @@ class Params(Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     prepare: PrepareConfig = PrepareConfig()
     train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     card: CardConfig = CardConfig()

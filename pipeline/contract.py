@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -28,13 +29,24 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 FIELDS = ("prompt", "response")
 MAX_EXAMPLES = 5
 # RE2 syntax (pyarrow): a look-around such as (?<!\d) is written (?:^|\D), the same for a search
-PII_PATTERNS = {
+PII_PATTERNS = {  # what no library covers better; phone numbers and secrets have their own (below)
     "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
-    "phone": r"(?:^|\D)(?:\+\d{1,3}[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?:\D|$)",
     "card": r"(?:^|\D)(?:\d{4}[ -]){3}\d{1,4}(?:\D|$)|(?:^|\D)\d{15,16}(?:\D|$)",
-    "api_key": r"\b(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}|"
-               r"xox[baprs]-[A-Za-z0-9-]{10,})",
 }
+# Cheap RE2 prefilters: only rows that match go to the libraries (Python, row by row)
+_PHONE_CANDIDATE = r"\+?\(?\d[\d ().-]{5,}\d"
+# a long key-like run, a PEM header, a keyword assigned a value (detect-secrets' KeywordDetector)
+_SECRET_CANDIDATE = (r"[A-Za-z0-9+/=_.-]{16,}|-----BEGIN|"
+                     r"(?i:pass|pwd|secret|key|token|auth|credential|bearer)[\w-]*[\"']?\s*(?::=|=>|[:=])")
+# Token formats detect-secrets 1.5 does not know (Hugging Face, current OpenAI keys), in RE2
+EXTRA_SECRET_PATTERNS = [r"\bhf_[A-Za-z0-9]{30,}", r"\bsk-(?:proj-)?[A-Za-z0-9_-]{20,}"]
+# detect-secrets' detectors but the high-entropy ones, which flag ordinary prose ("hello world")
+SECRET_PLUGINS = ("AWSKeyDetector", "ArtifactoryDetector", "AzureStorageKeyDetector", "BasicAuthDetector",
+                  "CloudantDetector", "DiscordBotTokenDetector", "GitHubTokenDetector", "GitLabTokenDetector",
+                  "IbmCloudIamDetector", "IbmCosHmacDetector", "JwtTokenDetector",
+                  "KeywordDetector", "MailchimpDetector", "NpmDetector", "OpenAIDetector", "PrivateKeyDetector",
+                  "PypiTokenDetector", "SendGridDetector", "SlackDetector", "SoftlayerDetector",
+                  "SquareOAuthDetector", "StripeDetector", "TelegramBotTokenDetector", "TwilioKeyDetector")
 BOILERPLATE_PATTERNS = [  # matched case-insensitively
     r"\bas an ai(?: language)? model\b",
     r"^\s*i(?:'m| am) sorry,? but\b",
@@ -43,17 +55,27 @@ BOILERPLATE_PATTERNS = [  # matched case-insensitively
 TOKENS_OUTSIDE_TEXT = 8  # a tokenizer's post-processor may add BOS/EOS that no byte of the text stands for
 # Python's \s (str.isspace) besides " ", and what [^\w\s] strips, in RE2 terms (pyarrow)
 _OTHER_SPACE = r"\t\n\v\f\r\x1c-\x1f\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
-_PUNCT = rf"[^\p{{L}}\p{{N}}_ {_OTHER_SPACE}]"
+_PUNCT = rf"[^\p{{L}}\p{{M}}\p{{N}}_ {_OTHER_SPACE}]"  # marks stay: Devanagari or Thai vowel signs are letters
 _SPACE_RUN = rf"[ {_OTHER_SPACE}]{{2,}}|[{_OTHER_SPACE}]"  # a single " " is left alone: the common case, fast
 _PAIR = pa.scalar("\x1f", pa.large_string())  # joins prompt and response into one key
 
 
+_FORMAT = r"\p{Cf}"  # zero-width spaces and joiners, soft hyphens, byte-order marks: invisible
+_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"  # C0/C1 controls but tab, newline and carriage return
+_FOLD = {"ß": "ss", "ς": "σ"}  # where case folding differs from lower case (after NFKC)
+
+
 def normalize(values) -> pa.Array:
-    """Lower case, punctuation dropped, whitespace collapsed (Python's `[^\\w\\s]` and `\\s+`); a null is ""."""
+    """The text as people read it: NFKC (fullwidth and compatibility forms become plain ones), case
+    folded, invisible format characters dropped, punctuation dropped, whitespace (any Unicode space)
+    collapsed; a null is ""."""
     text = pa.array(values, type=pa.large_string())
     if isinstance(text, pa.ChunkedArray):  # a pandas column backed by pyarrow comes chunked
         text = text.combine_chunks()
-    text = pc.replace_substring_regex(pc.utf8_lower(pc.fill_null(text, "")), _PUNCT, "")
+    text = pc.utf8_lower(pc.utf8_normalize(pc.fill_null(text, ""), "NFKC"))
+    for letter, folded in _FOLD.items():
+        text = pc.replace_substring(text, letter, folded)
+    text = pc.replace_substring_regex(text, f"{_PUNCT}|{_FORMAT}", "")
     return pc.utf8_trim(pc.replace_substring_regex(text, _SPACE_RUN, " "), " ")
 
 
@@ -115,15 +137,116 @@ def leaks_eval(prompts: pa.Array, held_out: list[str], n: int) -> np.ndarray:
 
 
 def blank(values: pd.Series) -> np.ndarray:
-    """Whether each text is empty or only whitespace (a null is not blank: it is reported as null)."""
+    """Whether each text shows nothing: empty, or only whitespace (any Unicode space) and invisible
+    format characters (zero-width spaces, word joiners). A null is not blank: it is reported as null."""
     text = pa.array(values, type=pa.large_string())
-    return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), ""), False).to_numpy(zero_copy_only=False)
+    invisible_only = pc.match_substring_regex(text, rf"^(?:{_FORMAT}|[ {_OTHER_SPACE}])*$")  # 40x a replace
+    return pc.fill_null(invisible_only, False).to_numpy(zero_copy_only=False)
+
+
+def has_control_characters(values: pd.Series) -> np.ndarray:
+    """Whether each text holds a control character other than tab and line ends (terminal escapes,
+    NUL bytes from a bad export): the tokenizer keeps them and the model learns to emit them."""
+    text = pa.array(values, type=pa.large_string())
+    return pc.fill_null(pc.match_substring_regex(text, _CONTROL), False).to_numpy(zero_copy_only=False)
 
 
 def matches_any(values: pd.Series, patterns: list[str], ignore_case: bool = False) -> np.ndarray:
     text = pa.array(values, type=pa.large_string())
     hit = pc.match_substring_regex(text, "|".join(f"(?:{p})" for p in patterns), ignore_case=ignore_case)
     return pc.fill_null(hit, False).to_numpy(zero_copy_only=False)
+
+
+def phone_numbers(values: pd.Series, regions: list[str]) -> np.ndarray:
+    """Whether each text holds a valid phone number (Google's libphonenumber, `phonenumbers`): in
+    international form (+ and a country code) from any region, or in the national form of `regions`."""
+    import phonenumbers
+
+    flags = np.zeros(len(values), dtype=bool)
+    for i in np.flatnonzero(matches_any(values, [_PHONE_CANDIDATE])):
+        text = values.iloc[i]
+        flags[i] = any(True for region in ("ZZ", *regions)
+                       for _ in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID))
+    return flags
+
+
+def secrets(values: pd.Series) -> np.ndarray:
+    """Whether each text holds a credential that detect-secrets recognises (cloud and API keys,
+    tokens, private keys, quoted passwords in assignments)."""
+    from detect_secrets.core.scan import scan_line
+    from detect_secrets.settings import transient_settings
+
+    flags = matches_any(values, EXTRA_SECRET_PATTERNS)
+    with transient_settings({"plugins_used": [{"name": name} for name in SECRET_PLUGINS]}):
+        for i in np.flatnonzero(matches_any(values, [_SECRET_CANDIDATE])):
+            flags[i] = flags[i] or any(True for line in values.iloc[i].splitlines() for _ in scan_line(line))
+    return flags
+
+
+def _shingles(keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(word 3-gram ids, first index of each row's 3-grams; one more than rows) of the texts: words
+    numbered by a dictionary encoding, each 3-gram one number below 2^31 (a row of fewer than three
+    words is one shingle of what it has)."""
+    words = pc.split_pattern(pa.array(keys, type=pa.large_string()), " ")
+    counts = pc.list_value_length(words).to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = pc.dictionary_encode(pc.list_flatten(words)).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(len(ids)) - np.repeat(starts, counts)
+    inner = position <= np.repeat(np.maximum(counts - 3, 0), counts)
+    span = np.repeat(np.minimum(counts, 3), counts)
+    shingle = ids * 1_000_003 + np.where(span > 1, np.append(ids[1:], 0), -1)
+    shingle = (shingle * 1_000_003 + np.where(span > 2, np.append(ids[2:], [0, 0]), -1)) % ((1 << 61) - 1)
+    owner = np.repeat(np.arange(len(counts)), counts)[inner]
+    return shingle[inner] & 0x7FFFFFFF, np.searchsorted(owner, np.arange(len(counts) + 1))
+
+
+def fuzzy_duplicates(keys: pd.Series, threshold: float, num_perm: int = 128, seed: int = 0,
+                     chunk: int = 50_000) -> np.ndarray:
+    """Whether each row has an earlier row whose word 3-gram sets (of the normalised pair) are at
+    least `threshold` alike (Jaccard), with datasketch's MinHash LSH.
+
+    datasketch picks the bands for the threshold (recall first: every candidate is confirmed on the
+    exact 3-gram sets, so a false candidate costs only time) and answers the lookups. Its per-row
+    Python update, insert and query cost about 150 us a row, so the MinHash values of all rows are
+    computed with numpy in chunks, exactly as datasketch's "affine32" scheme computes them (its
+    MurmurHash3 pre-mix and its own permutations), and only rows that share a band with some other
+    row, found with numpy, go through the index."""
+    from datasketch import LeanMinHash, MinHash, MinHashLSH
+    from datasketch.minhash import _fmix
+
+    shingle, bounds = _shingles(keys)
+    shingle = _fmix(shingle.astype(np.uint32), 32)
+    rows = len(bounds) - 1
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+    hashes = np.full((rows, num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    filled = np.flatnonzero(np.diff(bounds) > 0)
+    for lo in range(0, len(filled), chunk):  # bounded memory: a chunk's shingles x one permutation at a time
+        part = filled[lo:lo + chunk]
+        first, last = bounds[part[0]], bounds[part[-1] + 1]
+        x = shingle[first:last]
+        for k in range(num_perm):  # a*h + b mod 2^32: uint32 wraparound is the modulo
+            hashes[part, k] = np.minimum.reduceat(a[k] * x + b[k], bounds[part] - first)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
+    shared = np.zeros(rows, dtype=bool)
+    mix = np.random.default_rng(seed).integers(1, 1 << 62, lsh.r, dtype=np.uint64) | np.uint64(1)
+    for band in range(lsh.b):  # one 64-bit key per row and band; a key seen twice makes both rows candidates
+        key = (hashes[:, band * lsh.r:(band + 1) * lsh.r].astype(np.uint64) * mix).sum(axis=1, dtype=np.uint64)
+        _, inverse, counts = np.unique(key[filled], return_inverse=True, return_counts=True)
+        shared[filled[counts[inverse] > 1]] = True
+    flags = np.zeros(rows, dtype=bool)
+    for row in np.flatnonzero(shared):
+        minhash = LeanMinHash(seed=seed, hashvalues=hashes[row], scheme="affine32")
+        mine = shingle[bounds[row]:bounds[row + 1]]
+        flags[row] = any(_jaccard(mine, shingle[bounds[other]:bounds[other + 1]]) >= threshold
+                         for other in lsh.query(minhash))
+        lsh.insert(int(row), minhash, check_duplication=False)
+    return flags
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.unique(a), np.unique(b)
+    shared = len(np.intersect1d(a, b, assume_unique=True))
+    return shared / (len(a) + len(b) - shared)
 
 
 def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int = 2000, seed: int = 0) -> np.ndarray:
@@ -157,12 +280,61 @@ def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int
     return bound
 
 
+class LossMask(NamedTuple):
+    """Per-row loss-mask facts from prepare's own tokenization (see `loss_mask_flags`)."""
+    nothing_left: np.ndarray  # bool: no supervised token is left after truncation
+    end_unsupervised: np.ndarray  # bool: an assistant turn's end-of-turn token carries no loss
+    supervised_share: np.ndarray  # float: supervised tokens / tokens after truncation; NaN where not sampled
+
+
+def loss_mask_flags(tokenizer, frame: pd.DataFrame, limit: int, tokens: np.ndarray, sample: int = 2000,
+                    seed: int = 0) -> LossMask:
+    """Per row, from prepare's own tokenization and masks. `nothing_left` is decided on the rows
+    training truncates (`tokens > limit`; the others keep every token); `end_unsupervised` on the
+    first example of each role sequence, since the chat template decides it the same way for every
+    row of that sequence; `supervised_share` on a seeded sample of `sample` rows (the share is an
+    average: a sample measures it to about a percentage point). A model trained on the first learns
+    nothing from those rows; on the second, never to stop; with a tiny share, little per token paid."""
+    from pipeline.prepare import IGNORE, tokenize_conversations
+
+    messages = frame["messages"]
+    nothing_left = np.zeros(len(frame), dtype=bool)
+    truncated = np.flatnonzero(tokens > limit)
+    if len(truncated):
+        cut = tokenize_conversations(tokenizer, messages.iloc[truncated].tolist()).select(range(len(truncated)), limit)
+        nothing_left[truncated] = _supervised_counts(cut, IGNORE) == 0
+    supervised_share = np.full(len(frame), np.nan)
+    sampled = np.sort(np.random.default_rng(seed).choice(len(frame), min(sample, len(frame)), replace=False))
+    if len(sampled):
+        cut = tokenize_conversations(tokenizer, messages.iloc[sampled].tolist()).select(range(len(sampled)), limit)
+        supervised_share[sampled] = _supervised_counts(cut, IGNORE) / np.maximum(cut.lengths, 1)
+    rows_of: dict[tuple, list[int]] = {}
+    for i, turns in enumerate(messages):
+        rows_of.setdefault(tuple(t["role"] for t in turns), []).append(i)
+    first = {shape: rows[0] for shape, rows in rows_of.items()}
+    probes = tokenize_conversations(tokenizer, [messages.iloc[i] for i in first.values()])
+    specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    end_unsupervised = np.zeros(len(frame), dtype=bool)
+    for k, shape in enumerate(first):
+        ids, labels = probes.example(k)
+        mask = np.asarray(labels) != IGNORE
+        ends = np.flatnonzero(mask & ~np.append(mask[1:], False))  # the last token of each supervised run
+        ok = len(ends) == shape.count("assistant") and all(ids[end] in specials for end in ends)
+        end_unsupervised[rows_of[shape]] = not ok
+    return LossMask(nothing_left, end_unsupervised, supervised_share)
+
+
+def _supervised_counts(tokenized, ignore: int) -> np.ndarray:
+    counts = np.add.reduceat((tokenized.labels != ignore).astype(np.int64), tokenized.offsets[:-1])
+    return np.where(tokenized.lengths > 0, counts, 0)  # reduceat repeats the next value for an empty span
+
+
 def _template_bytes(tokenizer, roles: tuple[str, ...]) -> int:
     """Bytes the chat template adds around the contents of a conversation with these roles."""
-    from pipeline.prepare import TEMPLATE_VARIABLES
+    from pipeline.prepare import freeze_template_clock
 
-    text = tokenizer.apply_chat_template([{"role": r, "content": "x"} for r in roles], tokenize=False,
-                                         **TEMPLATE_VARIABLES)
+    freeze_template_clock()
+    text = tokenizer.apply_chat_template([{"role": r, "content": "x"} for r in roles], tokenize=False)
     return len(text.encode()) - len(roles)
 
 
@@ -174,19 +346,31 @@ def replay_share(train_rows: int, replay_rows: int, share: float, seed: int) -> 
     return (mixed - train_rows) / mixed
 
 
-def add_derived_columns(frame: pd.DataFrame, held_out: list[str], ngram: int, tokens: np.ndarray) -> pd.DataFrame:
-    """The columns the suite checks besides the fields: pair keys, leakage, PII, boilerplate, tokens."""
+def add_derived_columns(frame: pd.DataFrame, held_out: list[str], tokens: np.ndarray, cfg,
+                        loss_mask: LossMask) -> pd.DataFrame:
+    """The columns the suite (of `cfg`, the validate section) checks besides the fields: pair keys,
+    leakage, PII, secrets, boilerplate, tokens, the loss-mask flags of `loss_mask_flags`, and
+    (validate.near_duplicate_jaccard set) fuzzy near-duplicates."""
     prompts = normalize(frame["prompt"])
     derived = {
+        "no_supervised_tokens": loss_mask.nothing_left,
+        "end_of_turn_unsupervised": loss_mask.end_unsupervised,
+        "supervised_share": loss_mask.supervised_share,
         "blank_prompt": blank(frame["prompt"]),
         "blank_response": blank(frame["response"]),
+        "control_in_prompt": has_control_characters(frame["prompt"]),
+        "control_in_response": has_control_characters(frame["response"]),
         "normalized_pair": normalized_pairs(frame, prompts),
-        "leaks_eval": leaks_eval(prompts, held_out, ngram),
-        "pii_in_prompt": matches_any(frame["prompt"], list(PII_PATTERNS.values())),
-        "pii_in_response": matches_any(frame["response"], list(PII_PATTERNS.values())),
+        "leaks_eval": leaks_eval(prompts, held_out, cfg.leak_ngram),
+        **{f"pii_in_{field}": matches_any(frame[field], list(PII_PATTERNS.values())) for field in FIELDS},
+        **{f"phone_in_{field}": phone_numbers(frame[field], cfg.phone_regions) for field in FIELDS},
+        **{f"secret_in_{field}": secrets(frame[field]) for field in FIELDS},
         "boilerplate": matches_any(frame["response"], BOILERPLATE_PATTERNS, ignore_case=True),
         "tokens": tokens,
     }
+    if cfg.near_duplicate_jaccard is not None:
+        derived["fuzzy_duplicate"] = fuzzy_duplicates(derived["normalized_pair"].str.replace("\x1f", " "),
+                                                      cfg.near_duplicate_jaccard)
     if "source" in frame:
         derived["source_rows"] = frame.groupby("source", dropna=False)["prompt"].transform("size").to_numpy()
     return frame.assign(**derived)
@@ -223,24 +407,53 @@ def build_suite(cfg, max_seq_len: int, has_source: bool):
         add(_expect(gxe.ExpectColumnValuesToNotBeNull, "no nulls", field, "fill or drop rows with a missing field",
                     column=field))
         add(_expect(gxe.ExpectColumnValuesToBeInSet, "no blank strings", field,
-                    "fill or drop rows whose field is blank", column=f"blank_{field}", value_set=[False]))
+                    "fill or drop rows whose field is blank (zero-width and other invisible characters count as "
+                    "blank)", column=f"blank_{field}", value_set=[False]))
+        add(_expect(gxe.ExpectColumnValuesToBeInSet, "control characters (other than tab and line ends)", field,
+                    "strip terminal escapes and NUL bytes from the export", column=f"control_in_{field}",
+                    value_set=[False]))
         add(_expect(gxe.ExpectColumnValueLengthsToBeBetween, "characters", field,
                     f"shorten or drop the rows, or raise validate.max_{field}_chars",
                     column=field, min_value=cfg.min_chars, max_value=max_chars[field]))
     add(_expect(gxe.ExpectColumnValuesToBeBetween, "tokens after the chat template (longer ones are truncated)",
                 "messages", "shorten or drop long examples, or raise prepare.max_seq_len (or lower validate.min_fit_share)",
                 column="tokens", max_value=max_seq_len, mostly=cfg.min_fit_share))
+    add(_expect(gxe.ExpectColumnValuesToBeInSet, "no supervised token left after truncation", "messages",
+                "shorten the prompt (the response is cut away), drop the row, or raise prepare.max_seq_len",
+                column="no_supervised_tokens", value_set=[False]))
+    add(_expect(gxe.ExpectColumnValuesToBeInSet, "end-of-turn token of every assistant turn supervised", "messages",
+                "use a chat template that ends each assistant turn with the eos or another special token "
+                "(the model must learn to stop); see pipeline/prepare.py ChatRenderer",
+                column="end_of_turn_unsupervised", value_set=[False]))
+    add(_expect(gxe.ExpectColumnMeanToBeBetween, "share of tokens that carry loss (sampled rows)", "messages",
+                "longer responses or shorter prompts; check the template marks every assistant turn (see "
+                "pipeline/prepare.py ChatRenderer), or set validate.min_supervised_share / max_supervised_share",
+                column="supervised_share", min_value=cfg.min_supervised_share, max_value=cfg.max_supervised_share))
     add(_expect(gxe.ExpectCompoundColumnsToBeUnique, "exact duplicate pairs", "prompt,response",
                 "drop the repeated (prompt, response) pairs", column_list=list(FIELDS)))
-    add(_expect(gxe.ExpectColumnValuesToBeUnique, "near-duplicate pairs (case, whitespace and punctuation ignored)",
+    add(_expect(gxe.ExpectColumnValuesToBeUnique,
+                "near-duplicate pairs (Unicode forms, case, whitespace, punctuation and invisible characters ignored)",
                 "prompt,response", "drop near-duplicates: they over-weight one example", column="normalized_pair"))
     add(_expect(gxe.ExpectColumnValuesToBeInSet, "training prompt also in an eval set (exact or shared n-gram)",
                 "prompt", "remove eval items from the training data: they inflate the golden score",
                 column="leaks_eval", value_set=[False]))
+    if cfg.near_duplicate_jaccard is not None:
+        add(_expect(gxe.ExpectColumnValuesToBeInSet,
+                    f"fuzzy near-duplicates (MinHash LSH, word 3-gram Jaccard >= {cfg.near_duplicate_jaccard})",
+                    "prompt,response", "drop the rows that repeat an earlier one with small edits, or raise "
+                    "validate.near_duplicate_jaccard", column="fuzzy_duplicate", value_set=[False],
+                    mostly=1 - cfg.max_fuzzy_duplicate_share))
     for field in FIELDS:
-        add(_expect(gxe.ExpectColumnValuesToBeInSet, "PII or secrets (e-mail, phone, card number, API key)", field,
+        add(_expect(gxe.ExpectColumnValuesToBeInSet, "PII: e-mail addresses and card numbers", field,
                     "scrub or drop the rows, or raise validate.max_pii_share",
                     column=f"pii_in_{field}", value_set=[False], mostly=1 - cfg.max_pii_share))
+        add(_expect(gxe.ExpectColumnValuesToBeInSet, "PII: phone numbers (libphonenumber: international, and "
+                    f"national in {', '.join(cfg.phone_regions) or 'no region'})", field,
+                    "scrub or drop the rows, or raise validate.max_pii_share (validate.phone_regions: national formats)",
+                    column=f"phone_in_{field}", value_set=[False], mostly=1 - cfg.max_pii_share))
+        add(_expect(gxe.ExpectColumnValuesToBeInSet, "secrets (detect-secrets: keys, tokens, private keys, passwords)",
+                    field, "remove the credential (and rotate it), drop the rows, or raise validate.max_secret_share",
+                    column=f"secret_in_{field}", value_set=[False], mostly=1 - cfg.max_secret_share))
     add(_expect(gxe.ExpectColumnValuesToBeInSet, "boilerplate responses (stock refusals, 'as an AI model')",
                 "response", "rewrite or drop the responses, or raise validate.max_boilerplate_share",
                 column="boilerplate", value_set=[False], mostly=1 - cfg.max_boilerplate_share))
@@ -295,13 +508,56 @@ def run_suite(frame: pd.DataFrame, cfg, max_seq_len: int, replay: pd.DataFrame |
         # SUMMARY: the count and the first rows; COMPLETE would list every bad row of a bad million
         result = definition.run(batch_parameters={"dataframe": data},
                                 result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES})
-        checks += [{"data": name, **_check(r)} for r in result.results]
+        checks += [{"data": name, **_check(r, data)} for r in result.results]
     if docs_dir is not None:
         context.build_data_docs(site_names=["contract"])
     return checks
 
 
-def _check(r) -> dict:
+UNITS = {"tokens": "tokens", "source_rows": "rows"}  # per-row numbers the suite bounds, and what they count
+
+
+def _measure(config, details: dict, data: pd.DataFrame) -> tuple:
+    """The offending quantity a reviewer needs, as a number and as words: the longest text or the
+    most tokens (and where), the smallest source, or how many rows are flagged; not a count of
+    violations under a threshold's name."""
+    kwargs, kind = config.kwargs, config.type
+    column = kwargs.get("column")
+    if kind == "expect_column_value_lengths_to_be_between":
+        lengths = data[column].str.len()
+        too_short = kwargs.get("min_value") is not None and lengths.min() < kwargs["min_value"]
+        row = lengths.idxmin() if too_short else lengths.idxmax()
+        return int(lengths[row]), f"{'shortest' if too_short else 'longest'} {int(lengths[row]):,} characters " \
+                                  f"({_unit_of(data)} {row})"
+    if kind == "expect_column_values_to_be_between" and column in UNITS:
+        values = data[column]
+        smallest = kwargs.get("max_value") is None  # a floor: the smallest value is the one at risk
+        row = values.idxmin() if smallest else values.idxmax()
+        value = int(values[row])
+        what = f"source {data['source'][row]!r}: " if column == "source_rows" else ""
+        return value, f"{'smallest' if smallest else 'largest'} {what}{value:,} {UNITS[column]} ({_unit_of(data)} {row})"
+    if column == "supervised_share":
+        shares = data[column].dropna()
+        if shares.empty:
+            return None, "no rows to sample"
+        too_low = kwargs["min_value"] is not None and shares.mean() < kwargs["min_value"]
+        row = shares.idxmin() if too_low else shares.idxmax()
+        value = round(float(shares.mean()), 4)
+        return value, f"average {value:.2%} over {len(shares):,} sampled rows; " \
+                      f"{'lowest' if too_low else 'highest'} {shares[row]:.2%} ({_unit_of(data)} {row})"
+    if details.get("observed_value") is not None:
+        value = _plain(details["observed_value"])
+        return value, f"{value:,} rows" if kind == "expect_table_row_count_to_be_between" else f"{value}"
+    count = details.get("unexpected_count", 0)
+    share = f" ({details['unexpected_percent'] / 100:.2%})" if count and "unexpected_percent" in details else ""
+    return count, f"{count:,} row{'s' if count != 1 else ''}{share}"
+
+
+def _unit_of(data: pd.DataFrame) -> str:
+    return "row" if data.attrs.get("parquet") else "line"
+
+
+def _check(r, data: pd.DataFrame) -> dict:
     config = r.expectation_config
     kwargs = config.kwargs
     details = r.result or {}
@@ -310,15 +566,14 @@ def _check(r) -> dict:
     threshold = {k: _plain(kwargs[k]) for k in ("min_value", "max_value", "mostly") if kwargs.get(k) is not None}
     if kwargs.get("value_set") is not None:  # a flag column: what share may be flagged
         threshold = {"max_share": round(1 - threshold.pop("mostly", 1.0), 6)}
-    observed = details.get("observed_value")
-    if observed is None:
-        observed = details.get("unexpected_count", 0)
+    observed, observed_text = _measure(config, details, data)
     return {
         "expectation": config.type,
         "check": config.meta["check"],
         "field": config.meta["field"],
         "threshold": threshold,
         "observed": _plain(observed),
+        "observed_text": observed_text,
         "failing_share": round(details.get("unexpected_percent", 0.0) / 100, 6) if "unexpected_percent" in details
         else None,
         "passed": bool(r.success),
@@ -350,8 +605,8 @@ def failure_message(files: dict[str, str], checks: list[dict]) -> str:
         more = f" (+{c['failing_rows'] - len(c['rows'])} more)" if c["failing_rows"] > len(c["rows"]) else ""
         field = f" field '{c['field']}'" if c["field"] else ""
         expected = f", expected {c['threshold']}" if c["threshold"] else ""
-        lines.append(f"  {path}: {c['expectation']} ({c['check']}){field}: observed {c['observed']}{expected}"
-                     f"{where}{more}")
+        lines.append(f"  {path}: {c['check']}{field}: {c['observed_text']}{expected}{where}{more} "
+                     f"[{c['expectation']}]; fix: {c['how_to_fix']}")
     return "\n".join(lines)
 
 
@@ -363,7 +618,7 @@ def render_markdown(files: dict[str, str], checks: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for c in checks:
         expected = ", ".join(f"{k}={v}" for k, v in c["threshold"].items()) or "-"
-        observed = f"{c['observed']} ({c['failing_share']:.2%})" if c["failing_share"] else c["observed"]
+        observed = c["observed_text"]
         lines.append(f"| {Path(files[c['data']]).name} | {c['check']} | {c['field'] or '-'} | {expected} | "
                      f"{observed} | {'pass' if c['passed'] else '**FAIL**'} | "
                      f"{', '.join(map(str, c['rows'])) or '-'} |")

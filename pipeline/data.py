@@ -1,9 +1,13 @@
 """The one loader of training data, and its normalised in-memory form.
 
-Accepted files (data.train, data.replay, the eval sets), JSONL (one object a line) or Parquet:
+Accepted files (data.train, data.replay, the eval sets): JSONL (one object a line; `.jsonl` or
+`.json`, gzip-compressed as `.gz`; a UTF-8 byte-order mark and CRLF line ends are fine) or Parquet,
+each row in one of these shapes:
   - `prompt` and `response`, optional `system`: one exchange;
   - OpenAI-style `messages`: [{"role": "system"|"user"|"assistant", "content": str}, ...];
-either shape with an optional `source`; other fields are ignored.
+  - ShareGPT-style `conversations`: [{"from": "system"|"human"|"gpt", "value": str}, ...];
+any shape with an optional `source`; other fields are ignored. Any other format (CSV, a JSON array,
+...) is refused naming the format.
 
 Every file becomes one DataFrame indexed by `row` (the 1-based line number of a JSONL file, the
 1-based row number of a Parquet file) with columns
@@ -21,6 +25,7 @@ every offending line at once.
 from __future__ import annotations
 
 import gc
+import gzip
 import io
 import json
 from pathlib import Path
@@ -31,7 +36,11 @@ from pipeline.files import DataError
 
 PAIR_FIELDS = ("prompt", "response")
 ROLES = ("system", "user", "assistant")
-SHAPES = "'prompt' and 'response' (optional 'system', 'source'), or 'messages' (optional 'source')"
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # ShareGPT's `from` -> role
+SHAPES = ("'prompt' and 'response' (optional 'system', 'source'), 'messages' or ShareGPT 'conversations' "
+          "(optional 'source')")
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+FORMATS = "JSONL (.jsonl or .json, one object a line; .gz compressed) or Parquet (.parquet)"
 ROLE_ORDER = "an optional system turn, then user and assistant turns alternating, ending with an assistant turn"
 
 
@@ -39,8 +48,11 @@ def load_examples(path: str | Path, text: str | bytes | None = None) -> pd.DataF
     """The examples of a JSONL or Parquet file (by suffix), normalised as the module says.
     With `text`, parse that content (another revision's file) and use `path` only to name it."""
     name = str(path)
-    # by suffix, or by Parquet's magic number for another revision's content named "file@rev"
-    parquet = name.endswith(".parquet") or (isinstance(text, bytes) and text[:4] == b"PAR1")
+    file_name = name.split("@", 1)[0]  # "file@rev": another revision's content
+    parquet = file_name.endswith(".parquet") or (isinstance(text, bytes) and text[:4] == b"PAR1")
+    if not parquet and not file_name.endswith(JSONL_SUFFIXES):
+        suffix = "".join(Path(file_name).suffixes) or "no suffix"
+        raise DataError(f"{name}: unsupported format ({suffix}); expected {FORMATS}")
     rows = _parquet_rows(name, text) if parquet else _jsonl_rows(name, text)
     numbers, messages, prompts, responses, sources = [], [], [], [], []
     has_source = False
@@ -53,7 +65,7 @@ def load_examples(path: str | Path, text: str | bytes | None = None) -> pd.DataF
                 turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             else:
                 turns = _turns(row, _where(name, number, parquet))
-                if "messages" in row:
+                if "messages" in row or "conversations" in row:
                     prompt = "\n".join(t["content"] for t in turns if t["role"] == "user")
                     response = "\n".join(t["content"] for t in turns if t["role"] == "assistant")
             source = row.get("source")
@@ -73,7 +85,9 @@ def load_examples(path: str | Path, text: str | bytes | None = None) -> pd.DataF
     columns = {"messages": messages, "prompt": prompts, "response": responses}
     if has_source:
         columns["source"] = sources
-    return pd.DataFrame(columns, index=pd.Index(numbers, name="row"))
+    frame = pd.DataFrame(columns, index=pd.Index(numbers, name="row"))
+    frame.attrs["parquet"] = parquet  # reports say "row N" of a Parquet file, "line N" of JSONL
+    return frame
 
 
 def _where(name: str, number: int, parquet: bool) -> str:
@@ -88,11 +102,23 @@ def _jsonl_rows(name: str, text: str | bytes | None):
             raise DataError(f"{name}: file not found")
         text = path.read_bytes()
     if isinstance(text, bytes):
+        if text[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the name says
+            try:
+                text = gzip.decompress(text)
+            except (OSError, EOFError) as err:
+                raise DataError(f"{name}: not a readable gzip file ({err})") from None
         try:
-            text = text.decode("utf-8")
+            text = text.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of line 1
         except UnicodeDecodeError as err:
             line = text[: err.start].count(b"\n") + 1
             raise DataError(f"{name}:{line}: not valid UTF-8 ({err.reason})") from None
+    if text.lstrip()[:1] == "[":  # one JSON document holding a list of rows, not JSONL
+        try:
+            is_array = isinstance(json.loads(text), list)
+        except json.JSONDecodeError:
+            is_array = False
+        if is_array:
+            raise DataError(f"{name}: a JSON array (one document); expected {FORMATS}")
     decode = json.JSONDecoder().raw_decode  # json.loads less its per-call checks: 40% faster
     for number, line in enumerate(text.splitlines(), start=1):
         if not line or line.isspace():
@@ -123,44 +149,64 @@ def _parquet_rows(name: str, content: bytes | None):
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{name}: not a readable Parquet file ({err})") from None
     columns = table.column_names
-    if "messages" not in columns and not set(PAIR_FIELDS) <= set(columns):
+    if "messages" not in columns and "conversations" not in columns and not set(PAIR_FIELDS) <= set(columns):
         raise DataError(f"{name}: columns {columns}; expected {SHAPES}")
     yield from enumerate(table.to_pylist(), start=1)
 
 
-def _turns(row: dict, where: str) -> list[dict]:
+def _turns(row: dict, where: str, field: str = "messages") -> list[dict]:
     """The row's turns as [{"role", "content"}], checked; a pair becomes [system?, user, assistant]."""
+    if "conversations" in row and "messages" not in row:
+        return _turns({"messages": _sharegpt(row["conversations"], where)}, where, field="conversations")
     if "messages" not in row:
         missing = [f for f in PAIR_FIELDS if f not in row]
         if missing:
             raise DataError(f"{where}: missing field(s) {missing}; each row needs {SHAPES}")
-        for field in ("system", *PAIR_FIELDS):
-            value = row.get(field)
+        for name in ("system", *PAIR_FIELDS):
+            value = row.get(name)
             if value is not None and type(value) is not str:
-                raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+                raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
         # a null becomes "" in the turns (always strings, for the tokenizer) and stays null in the
         # prompt/response columns, where the contract reports every null row at once
         turns = [{"role": "user", "content": row["prompt"] or ""}, {"role": "assistant", "content": row["response"] or ""}]
         return [{"role": "system", "content": row["system"]}, *turns] if row.get("system") is not None else turns
     messages = row["messages"]
     if not isinstance(messages, list):
-        raise DataError(f"{where}: field 'messages' must be a list of {{role, content}} turns, "
+        raise DataError(f"{where}: field '{field}' must be a list of {{role, content}} turns, "
                         f"got {type(messages).__name__}")
     if not messages:
-        raise DataError(f"{where}: field 'messages' is empty; expected {ROLE_ORDER}")
+        raise DataError(f"{where}: field '{field}' is empty; expected {ROLE_ORDER}")
     turns = []
     for i, turn in enumerate(messages):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise DataError(f"{where}: field 'messages[{i}]' must be an object with 'role' and 'content'")
+            raise DataError(f"{where}: field '{field}[{i}]' must be an object with 'role' and 'content'")
         if turn["role"] not in ROLES:
-            raise DataError(f"{where}: field 'messages[{i}].role': unknown role {turn['role']!r}; "
+            raise DataError(f"{where}: field '{field}[{i}].role': unknown role {turn['role']!r}; "
                             f"expected one of {list(ROLES)}")
         if type(turn["content"]) is not str:
-            raise DataError(f"{where}: field 'messages[{i}].content' must be a string, "
+            raise DataError(f"{where}: field '{field}[{i}].content' must be a string, "
                             f"got {type(turn['content']).__name__}")
         turns.append({"role": turn["role"], "content": turn["content"]})  # extra keys (name, ...) dropped
     roles = [t["role"] for t in turns]
     body = roles[1:] if roles[0] == "system" else roles
     if not body or body != ["user", "assistant"] * (len(body) // 2):  # odd lengths differ too
-        raise DataError(f"{where}: field 'messages': role order {roles}; expected {ROLE_ORDER}")
+        raise DataError(f"{where}: field '{field}': role order {roles}; expected {ROLE_ORDER}")
     return turns
+
+
+def _sharegpt(conversations, where: str) -> list[dict]:
+    """ShareGPT's [{"from", "value"}] as messages, each `from` mapped to a role."""
+    if not isinstance(conversations, list):
+        raise DataError(f"{where}: field 'conversations' must be a list of {{from, value}} turns, "
+                        f"got {type(conversations).__name__}")
+    messages = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: field 'conversations[{i}]' must be an object with 'from' and 'value'")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: field 'conversations[{i}].from': unknown speaker {turn['from']!r}; expected "
+                            f"one of {list(SHAREGPT_ROLES)} (tool turns are not supported)")
+        if type(turn["value"]) is not str:
+            raise DataError(f"{where}: field 'conversations[{i}].value' must be a string, got {type(turn['value']).__name__}")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages

@@ -380,8 +380,9 @@ def build_base_model(cfg, out_dir: Path, log=print) -> dict:
 
 
 # ------------------------------------------------------------------ the CPU smoke run
-OUTPUTS = ("tokenizer", "base", "validate", "prepare", "train", "evaluate", "gate", "card", "data", "dvc.lock")
-SMOKE_REPORTS = ("gate/gate.md", "gate/gate.json", "gate/change.png")
+OUTPUTS = ("tokenizer", "base", "validate", "prepare", "train", "lora", "evaluate", "gate", "card", "release", "data",
+           "dvc.lock")
+SMOKE_REPORTS = ("gate/gate.md", "gate/gate.json", "gate/change.png", "gate/decision.png")
 
 
 def smoke_run(source: Path, params: Path, work: Path, out: Path, rows: int, run=subprocess.run) -> Path:

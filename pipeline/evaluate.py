@@ -56,11 +56,14 @@ def tasks_index(include_path: str, tasks: set[str]):
 
 def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: list[str] | None = None
               ) -> dict[str, dict]:
-    """{metric name: {"task", "metric", "score", "n", "items": [per-item score]}} for one model,
+    """{metric name: {"task", "metric", "score", "n", "items": {item id: score}}} for one model,
     on the metrics `names` (default: all of evaluate.metrics)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from pipeline.prepare import freeze_template_clock
+
+    freeze_template_clock()  # lm-eval renders chat prompts on the same day as prepare did
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that we pass a model object: we mean to
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
               max_gen_toks=cfg.max_gen_toks, device=str(model.device))
@@ -90,14 +93,26 @@ def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: 
             # registry tasks name their answer-extraction filter (mmlu_pro: "custom-extract"); local ones "none"
             key = f"{spec.metric},none" if f"{spec.metric},none" in reported else sorted(reported)[0]
             filter_name = key.split(",", 1)[1]
-            samples = sorted((s for s in results["samples"][spec.task] if s.get("filter", filter_name) == filter_name),
-                             key=lambda s: s["doc_id"])
-            items = [float(s[spec.metric]) for s in samples]
+            # per-item scores keyed by item id (task and document), so the gate pairs models item by item
+            items = {f"{task}/{sample['doc_id']}": float(sample[spec.metric]) for task in leaf_tasks(results, spec.task)
+                     for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])
+                     if sample.get("filter", filter_name) == filter_name}
+            if not items:
+                raise ValueError(f"evaluate.metrics.{name}: task {spec.task!r} scored no items")
             score = results["results"][spec.task][key]
             out[name] = {"task": spec.task, "metric": spec.metric, "score": round(float(score), 4),
                          "n": len(items), "items": items}
             log(f"  {name:<10} {spec.task}/{spec.metric} = {score:.4f} (n={len(items)})")
     return out
+
+
+def leaf_tasks(results: dict, task: str) -> list[str]:
+    """The tasks whose samples make up `task`: itself, or for a group (mmlu_pro: 14 subjects) every
+    subtask, nested groups expanded, in name order so that every model's items line up."""
+    subtasks = results.get("group_subtasks", {}).get(task)
+    if not subtasks:
+        return [task]
+    return [leaf for sub in sorted(subtasks) for leaf in leaf_tasks(results, sub)]
 
 
 def load_model(path: Path):
@@ -142,11 +157,13 @@ _TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_s
 
 def suite_fingerprint(cfg, base_sha256: str) -> str:
     """What the base model's results depend on: its weights, the task files, the local data they
-    read, the evaluate settings and lm-eval's version (its scoring code)."""
+    read, the evaluate settings, lm-eval's version and this module (the scoring code and the format
+    of the per-item results)."""
     import lm_eval
 
     digest = hashlib.sha256(json.dumps({"base": base_sha256, "evaluate": cfg.model_dump(exclude={"base_cache"}),
                                         "lm_eval": lm_eval.__version__}, sort_keys=True).encode())
+    digest.update(Path(__file__).read_bytes())
     tasks = sorted(p for p in Path(cfg.include_path).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     data: set[Path] = set()
     for path in tasks:

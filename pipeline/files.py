@@ -67,6 +67,19 @@ def sha256_files(paths: list[Path]) -> str:
     return combine_digests({Path(p).name: sha256_file(p) for p in paths})
 
 
+def file_manifest(folder: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder`: what a release must reproduce byte for byte."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def manifest_differences(expected: dict[str, str], present: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, added, changed) file names of `present` against `expected` ({path: sha256} each)."""
+    missing, added = sorted(set(expected) - set(present)), sorted(set(present) - set(expected))
+    changed = sorted(name for name in set(expected) & set(present) if expected[name] != present[name])
+    return missing, added, changed
+
+
 def weight_files(folder: str | Path) -> list[Path]:
     """A model folder's weights: one model.safetensors, or the shards transformers writes for large models."""
     return sorted(Path(folder).glob("*.safetensors"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -74,6 +75,25 @@ def status_from_gate(gate_path: Path) -> tuple[str, str]:
     return "failure", truncate(f"failed: {failing}")
 
 
+# A managed job's SKYPILOT_TASK_ID: sky-managed-<launch time>_<job name>_<job id>-<task id>. The time
+# changes when SkyPilot recovers the job; the job id does not.
+MANAGED_TASK_ID = re.compile(r"sky-managed-.+_(\d+)-\d+")
+
+
+def job_page(env: dict[str, str]) -> str | None:
+    """The SkyPilot dashboard page of the managed job this runs in (its logs and recoveries), from
+    SKYPILOT_TASK_ID and JOBS_DASHBOARD_URL (`<API server>/dashboard/jobs`); None outside such a job.
+    Credentials in the URL (user:password@) never reach the public status."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    match = MANAGED_TASK_ID.fullmatch(env.get("SKYPILOT_TASK_ID", ""))
+    parts = urlsplit(env.get("JOBS_DASHBOARD_URL", "").rstrip("/"))
+    if not (match and parts.scheme and parts.hostname):
+        return None
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, host, f"{parts.path}/{match.group(1)}", "", ""))
+
+
 def set_status(github: GitHub, sha: str, state: str, description: str, target_url: str | None = None,
                context: str = CONTEXT) -> dict:
     if state not in STATES:
@@ -85,17 +105,27 @@ def set_status(github: GitHub, sha: str, state: str, description: str, target_ur
 
 
 def get_status(github: GitHub, sha: str, context: str = CONTEXT) -> dict | None:
-    """The latest status of `context` on `sha` (from the combined status), or None if never set."""
-    combined = github.request("GET", f"/commits/{sha}/status?per_page=100")
-    # the combined status lists only the latest status of each context
-    return next((s for s in combined.get("statuses", []) if s.get("context") == context), None)
+    """The latest status of `context` on `sha`, with its creator, or None if never set."""
+    statuses = github.request("GET", f"/commits/{sha}/statuses?per_page=100")  # newest first
+    return next((s for s in statuses if s.get("context") == context), None)
 
 
-def require_success(github: GitHub, sha: str, context: str = CONTEXT) -> dict:
-    """The successful status, else ReleaseRefused saying what the commit has instead."""
-    status = get_status(github, sha, context)
-    if status is None:
+def require_success(github: GitHub, sha: str, creator: str, context: str = CONTEXT) -> dict:
+    """The successful status set by `creator` (the account of the training job's token), else
+    ReleaseRefused saying what the commit has instead. Anyone with `statuses: write` can set a status
+    named eval-gate; only the configured account's counts."""
+    if not creator.strip():
+        raise ReleaseRefused("no eval-gate account configured: set the repository variable EVAL_GATE_ACCOUNT to the "
+                             "login of EVAL_GATE_TOKEN's account (docs/ci.md)")
+    statuses = [s for s in github.request("GET", f"/commits/{sha}/statuses?per_page=100") if s.get("context") == context]
+    if not statuses:
         raise ReleaseRefused(f"{sha}: no '{context}' status; train this commit (train.yml) before releasing it")
+    status = next((s for s in statuses if (s.get("creator") or {}).get("login") == creator), None)  # newest first
+    if status is None:
+        latest = statuses[0]
+        raise ReleaseRefused(f"{sha}: no '{context}' status set by {creator!r} (EVAL_GATE_ACCOUNT), the training job's "
+                             f"account; the latest is {latest['state']} by {(latest.get('creator') or {}).get('login')!r} "
+                             f"({latest.get('description') or '-'}), and a status from another account proves nothing")
     if status["state"] != "success":
         raise ReleaseRefused(f"{sha}: '{context}' is {status['state']} ({status.get('description') or '-'}); "
                              "only a passing gate is released")
@@ -128,13 +158,16 @@ def upsert_comment(github: GitHub, number: int, body: str, marker: str = COMMENT
 # through the Git Data API: one commit on top of the trained commit, on branch results/<sha>.
 # The release checks that branch out: its dvc.lock names the exact checkpoint and card to pull.
 RESULT_FILES = ("dvc.lock", "validate/contract.json", "prepare/stats.json", "train/metrics.json",
-                "evaluate/base.json", "evaluate/checkpoints.json", "evaluate/suite.json", "gate/gate.json",
-                "gate/gate.md", "gate/change.png")
-RESULT_DIRS = ("train/live",)  # DVCLive's per-step metrics and plots: `dvc plots diff` on the results
+                "lora/metrics.json", "evaluate/base.json", "evaluate/checkpoints.json", "evaluate/suite.json",
+                "evaluate/lora.json", "gate/gate.json", "gate/gate.md", "gate/change.png", "gate/decision.json",
+                "gate/decision.png")
+RESULT_DIRS = ("train/live", "lora/live")  # DVCLive's per-step metrics and plots: `dvc plots diff` on the results
+# only when the gate passed: the manifest of card/, and the job's signed attestation of it for this commit
+RELEASE_FILES = ("release/manifest.json", "release/attestation.json", "release/attestation.json.sig")
 
 
 def is_result_path(name: str) -> bool:
-    return name in RESULT_FILES or any(name.startswith(folder + "/") for folder in RESULT_DIRS)
+    return name in RESULT_FILES + RELEASE_FILES or any(name.startswith(folder + "/") for folder in RESULT_DIRS)
 
 
 def result_paths(root: Path = Path(".")) -> list[str]:
@@ -145,7 +178,34 @@ def result_paths(root: Path = Path(".")) -> list[str]:
         raise FileNotFoundError(", ".join(missing))
     found = [str(f.relative_to(root)) for folder in RESULT_DIRS for f in sorted((root / folder).rglob("*"))
              if f.is_file()]
-    return list(RESULT_FILES) + found
+    return list(RESULT_FILES) + [name for name in RELEASE_FILES if (root / name).is_file()] + found
+
+
+def take_results(checkout: Path, sha: str, dest: Path = Path(".")) -> list[str]:
+    """Copy the files of the results commit checked out at `checkout` into `dest`, after checking that
+    it sits directly on the tagged commit `sha` and changes result files only (ReleaseRefused, naming
+    what is wrong, before anything is copied). The copied paths."""
+    import shutil
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ReleaseRefused(f"{checkout}: git {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    parent = git("rev-parse", "HEAD^")
+    if parent != sha:
+        raise ReleaseRefused(f"{checkout}: the results commit sits on {parent[:12]}, not on the tagged commit "
+                             f"{sha[:12]}; these are another commit's results")
+    changed = git("diff", "--name-only", "HEAD^", "HEAD").split()
+    extra = [name for name in changed if not is_result_path(name)]
+    if extra:
+        raise ReleaseRefused(f"{checkout}: the results commit changes more than results: {', '.join(extra)}")
+    for name in changed:
+        (Path(dest) / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(checkout) / name, Path(dest) / name)
+    return changed
 
 
 def results_branch(sha: str) -> str:

@@ -35,18 +35,36 @@ ENCODE_CHUNK = 4096  # conversations per encode_batch call: bounded memory, enou
 DEFAULT_CACHE_DIR = ".cache/sft-prepare"
 
 
-# Templates that print today's date (Llama 3.x: "Today Date: {{ date_string }}", which falls back to
-# `strftime_now`) would bake the day of the run into every example, and a rerun on another day would
-# tokenize differently. Every render here passes this date; the tokenization cache key covers it (it
-# hashes this source). transformers hands templates only plain data, so `date_string` is the lever.
-TEMPLATE_DATE = datetime.date(2026, 1, 1)
-TEMPLATE_VARIABLES = {"date_string": TEMPLATE_DATE.strftime("%d %b %Y")}
+# Templates that print today's date (Llama 3.x "Today Date: ..." through `strftime_now`, guarded by
+# `date_string` or not, as in Mistral's and Granite's) would bake the day of the run into every
+# example: a rerun on another day would tokenize differently, and lm-eval, which passes no
+# `date_string`, would render prompts unlike the training ones. transformers' `strftime_now` reads
+# the clock through its module's `datetime` when called, so every render in this package (prepare,
+# the contract, lm-eval in evaluate) sees TEMPLATE_DATE. The tokenization cache key hashes this source.
+TEMPLATE_DATE = datetime.datetime(2026, 1, 1)
+
+
+class _TemplateClock(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return TEMPLATE_DATE.replace(tzinfo=tz)
+
+
+def freeze_template_clock() -> None:
+    """Chat templates render TEMPLATE_DATE as today, in this process (idempotent)."""
+    from transformers.utils import chat_template_utils
+
+    if not hasattr(chat_template_utils, "datetime"):
+        raise RuntimeError("transformers no longer reads the clock through chat_template_utils.datetime: "
+                           "chat templates would print the day of the run; update freeze_template_clock")
+    chat_template_utils.datetime = _TemplateClock
 
 
 def render_prompt(tokenizer, prompt: str) -> str:
     """The exact text the model sees before its answer, in training and in evaluation."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False, **TEMPLATE_VARIABLES)
+    freeze_template_clock()
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
 
 
 def as_conversation(row: dict) -> list[dict]:
@@ -74,6 +92,7 @@ class ChatRenderer:
     SAMPLES_CHECKED = 4  # real conversations per shape compared with jinja before trusting the joins
 
     def __init__(self, tokenizer):
+        freeze_template_clock()
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token
         self.specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special),
@@ -82,7 +101,7 @@ class ChatRenderer:
         self._checked: dict[tuple[str, ...], int] = {}
 
     def jinja(self, conversation: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False, **TEMPLATE_VARIABLES)
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False)
 
     def _learn(self, roles: tuple[str, ...]) -> tuple[list[str], bool] | None:
         """The literal segments between contents for this role sequence, and whether the template

@@ -1,10 +1,16 @@
 """publish: push the card/ folder (weights + model card) to the Hugging Face Hub, tagged.
 
-Refuses, before any request, unless gate.json says the gate passed AND the weights in the
-folder hash to the sha256 the gate recorded: nothing reaches the Hub but the exact bytes the
-evals passed. One commit for the whole folder (huggingface_hub `upload_folder`), then the
-release tag on that commit. A retry is harmless: a tag that already names these weights means
-the release is done; files the Hub already holds are not committed again (no empty commit).
+Refuses, before any request, unless all of this holds, naming what stopped it:
+1. the training job's signed attestation (`release/attestation.json`: this commit, and the sha256 of
+   the release manifest `sft card` wrote) verifies against the committed `.github/release-signers`
+   (pipeline/signing.py), names the tagged commit, and names this manifest;
+2. every file in the folder has exactly the sha256 the manifest lists: none missing, none added,
+   none changed (weight shards, config, tokenizer, chat template, generation config, card);
+3. gate.json is the one the manifest names, says passed, and agrees with its own rules: every rule
+   passed, the chosen checkpoint ran the full suite, and the weights hash to its sha256.
+One commit for the whole folder (huggingface_hub `upload_folder`), then the release tag on that
+commit. A retry is harmless: a tag that already names these weights means the release is done;
+files the Hub already holds are not committed again (no empty commit).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.files import combine_digests, sha256_files, weight_files
+from pipeline.files import (combine_digests, file_manifest, manifest_differences, sha256_file, sha256_files,
+                            weight_files)
 
 
 class PublishRefused(ValueError):
@@ -28,23 +35,38 @@ class Published:
     created: bool  # False: the tag already named these weights, nothing was pushed
 
 
-def check_release(folder: Path, gate_path: Path) -> dict:
-    """The gate verdict, if it passed for exactly the weights in `folder`; else PublishRefused."""
+def check_release(folder: Path, gate_path: Path, manifest_path: Path | None = None,
+                  signers: Path | None = None, commit: str | None = None) -> dict:
+    """The gate verdict, if the signed attestation, the manifest, the folder's files and the verdict
+    all agree (module docstring); else PublishRefused. Without `manifest_path`, only the verdict and
+    the weights are checked."""
+    from pipeline.signing import SignatureError, verify
+
     folder, gate_path = Path(folder), Path(gate_path)
-    if not gate_path.is_file():
-        raise PublishRefused(f"{gate_path}: not found; run `sft gate` (the release needs its verdict)")
-    try:
-        verdict = json.loads(gate_path.read_text())
-    except json.JSONDecodeError as err:
-        raise PublishRefused(f"{gate_path}: not valid JSON ({err.msg})") from None
+    if manifest_path is not None:
+        attestation_path = Path(manifest_path).with_name("attestation.json")
+        try:
+            verify(attestation_path, signers)
+        except SignatureError as err:
+            raise PublishRefused(str(err)) from None
+        attestation = _load_json(attestation_path, "the training job writes it with `sft sign`")
+        if not commit or attestation.get("commit") != commit:
+            raise PublishRefused(f"{attestation_path}: commit {str(attestation.get('commit'))[:12]} is not the tagged "
+                                 f"commit {str(commit)[:12]}; a signed verdict of another commit proves nothing here")
+        if not Path(manifest_path).is_file() or attestation.get("manifest_sha256") != sha256_file(manifest_path):
+            raise PublishRefused(f"{manifest_path}: not the manifest the training job signed (manifest_sha256)")
+    verdict = _load_json(gate_path, "run `sft gate` (the release needs its verdict)")
     if not isinstance(verdict, dict) or verdict.get("passed") is not True:
         failed = [r.get("metric") for r in verdict.get("rules", []) if not r.get("passed")] if isinstance(
             verdict, dict) else []
         raise PublishRefused(f"{gate_path}: passed is not true (failing rules: {', '.join(map(str, failed)) or '-'}); "
                              "nothing is published")
+    _check_consistent(verdict, gate_path)
     expected = verdict.get("sha256")
     if not isinstance(expected, str) or len(expected) != 64:
         raise PublishRefused(f"{gate_path}: sha256: missing or not a sha256 hex digest")
+    if manifest_path is not None:
+        _check_files(folder, gate_path, verdict, _load_json(Path(manifest_path), "run `sft card`"), Path(manifest_path))
     weights = weight_files(folder)
     if not weights:
         raise PublishRefused(f"{folder}: no *.safetensors weights; run `sft card`")
@@ -56,12 +78,55 @@ def check_release(folder: Path, gate_path: Path) -> dict:
     return verdict
 
 
-def publish(folder: Path, gate_path: Path, repo_id: str, tag: str, *, endpoint: str | None = None,
-            token: str | None = None, private: bool = True) -> Published:
-    """Check the gate, then create the repo (private unless told), commit the folder once, tag it."""
+def _load_json(path: Path, fix: str):
+    if not path.is_file():
+        raise PublishRefused(f"{path}: not found; {fix}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PublishRefused(f"{path}: not valid JSON ({err.msg})") from None
+
+
+def _check_consistent(verdict: dict, gate_path: Path) -> None:
+    """A verdict that says passed must show it: every rule of the chosen checkpoint passed, and that
+    checkpoint ran the full suite and passed it."""
+    rules = verdict.get("rules")
+    if not isinstance(rules, list) or not rules:
+        raise PublishRefused(f"{gate_path}: rules: missing or empty; a verdict without rules proves nothing")
+    failing = [str(r.get("metric")) for r in rules if not isinstance(r, dict) or r.get("passed") is not True]
+    if failing or verdict.get("failed_rules"):
+        raise PublishRefused(f"{gate_path}: passed is true but rule(s) {', '.join(failing or verdict['failed_rules'])} "
+                             "did not pass; the verdict contradicts itself")
+    chosen = (verdict.get("candidates") or {}).get(verdict.get("chosen"))
+    if not isinstance(chosen, dict) or chosen.get("full_suite") is not True or chosen.get("passed") is not True:
+        raise PublishRefused(f"{gate_path}: candidates.{verdict.get('chosen')}: the chosen checkpoint has no passing "
+                             "full-suite results")
+
+
+def _check_files(folder: Path, gate_path: Path, verdict: dict, manifest: dict, manifest_path: Path) -> None:
+    """The folder holds exactly the manifest's files, byte for byte, and the manifest is of this verdict."""
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or not listed:
+        raise PublishRefused(f"{manifest_path}: files: missing or empty")
+    if manifest.get("gate_sha256") != sha256_file(gate_path):
+        raise PublishRefused(f"{gate_path}: differs from the verdict {manifest_path} was signed for (gate_sha256)")
+    missing, extra, changed = manifest_differences(listed, file_manifest(folder))
+    for problem, names in (("missing", missing), ("not in the signed manifest (added)", extra),
+                           ("changed since the gate (sha256 differs)", changed)):
+        if names:
+            raise PublishRefused(f"{folder}: {', '.join(names)}: {problem}; {manifest_path} lists what the gate passed")
+    gated = verdict.get("files") or {}
+    if not gated or any(listed.get(name) != digest for name, digest in gated.items()):
+        raise PublishRefused(f"{gate_path}: files: the checkpoint files the gate passed are not the manifest's")
+
+
+def publish(folder: Path, gate_path: Path, repo_id: str, tag: str, *, manifest_path: Path, signers: Path,
+            commit: str, endpoint: str | None = None, token: str | None = None, private: bool = True) -> Published:
+    """Check the release (signature first) for the tagged `commit`, then create the repo (private
+    unless told), commit the folder once, tag it."""
     from huggingface_hub import HfApi
 
-    verdict = check_release(folder, gate_path)
+    verdict = check_release(folder, gate_path, manifest_path, signers, commit)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)  # an existing repo keeps its visibility
 

@@ -41,3 +41,17 @@ def write_jsonl(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A local Hub-API server, the only "Hub" a test reaches (the Makefile runs tests offline). No Xet:
+    the stand-in speaks LFS."""
+    from huggingface_hub import constants
+
+    from tests.fake_hub import FakeHub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with FakeHub() as server:
+        yield server

@@ -7,18 +7,19 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from pipeline.config import TrainConfig
+from pipeline.config import LoraConfig, TrainConfig
+from pipeline.lora import add_adapters
 from pipeline.prepare import prepare
 from pipeline.train.loop import train
-from pipeline.train.strategies import close, init_runtime
+from pipeline.train.strategies import close, init_runtime, load_model
 
 
 def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int = 1, kill_at_step: int = 0) -> None:
     torch.set_num_threads(1)
+    strategy, _, adapters = strategy.partition("+")  # e.g. fsdp2+lora
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = [{"prompt": f"Repeat after me: cat dog {i % 9}", "response": f"cat dog {i % 9} {i % 4}"} for i in range(96)]
     packed = prepare(tokenizer, rows, [], max_len=48, replay_share=0.0, seed=0)
     arrays = {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids}
@@ -31,12 +32,18 @@ def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int =
             os.kill(os.getpid(), signal.SIGKILL)
 
     runtime = init_runtime(strategy, "cpu")
-    full = sum(p.numel() for p in model.parameters())
+    if adapters:  # `sft lora`'s path: every rank loads the frozen base, the adapters are sharded and trained
+        model, weights = load_model(Path(model_dir), cfg.model_copy(update={"strategy": "single"}), runtime)
+        model = add_adapters(model, LoraConfig(rank=4, alpha=8, lr=2e-3, override_method_ranges=True))
+    else:
+        model, weights = load_model(Path(model_dir), cfg, runtime)  # the production path: no full copy past rank 0
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     result = train(model, tokenizer, arrays, cfg, Path(out) / "checkpoints", {"data_sha256": "fixed"}, crash,
-                   runtime=runtime, state_dir=Path(out) / "state")
+                   runtime=runtime, state_dir=Path(out) / "state", weights=weights)
     local = result.local_numel
     report = {"rank": runtime.rank, "world_size": runtime.world_size, "full_numel": full, "local_numel": local,
               "losses": [h["loss"] for h in result.history], "steps": [h["step"] for h in result.history],
+              "grad_norms": [h["grad_norm"] for h in result.history],
               "resumed_from": result.resumed_from_step}
     (Path(out) / f"rank{runtime.rank}.json").write_text(json.dumps(report))
     close(runtime)

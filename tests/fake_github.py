@@ -1,6 +1,7 @@
 """A local stand-in for the GitHub REST endpoints pipeline/github.py uses: commit statuses (create,
-combined), issue comments (list with pages, create, update). It checks what GitHub checks (token,
-state, the 140-character description) and keeps every status ever set."""
+combined, list with each status's creator), issue comments (list with pages, create, update). It
+checks what GitHub checks (token, state, the 140-character description) and keeps every status ever
+set. Each token belongs to an account (`token` to github-actions[bot]; `add_account` for others)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.local_server import JSONHandler, LocalServer
 class FakeGitHub(LocalServer):
     def __init__(self, repository: str = "acme/sft", token: str = "ghs_test"):
         self.repository, self.token = repository, token
+        self.accounts = {token: "github-actions[bot]"}  # token -> login, as the API reports a creator
         self.statuses: dict[str, list[dict]] = {}  # sha -> every status, oldest first
         self.comments: dict[int, list[dict]] = {}  # issue number -> comments
         # Git Data: commit sha -> {"tree": {path: text}, "parents": [...]}; refs "heads/x" -> sha
@@ -35,6 +37,12 @@ class FakeGitHub(LocalServer):
         self.commits[sha] = {"tree": tree, "parents": list(parents), "message": message}
         return sha
 
+    def add_account(self, login: str) -> str:
+        """A token of another account (a bot's fine-grained token, or an intruder's)."""
+        token = f"ghp_{hashlib.sha1(login.encode()).hexdigest()[:20]}"
+        self.accounts[token] = login
+        return token
+
     def add_comment(self, number: int, body: str) -> int:
         self._next_id += 1
         self.comments.setdefault(number, []).append({"id": self._next_id, "body": body})
@@ -43,7 +51,8 @@ class FakeGitHub(LocalServer):
     def _handler(gh):  # noqa: N805
         class Handler(JSONHandler):
             def _handle(self, method: str):
-                if self.headers.get("Authorization") != f"Bearer {gh.token}":
+                login = gh.accounts.get(self.headers.get("Authorization", "").removeprefix("Bearer "))
+                if login is None:
                     return self._reply(401, {"message": "Bad credentials"})
                 url = urlparse(self.path)
                 prefix = f"/repos/{gh.repository}"
@@ -52,7 +61,7 @@ class FakeGitHub(LocalServer):
                 path, query = url.path[len(prefix):], parse_qs(url.query)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
-                status, answer = gh._route(method, path, query, body)
+                status, answer = gh._route(method, path, query, body, login)
                 self._reply(status, answer)
 
             def do_GET(self):
@@ -66,7 +75,7 @@ class FakeGitHub(LocalServer):
 
         return Handler
 
-    def _route(self, method, path, query, body):
+    def _route(self, method, path, query, body, login):
         if m := re.fullmatch(r"/statuses/(\w+)", path):
             if method != "POST":
                 return 404, {"message": "Not Found"}
@@ -75,13 +84,15 @@ class FakeGitHub(LocalServer):
             if len(body.get("description") or "") > 140:
                 return 422, {"message": "Validation Failed", "errors": [{"field": "description",
                                                                          "code": "custom"}]}
-            self.statuses.setdefault(m.group(1), []).append(body)
-            return 201, {"id": len(self.statuses[m.group(1)]), **body}
+            self.statuses.setdefault(m.group(1), []).append({**body, "creator": {"login": login}})
+            return 201, {"id": len(self.statuses[m.group(1)]), **self.statuses[m.group(1)][-1]}
+        if (m := re.fullmatch(r"/commits/(\w+)/statuses", path)) and method == "GET":
+            return 200, self.statuses.get(m.group(1), [])[::-1]  # newest first, each with its creator
         if (m := re.fullmatch(r"/commits/(\w+)/status", path)) and method == "GET":
             latest = {}
             for status in self.statuses.get(m.group(1), []):
                 latest[status["context"]] = status
-            statuses = list(latest.values())[::-1]
+            statuses = [{k: v for k, v in s.items() if k != "creator"} for s in list(latest.values())[::-1]]
             states = {s["state"] for s in statuses}
             state = "failure" if states & {"failure", "error"} else "pending" if "pending" in states or not states \
                 else "success"

@@ -1,7 +1,8 @@
 """A local stand-in for the Hugging Face Hub API: just the endpoints huggingface_hub 2.4 calls for
 create_repo, upload_folder (preupload, LFS batch + PUT, NDJSON commit), create_tag,
 list_repo_refs, repo_info, get_paths_info and snapshot_download (repo info with its files, then
-HEAD + GET on /{repo}/resolve/{revision}/{path}). State lives in memory; every request is logged so
+HEAD + GET on /{repo}/resolve/{revision}/{path}), and for data sets the same under /api/datasets and
+/datasets, with folder listings (what `datasets.load_dataset` reads through HfFileSystem). State lives in memory; every request is logged so
 a test can assert what reached the "Hub" (nothing, one commit, a tag) and what was downloaded.
 Every route, downloads included, wants the token, as a gated repository does.
 
@@ -53,9 +54,11 @@ class FakeHub(LocalServer):
         super().__init__(self._handler())
         self.endpoint = self.url
 
-    def seed(self, repo_id: str, folder, message: str = "upload model", oid: str | None = None) -> str:
-        """A model repository holding `folder`'s files (weights as LFS objects); returns the commit id,
-        the revision a team pins."""
+    def seed(self, repo_id: str, folder, message: str = "upload model", oid: str | None = None,
+             repo_type: str = "model") -> str:
+        """A model (or data set) repository holding `folder`'s files (weights as LFS objects); returns
+        the commit id, the revision a team pins. Data sets are kept as "datasets/<repo_id>"."""
+        repo_id = repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
         from pathlib import Path
 
         files = {}
@@ -125,11 +128,17 @@ class FakeHub(LocalServer):
             return h._reply(200, {"errors": [], "warnings": []})
         if method == "POST" and path.endswith(".git/info/lfs/objects/batch"):
             return self._lfs_batch(h, json.loads(body))
+        if parts[0] == "datasets" and len(parts) >= 6 and parts[3] == "resolve" and method in ("GET", "HEAD"):
+            return self._resolve(h, method, "/".join(parts[:3]), parts[4], "/".join(parts[5:]))
         if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
             return self._resolve(h, method, "/".join(parts[:2]), parts[3], "/".join(parts[4:]))
-        if parts[:2] == ["api", "models"] and len(parts) >= 5:
-            repo_id, action, revision = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
+        if parts[:2] in (["api", "models"], ["api", "datasets"]) and len(parts) >= 5:
+            action, revision = parts[4], "/".join(parts[5:])
+            repo_id = "/".join(parts[2:4]) if parts[1] == "models" else "datasets/" + "/".join(parts[2:4])
             repo = self.repos[repo_id]
+            if method == "GET" and action == "tree" and "/" in unquote(revision):  # a folder of the revision
+                revision, folder = unquote(revision).split("/", 1)
+                return self._tree(h, repo, revision, folder, query)
             if method == "GET" and action == "refs":
                 return h._reply(200, {
                     "branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": repo.head["oid"]}],
@@ -149,11 +158,8 @@ class FakeHub(LocalServer):
                 return self._tag(h, repo, revision, json.loads(body))
             if method == "POST" and action == "paths-info":
                 return self._paths_info(h, repo, revision, parse_qs(body.decode()))
-            if method == "GET" and action == "tree":  # snapshot_download lists the revision's files
-                commit = repo.resolve(revision)
-                if commit is None:
-                    return h._reply(404, {"error": f"Invalid rev id: {unquote(revision)}"})
-                return h._reply(200, self._entries(commit["files"], list(commit["files"])))
+            if method == "GET" and action == "tree":  # snapshot_download and HfFileSystem list the revision
+                return self._tree(h, repo, revision, "", query)
         return h._reply(404, {"error": f"no route for {method} {path}"})
 
     def _create_repo(self, h, payload: dict):
@@ -233,6 +239,20 @@ class FakeHub(LocalServer):
         h.end_headers()
         if method == "GET":
             h.wfile.write(content)
+
+    def _tree(self, h, repo: Repo, revision: str, folder: str, query: dict):
+        """The files under `folder`, all of them with `recursive`, else its files and sub-folders."""
+        commit = repo.resolve(revision)
+        if commit is None:
+            return h._reply(404, {"error": f"Invalid rev id: {unquote(revision)}"})
+        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+        below = [path for path in commit["files"] if path.startswith(prefix)]
+        if query.get("recursive", ["false"])[0].lower() == "true":
+            return h._reply(200, self._entries(commit["files"], below))
+        files = [path for path in below if "/" not in path[len(prefix):]]
+        folders = sorted({prefix + path[len(prefix):].split("/", 1)[0] for path in below if path not in files})
+        return h._reply(200, [{"type": "directory", "path": f, "oid": git_blob_oid(f.encode()), "size": 0}
+                              for f in folders] + self._entries(commit["files"], files))
 
     def _paths_info(self, h, repo: Repo, revision: str, form: dict):
         return h._reply(200, self._entries(repo.resolve(revision)["files"], form.get("paths", [])))

@@ -3,7 +3,7 @@ from typer.testing import CliRunner
 from pipeline import cli
 
 runner = CliRunner()
-STAGES = ("tokenizer", "base", "validate", "prepare", "train", "evaluate", "gate", "card")
+STAGES = ("tokenizer", "base", "validate", "prepare", "train", "lora", "evaluate", "gate", "card")
 
 
 def test_help_lists_every_stage():

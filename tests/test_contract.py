@@ -9,10 +9,13 @@ from pipeline.config import ValidateConfig
 from pipeline.contract import (
     BOILERPLATE_PATTERNS,
     PII_PATTERNS,
+    phone_numbers,
+    secrets,
     add_derived_columns,
     add_replay_columns,
     failure_message,
     leaks_eval,
+    loss_mask_flags,
     matches_any,
     normalize,
     render_markdown,
@@ -35,7 +38,8 @@ FILES = {"train": "t.jsonl", "replay": "r.jsonl"}
 def contract(tokenizer):
     def run(frame, cfg=CFG, held_out=(), replay=None, docs_dir=None):
         tokens = token_lengths_within(tokenizer, frame, MAX_SEQ_LEN)
-        return run_suite(add_derived_columns(frame, list(held_out), cfg.leak_ngram, tokens), cfg, MAX_SEQ_LEN,
+        loss_mask = loss_mask_flags(tokenizer, frame, MAX_SEQ_LEN, tokens)
+        return run_suite(add_derived_columns(frame, list(held_out), tokens, cfg, loss_mask), cfg, MAX_SEQ_LEN,
                          replay, docs_dir)
     return run
 
@@ -99,7 +103,8 @@ def test_text_of_another_revision_is_parsed_and_named(tmp_path):
     ('{"prompt": 3, "response": "b"}\n', r"t.jsonl:1: field 'prompt' must be a string"),
     ('{"prompt": "a", "response": "b", "source": 7}\n', r"t.jsonl:1: field 'source' must be a string"),
     ("", r"t.jsonl: empty file"),
-    ('["prompt", "response"]\n', r"t.jsonl:1: expected a JSON object"),
+    ('["prompt", "response"]\n{"prompt": "a", "response": "b"}\n', r"t.jsonl:1: expected a JSON object"),
+    ('[{"prompt": "a", "response": "b"},\n {"prompt": "c", "response": "d"}]\n', r"t.jsonl: a JSON array"),
     ('{"messages": []}\n', r"t.jsonl:1: field 'messages' is empty"),
     ('{"messages": "hi"}\n', r"t.jsonl:1: field 'messages' must be a list"),
     ('{"messages": [{"role": "user"}]}\n', r"t.jsonl:1: field 'messages\[0\]' must be an object with 'role'"),
@@ -183,7 +188,7 @@ def test_leakage_and_near_duplicates(tmp_path, contract):
     held_out = ["zero one two three four five six seven eight nine ten eleven twelve thirteen", "question 20"]
     checks = contract(load(tmp_path, rows), held_out=held_out)
     bad = {c["check"]: c["rows"] for c in checks if not c["passed"]}
-    assert bad["near-duplicate pairs (case, whitespace and punctuation ignored)"] == [4, 31]
+    assert bad["near-duplicate pairs (Unicode forms, case, whitespace, punctuation and invisible characters ignored)"] == [4, 31]
     assert bad["training prompt also in an eval set (exact or shared n-gram)"] == [11, 21]
 
 
@@ -194,18 +199,51 @@ def test_ngram_leak_needs_the_whole_ngram_inside_one_prompt():
 
 
 @pytest.mark.parametrize("text,kind", [
-    ("mail me: a.b@example.org", "email"), ("call +1 415-555-0132 now", "phone"), ("(415) 555 0132", "phone"),
-    ("card 4111 1111 1111 1111", "card"), ("4111111111111111", "card"),
-    ("key sk-abcdefghijklmnopqrstuvwx1234", "api_key"), ("AKIAABCDEFGHIJKLMNOP", "api_key"),
+    ("mail me: a.b@example.org", "email"), ("card 4111 1111 1111 1111", "card"), ("4111111111111111", "card"),
 ])
 def test_pii_patterns_flag_each_kind(text, kind):
     assert matches_any(pd.Series([text]), [PII_PATTERNS[kind]]).tolist() == [True]
 
 
-def test_pii_patterns_leave_ordinary_numbers_alone():
+@pytest.mark.parametrize("text", ["call +1 415-555-2671 now", "(415) 555 2671", "ring +44 20 7946 0958",
+                                  "Tel. +49 30 901820", "+81 3-1234-5678", "+91 98765 43210", "020 7946 0958"])
+def test_phone_numbers_in_international_and_national_formats(text):
+    assert phone_numbers(pd.Series([text]), ["US", "GB"]).tolist() == [True]
+
+
+def test_national_phone_formats_only_where_the_regions_are_named():
+    """In a national format many plain numbers are valid phone numbers: checked only in the regions named."""
+    numbers = pd.Series(["Order number 2125551234", "(415) 555 2671", "call +44 20 7946 0958"])
+    assert phone_numbers(numbers, []).tolist() == [False, False, True]
+    assert phone_numbers(numbers, ["US"]).tolist() == [True, True, True]
+
+
+@pytest.mark.parametrize("text", ["key sk-abcdefghijklmnopqrstuvwx1234", "AKIAABCDEFGHIJKLMNOP",
+                                  "token ghp_" + "a1B2" * 9, "hf_" + "abcDEF123" * 4, 'password = "hunter2hunter2"',
+                                  "-----BEGIN RSA PRIVATE KEY-----"])
+def test_secrets_of_each_kind(text):
+    assert secrets(pd.Series([text])).tolist() == [True]
+
+
+def test_pii_and_secret_checks_leave_ordinary_text_alone():
     clean = ["version 1.2.3", "12345678901234567 items", "4111 1111 1111 11111", "user at example dot org",
-             "in 2024 sales grew 12%", None]
-    assert not matches_any(pd.Series(clean), list(PII_PATTERNS.values())).any()
+             "in 2024 sales grew 12%", None, "the key to the door", "a token of thanks", "hello world",
+             "item 12345 of 2024", "call me tomorrow at noon"]
+    series = pd.Series(clean)
+    assert not matches_any(series, list(PII_PATTERNS.values())).any()
+    assert not phone_numbers(series, []).any()
+    assert not secrets(series).any()
+
+
+def test_fuzzy_duplicates_are_confirmed_not_guessed():
+    from pipeline.contract import fuzzy_duplicates
+
+    report = "summarise the maintenance log of the northern pumping station for the weekly operations report"
+    tail = " the station ran normally all week with one short planned stop on tuesday"
+    keys = pd.Series(["x y z", report + tail, "p q", report + " please" + tail,
+                      "summarise the sales log of the southern store for the monthly finance report", ""])
+    assert fuzzy_duplicates(keys, 0.8).tolist() == [False, False, False, True, False, False]
+    assert not fuzzy_duplicates(keys, 0.9).any()  # one word inserted: 23 of 28 3-grams shared, 0.82
 
 
 def test_boilerplate_is_case_insensitive():
@@ -217,7 +255,7 @@ def test_pii_share_threshold(tmp_path, contract):
     rows = good_rows(40)
     rows[0]["response"] = "mail me: a.b@example.org"
     frame = load(tmp_path, rows)
-    pii = {c["field"]: c for c in contract(frame) if c["check"].startswith("PII")}
+    pii = {c["field"]: c for c in contract(frame) if c["check"].startswith("PII: e-mail")}
     assert not pii["response"]["passed"] and pii["response"]["rows"] == [1] and pii["prompt"]["passed"]
     loose = CFG.model_copy(update={"max_pii_share": 0.05})
     assert all(c["passed"] for c in contract(frame, loose) if c["check"].startswith("PII"))
@@ -260,10 +298,19 @@ def test_token_bound_is_exact_where_it_matters(tokenizer):
 
 
 def test_normalize_is_the_plain_python_definition():
+    """NFKC, case folding, invisible format characters dropped, then Python's `[^\\w\\s]` and `\\s+`."""
+    import unicodedata
+
     texts = ["Hello,  World!", None, "  a\u00a0b\tc  ", "Café—ok", "a_b", "x\u2003y", "QUESTION 3!", "a\vb\x1cc\x85d",
-             " - ", "\u00bd ½ x²", "Ünïcode ÀB"]
-    python = [re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", (t or "").lower())).strip() for t in texts]
-    assert normalize(texts).to_pylist() == python
+             " - ", "\u00bd ½ x²", "Ünïcode ÀB", "Ｗｒｉｔｅ　ＩＴＥＭ", "zero\u200bwidth\u2060join", "STRASSE Straße",
+             "ΟΔΟΣ οδός", "ﬁne ligature", "कितना कितनी", "ภาษาไทย"]
+
+    def python(text):
+        folded = unicodedata.normalize("NFKC", text or "").casefold()
+        kept = "".join(c for c in folded if c.isalnum() or c == "_" or c.isspace() or unicodedata.category(c)[0] == "M")
+        return re.sub(r"\s+", " ", kept).strip()
+
+    assert normalize(texts).to_pylist() == [python(t) for t in texts]
 
 
 def test_replay_share_is_the_share_prepare_mixes():
@@ -281,7 +328,9 @@ def test_replay_out_of_band_and_data_docs(tmp_path, contract):
     bad = failed(checks)
     assert bad["replay share of the mixed training set"]["observed"] == round(13 / 43, 4)  # 30 + 13
     assert bad["replay: no blank strings"]["rows"] == [3] and bad["replay: no blank strings"]["data"] == "replay"
-    assert "r.jsonl: expect_column_values_to_be_in_set (replay: no blank strings)" in failure_message(FILES, checks)
+    message = failure_message(FILES, checks)
+    assert "r.jsonl: replay: no blank strings field 'response': 1 row (20.00%)" in message
+    assert "[expect_column_values_to_be_in_set]; fix: fill or drop the replay rows" in message
     pages = list((tmp_path / "docs").rglob("*.html"))
     assert (tmp_path / "docs" / "index.html").exists() and len(pages) >= 3
     assert "sft_replay" in (tmp_path / "docs" / "index.html").read_text()
@@ -299,3 +348,41 @@ def test_replay_band_must_be_ordered():
 
     with pytest.raises(ConfigError, match="min_replay_share \\(0.3\\) is above max_replay_share \\(0.2\\)"):
         parse_params({"validate": {"min_replay_share": 0.3}})
+
+
+def test_a_template_that_does_not_end_assistant_turns_is_refused(tokenizer, tmp_path):
+    """The most damaging SFT data failure is in the loss mask, not the text: a chat template that
+    leaves the end of an assistant turn unsupervised trains a model that never stops."""
+    import copy
+
+    frame = load(tmp_path, good_rows())
+    tokens = token_lengths_within(tokenizer, frame, MAX_SEQ_LEN)
+    good = loss_mask_flags(tokenizer, frame, MAX_SEQ_LEN, tokens)
+    assert not good.nothing_left.any() and not good.end_unsupervised.any()
+    endless = copy.deepcopy(tokenizer)
+    endless.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    loss_mask = loss_mask_flags(endless, frame, MAX_SEQ_LEN, tokens)
+    assert loss_mask.end_unsupervised.all() and not loss_mask.nothing_left.any()
+    checks = run_suite(add_derived_columns(frame, [], tokens, CFG, loss_mask), CFG, MAX_SEQ_LEN)
+    bad = failed(checks)["end-of-turn token of every assistant turn supervised"]
+    assert bad["observed"] == 30 and bad["rows"][:3] == [1, 2, 3] and "ends each assistant turn" in bad["how_to_fix"]
+
+
+def test_the_share_of_tokens_that_carry_loss_must_sit_within_bounds(contract, tmp_path):
+    """Long prompts with one-word answers: training pays for every prompt token and learns from a
+    few. The report gives the average share and names the row at the offending end."""
+    rows = [{"prompt": f"context {i}: " + "words to read but never learn " * 5, "response": "yes"} for i in range(29)]
+    rows.insert(7, {"prompt": "short", "response": "a longer answer that carries more of the loss"})
+    frame = load(tmp_path, rows)
+    strict = CFG.model_copy(update={"min_supervised_share": 0.25})
+    bad = failed(contract(frame, strict))["share of tokens that carry loss (sampled rows)"]
+    assert bad["threshold"] == {"min_value": 0.25, "max_value": 1}
+    assert 0 < bad["observed"] < 0.25 
+    assert "over 30 sampled rows; lowest" in bad["observed_text"] and "(line 7)" not in bad["observed_text"]
+    assert "share of tokens that carry loss (sampled rows)" not in failed(contract(frame))  # the default floor, 2%
+
+    capped = CFG.model_copy(update={"max_supervised_share": 0.3})
+    too_high = failed(contract(load(tmp_path, good_rows(), "g.jsonl"), capped))
+    assert "highest" in too_high["share of tokens that carry loss (sampled rows)"]["observed_text"]
+    text = failure_message(FILES, contract(frame, strict))
+    assert "share of tokens that carry loss" in text and "min_supervised_share" in text

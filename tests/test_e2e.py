@@ -30,7 +30,7 @@ def repo(tmp_path_factory):
     dest = tmp_path_factory.mktemp("repo")
     copy_project(ROOT, dest)
     # start from no results: the committed metrics of the last demo run belong to the full demo
-    for output in ("base", "validate", "prepare", "train", "evaluate", "gate", "card"):
+    for output in ("base", "validate", "prepare", "train", "lora", "evaluate", "gate", "card"):
         shutil.rmtree(dest / output, ignore_errors=True)
     (dest / "dvc.lock").unlink(missing_ok=True)
     # the embedded demo, whatever the team made of params.yaml and data.dvc (tests never read those)
@@ -60,8 +60,9 @@ def small_params(repo: Path) -> None:
     params["evaluate"].update(limit=16, batch_size=16, max_gen_toks=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # the slice gates on wiring, not on learning (the full demo gates on learning)
-    (repo / "evals/gate.yaml").write_text(
-        "select_by: golden\nrules:\n  - metric: golden\n    min: 0.0\n  - metric: general\n    max_drop: 1.0\n")
+    (repo / params["gate"]["policy"]).write_text(
+        "select_by: golden\nrules:\n  - metric: golden\n    min: 0.0\n  - metric: general\n    max_drop: 1.0\n"
+        "versus_lora:\n  min_gain: -1.0\n  max_extra_drop: 1.0\n")
 
 
 def test_bad_data_stops_the_dag_at_validate(repo):
@@ -95,13 +96,18 @@ def test_full_dag_then_nothing_to_do(repo):
     assert set(json.loads((repo / "evaluate/checkpoints.json").read_text())) == {"epoch-1", "epoch-2"}
     gate = json.loads((repo / "gate/gate.json").read_text())
     assert gate["passed"] and len(gate["sha256"]) == 64
+    assert sorted(p.name for p in (repo / "lora/checkpoints").iterdir()) == ["epoch-1", "epoch-2"]
+    decision = json.loads((repo / "gate/decision.json").read_text())
+    assert decision["lora"] in json.loads((repo / "evaluate/lora.json").read_text())
+    assert set(decision["cost"]) == {"full", "lora"} and decision["cost"]["lora"]["seconds"] > 0
+    assert "golden" in decision["full_minus_lora"] and "## Full SFT against LoRA" in (repo / "gate/gate.md").read_text()
     card = (repo / "card/README.md").read_text()
     assert "model-index" in card and gate["sha256"] in card
     assert (repo / "card/model.safetensors").exists()
 
     again = run(["dvc", "repro"], repo).stdout
     assert "didn't change" in again or "up to date" in again
-    for stage in ("base", "train", "evaluate"):
+    for stage in ("base", "train", "lora", "evaluate"):
         assert f"Running stage '{stage}'" not in again
     assert "up to date" in run(["dvc", "status"], repo).stdout
 

@@ -48,7 +48,7 @@ def test_every_shipped_suite_runs_offline_and_scores_every_item(tiny_model_dir, 
         torch.set_num_threads(threads)
     assert set(results) == set(shipped.metrics) >= {"golden", "general", "ifeval", "refusal", "over_refusal", "bias"}
     for r in results.values():
-        assert r["n"] == 8 and r["score"] == pytest.approx(sum(r["items"]) / 8, abs=1e-4)
+        assert r["n"] == 8 and r["score"] == pytest.approx(sum(r["items"].values()) / 8, abs=1e-4)
     assert results["golden"]["score"] == 0.0, "a random model cannot produce the golden answers"
     assert results["ifeval"]["score"] == 0.0 and results["refusal"]["score"] == 0.0  # nor follow or refuse
     assert set(run_tasks(model, tokenizer, cfg, lambda *_: None, names=["golden"])) == {"golden"}
@@ -121,3 +121,46 @@ def test_a_template_mismatch_is_reported_before_evaluating(tiny_model_dir, token
     edited.chat_template = tokenizer.chat_template.replace("{{ bos_token }}", "")
     with pytest.raises(ValueError, match="train/eval mismatch"):
         check_parity(HFLM(pretrained=model, tokenizer=edited, batch_size=1), tokenizer)
+
+
+def test_a_registry_style_group_is_scored_over_all_its_subtasks(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """The preset's general-knowledge task, mmlu_pro, is an lm-eval group of 14 subtasks with a named
+    answer filter ("custom-extract"): its items live under each subtask's samples, not the group's.
+    A group of the same shape: every item of every subtask is scored, in a fixed order."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.evaluate import run_tasks
+
+    rows = [{"question": f"Pick {letter}.", "answer": letter, "category": category}
+            for category in ("bio", "math") for letter in "ABC"]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for category in ("bio", "math"):
+        (tmp_path / f"pro_{category}.yaml").write_text(f"""
+task: pro_{category}
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {tmp_path / "mc.jsonl"}}}}}
+test_split: test
+process_docs: !function utils.only_{category}
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: answer
+filter_list:
+  - name: custom-extract
+    filter: [{{function: regex, regex_pattern: "answer is \\\\(?([A-J])\\\\)?"}}, {{function: take_first}}]
+generation_kwargs: {{until: ["<|end|>"], max_gen_toks: 4, do_sample: false}}
+metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
+""")
+    (tmp_path / "utils.py").write_text("def only_bio(d):\n    return d.filter(lambda r: r['category'] == 'bio')\n\n\n"
+                                       "def only_math(d):\n    return d.filter(lambda r: r['category'] == 'math')\n")
+    (tmp_path / "pro.yaml").write_text("group: pro\ntask: [pro_math, pro_bio]\naggregate_metric_list:\n"
+                                       "  - {metric: exact_match, aggregation: mean, weight_by_size: true, "
+                                       "filter_list: custom-extract}\nmetadata: {version: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = EvaluateConfig(include_path=str(tmp_path), batch_size=8, max_gen_toks=4,
+                         metrics={"golden": MetricSpec(task="pro", metric="exact_match", chat=True)})
+    result = run_tasks(model, tokenizer, cfg, log=lambda *_: None)["golden"]
+    assert result["n"] == 6 and result["score"] == pytest.approx(sum(result["items"].values()) / 6)
+    assert sorted(result["items"]) == [f"pro_{c}/{i}" for c in ("bio", "math") for i in range(3)], "ids pair items"

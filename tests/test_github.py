@@ -59,7 +59,8 @@ def test_pending_then_verdict_through_the_cli(github, tmp_path):
                  "--target-url", "https://example.com/run/1")
     assert result.exit_code == 0, result.output
     assert github.statuses[SHA][-1] == {"state": "pending", "description": "training on SkyPilot",
-                                        "context": "eval-gate", "target_url": "https://example.com/run/1"}
+                                        "context": "eval-gate", "target_url": "https://example.com/run/1",
+                                        "creator": {"login": "github-actions[bot]"}}
     result = sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, FAILED)))
     assert result.exit_code == 0, result.output
     assert github.statuses[SHA][-1]["state"] == "failure"
@@ -67,7 +68,8 @@ def test_pending_then_verdict_through_the_cli(github, tmp_path):
     assert sft("status", "set", "--sha", SHA, "--state", "pending", "--from-gate", "x").exit_code == 1
 
 
-def test_release_requires_a_successful_eval_gate(github, tmp_path):
+def test_release_requires_a_successful_eval_gate(github, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVAL_GATE_ACCOUNT", "github-actions[bot]")  # the account of the token these tests set with
     refused = sft("status", "require", "--sha", SHA)
     assert refused.exit_code == 1 and "no 'eval-gate' status" in refused.output
     sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, FAILED)))
@@ -82,10 +84,31 @@ def test_release_requires_a_successful_eval_gate(github, tmp_path):
     other = "b" * 40
     github.statuses[other] = [{"state": "success", "context": "ci/tests", "description": ""}]
     with pytest.raises(ReleaseRefused):
-        require_success(GitHub(github.api_url, github.repository, github.token), other)
+        require_success(GitHub(github.api_url, github.repository, github.token), other, "github-actions[bot]")
+
+
+def test_only_the_eval_gate_accounts_status_counts(github, tmp_path, monkeypatch):
+    """Anyone with `statuses: write` can set a status named eval-gate; the release counts only the one
+    set by the account of the training job's token (EVAL_GATE_ACCOUNT), and refuses without one."""
+    bot = github.add_account("acme-sft-bot")
+    monkeypatch.setenv("GITHUB_TOKEN", bot)
+    sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, PASSED)))
+    unset = sft("status", "require", "--sha", SHA)
+    assert unset.exit_code == 1 and "set the repository variable EVAL_GATE_ACCOUNT" in unset.output
+    monkeypatch.setenv("EVAL_GATE_ACCOUNT", "acme-sft-bot")
+    assert sft("status", "require", "--sha", SHA).exit_code == 0
+    monkeypatch.setenv("GITHUB_TOKEN", github.add_account("mallory"))  # a later success from someone else
+    sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, PASSED)))
+    newer = sft("status", "require", "--sha", SHA)  # the bot's own newest status still decides
+    assert newer.exit_code == 0, newer.output
+    monkeypatch.setenv("EVAL_GATE_ACCOUNT", "someone-else")
+    forged = sft("status", "require", "--sha", SHA)
+    assert forged.exit_code == 1 and "no 'eval-gate' status set by 'someone-else'" in forged.output
+    assert "the latest is success by 'mallory'" in forged.output
 
 
 def test_bad_token_and_missing_env_are_clear(github, monkeypatch):
+    monkeypatch.setenv("EVAL_GATE_ACCOUNT", "acme-sft-bot")
     monkeypatch.setenv("GITHUB_TOKEN", "wrong")
     result = sft("status", "require", "--sha", SHA)
     assert result.exit_code == 1 and "HTTP 401" in result.output
@@ -135,9 +158,10 @@ def test_results_commit_on_top_of_the_trained_commit(github, tmp_path, monkeypat
     png = b"\x89PNG\r\n\x1a\n\xff\x00"  # not UTF-8: the plot travels as bytes
     (tmp_path / "gate/change.png").write_bytes(png)
     result = sft("results", "--sha", trained)
-    assert result.exit_code == 1 and "train/live missing" in result.output
-    (tmp_path / "train/live/plots/metrics/train").mkdir(parents=True)
-    (tmp_path / "train/live/plots/metrics/train/loss.tsv").write_text("step\tloss\n1\t2.0\n")
+    assert result.exit_code == 1 and "train/live, lora/live missing" in result.output
+    for run in ("train", "lora"):
+        (tmp_path / f"{run}/live/plots/metrics/train").mkdir(parents=True)
+        (tmp_path / f"{run}/live/plots/metrics/train/loss.tsv").write_text("step\tloss\n1\t2.0\n")
     result = sft("results", "--sha", trained)
     assert result.exit_code == 0, result.output
     first = github.refs[f"heads/results/{trained}"]
@@ -147,6 +171,7 @@ def test_results_commit_on_top_of_the_trained_commit(github, tmp_path, monkeypat
     # finding 15: the suite's results, the change plot and DVCLive's history reach the results branch
     assert tree["gate/change.png"] == png and tree["evaluate/suite.json"] == "evaluate/suite.json of run 1\n"
     assert tree["train/live/plots/metrics/train/loss.tsv"].startswith("step\tloss")
+    assert tree["lora/live/plots/metrics/train/loss.tsv"].startswith("step\tloss")
     (tmp_path / "gate/gate.json").write_text("rerun\n")  # a rerun of the same commit moves the branch
     assert sft("results", "--sha", trained).exit_code == 0
     second = github.refs[f"heads/results/{trained}"]
@@ -163,3 +188,90 @@ def test_committed_sample_comment_was_built_by_build_comment():
     for title, name in SECTIONS:
         assert f"<summary>{title}</summary>" in sample
         assert f"`{name}` was not produced" not in sample  # the sample shows every report
+
+
+def test_status_links_the_skypilot_jobs_own_page_not_the_launching_workflow(github, tmp_path, monkeypatch):
+    """Finding 15: the verdict's link pointed at the workflow run that launched the job, which holds no
+    training log. Inside a managed job it is the job's dashboard page, found from SKYPILOT_TASK_ID."""
+    from pipeline.github import job_page
+
+    dashboard = "https://sky.example.com/dashboard/jobs"
+    recovered = "sky-managed-2026-12-05-08-01-02-123456_sft-train-0123456789ab_42-0"  # after a recovery
+    assert job_page({"SKYPILOT_TASK_ID": recovered, "JOBS_DASHBOARD_URL": dashboard + "/"}) == f"{dashboard}/42"
+    assert job_page({"SKYPILOT_TASK_ID": "sky-2026-12-05-08-01-02-123456_mycluster_3"}) is None  # not managed
+    assert job_page({"SKYPILOT_TASK_ID": recovered}) is None  # no dashboard address passed
+    secret = {"SKYPILOT_TASK_ID": recovered, "JOBS_DASHBOARD_URL": "https://admin:s3cret@sky.example.com:8443/dashboard/jobs"}
+    assert job_page(secret) == "https://sky.example.com:8443/dashboard/jobs/42", "credentials never reach a status"
+
+    monkeypatch.setenv("SKYPILOT_TASK_ID", recovered)
+    monkeypatch.setenv("JOBS_DASHBOARD_URL", dashboard)
+    sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, PASSED)),
+        "--target-url", "https://github.com/acme/sft/actions/runs/1")
+    assert github.statuses[SHA][-1]["target_url"] == f"{dashboard}/42"
+    monkeypatch.delenv("SKYPILOT_TASK_ID")
+    sft("status", "set", "--sha", SHA, "--state", "pending", "--target-url", "https://github.com/acme/sft/actions/runs/1")
+    assert github.statuses[SHA][-1]["target_url"] == "https://github.com/acme/sft/actions/runs/1"
+
+
+def test_a_passing_gate_without_the_jobs_signature_is_reported_as_an_error(github, tmp_path):
+    """The training job signs what it gated; a pass it could not sign cannot be released, so the
+    status says error (naming the unsigned file) instead of a success the release would then refuse."""
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, PASSED)), "--signed", str(manifest))
+    assert github.statuses[SHA][-1]["state"] == "error" and "is unsigned" in github.statuses[SHA][-1]["description"]
+    (tmp_path / "manifest.json.sig").write_text("signature")
+    sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, PASSED)), "--signed", str(manifest))
+    assert github.statuses[SHA][-1]["state"] == "success"
+    sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, FAILED)), "--signed", str(manifest))
+    assert github.statuses[SHA][-1]["state"] == "failure"
+
+
+def test_the_comment_flags_changes_to_the_policy_eval_sets_and_release_path_in_bold(tmp_path, monkeypatch):
+    """A PR that relaxes the gate (its policy, an eval set, the release path) in the same change as the
+    data must say so first, so the reviewer of evals/ sees it."""
+    import subprocess
+
+    from pipeline.pr_comment import guarded_changes
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True)
+
+    git("init", "-q", "-b", "main")
+    for name, text in {"evals/gate.yaml": "rules: [{metric: golden, min: 0.5}]\n", "params.yaml": "a: 1\n",
+                       "data/golden.jsonl": "{}\n", "data/refusal.jsonl": "{}\n"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "base")
+    git("checkout", "-qb", "relax")
+    (tmp_path / "evals/gate.yaml").write_text("rules: [{metric: golden, min: 0.05}]\n")
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    (tmp_path / "data/golden.jsonl").write_text('{"prompt": "easier"}\n')
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", "relax the gate")
+    at_base = {"data/golden.jsonl": b"{}\n", "data/refusal.jsonl": b"{}\n"}
+
+    def read(path, rev):
+        if path not in at_base:
+            raise FileNotFoundError(path)
+        return at_base[path]
+
+    sets = ["data/golden.jsonl", "data/refusal.jsonl", "data/over_refusal.jsonl"]
+    flagged = guarded_changes("main", sets, tmp_path, read)
+    assert flagged == ["evals/gate.yaml", "data/golden.jsonl",
+                       "data/over_refusal.jsonl (not compared: not readable at main through DVC)"]
+    body = build_comment(tmp_path, sections=(), guarded=flagged)
+    assert "**This pull request changes what decides whether a model ships" in body and "`evals/gate.yaml`" in body
+    assert "**" not in build_comment(tmp_path, sections=(), guarded=[])
+    # the command pr.yml runs: params.yaml names the eval sets, read at the base through DVC (git here)
+    import shutil
+
+    from tests.conftest import ROOT
+
+    shutil.copy(ROOT / "configs/demo.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert sft("pr-comment", "--base", "main").exit_code == 0
+    flag = (tmp_path / "pr-comment.md").read_text().split("\n\n")[1]
+    assert flag.startswith("**This pull request changes") and "`evals/gate.yaml`" in flag
+    assert "`data/golden.jsonl`" in flag

@@ -234,14 +234,16 @@ def test_failed_gate_ends_the_job_without_a_relaunch(tmp_path):
     assert no_verdict.returncode != 0 and "reached-push" not in no_verdict.stdout
 
 
-def sky_run(tmp_path: Path, rank: int, exit_codes: dict[str, int] | None = None):
+def sky_run(tmp_path: Path, rank: int, exit_codes: dict[str, int] | None = None, repro_writes: str = ""):
     """sky/train.yaml's `run:` on node `rank`, with `dvc` and `sft` replaced by recorders and the
-    bucket mount in tmp_path: the commands each node runs, in order."""
+    bucket mount in tmp_path: the commands each node runs, in order (`dvc repro` writes `repro_writes`)."""
     run = yaml.safe_load((ROOT / "sky/train.yaml").read_text())["run"]
     fake = tmp_path / "bin"
-    fake.mkdir(exist_ok=True)
+    fake.mkdir(parents=True, exist_ok=True)
     for tool, code in {"dvc": 0, "sft": 0, **(exit_codes or {})}.items():
-        (fake / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "$CALLS"\nexit {code}\n')
+        writes = (f'if [ "$1" = repro ]; then mkdir -p "$(dirname {repro_writes})"; echo "{{}}" > {repro_writes}; fi\n'
+                  if tool == "dvc" and repro_writes else "")
+        (fake / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "$CALLS"\n{writes}exit {code}\n')
         (fake / tool).chmod(0o755)
     work = tmp_path / f"node{rank}"
     work.mkdir()
@@ -260,14 +262,23 @@ def test_node_zero_runs_the_whole_dag_through_dvc_and_the_others_only_their_inpu
     (whose train stage starts torchrun); the other nodes build their inputs and join the training."""
     result, zero = sky_run(tmp_path, 0)
     assert result.returncode == 0, result.stderr
+    status = (f"sft status set --sha {'a' * 40} --from-gate gate/gate.json --signed release/attestation.json "
+              "--target-url https://ci/run")
     assert zero == ["dvc config --local core.no_scm true", "dvc pull data.dvc", "dvc repro", "dvc push",
-                    f"sft results --sha {'a' * 40}",
-                    f"sft status set --sha {'a' * 40} --from-gate gate/gate.json --target-url https://ci/run"]
+                    f"sft results --sha {'a' * 40}", status]
+    # a passing gate leaves the card stage's release manifest: the job signs it before pushing the results
+    result, passed = sky_run(tmp_path / "passed", 0, repro_writes="release/manifest.json")
+    assert result.returncode == 0, result.stderr
+    assert passed == ["dvc config --local core.no_scm true", "dvc pull data.dvc", "dvc repro", "dvc push",
+                      f"sft sign --sha {'a' * 40}", f"sft results --sha {'a' * 40}", status]
     result, one = sky_run(tmp_path, 1)
     assert result.returncode == 0, result.stderr
-    assert one == ["dvc config --local core.no_scm true", "dvc pull data.dvc", "dvc repro base prepare", "sft train"]
-    state = tmp_path / "node1/train/state"
-    assert state.is_symlink() and state.resolve() == (tmp_path / "bucket" / ("a" * 40) / "state").resolve()
+    # node 0's `dvc repro` runs both the full and the LoRA training (issue 12): the other nodes join each
+    assert one == ["dvc config --local core.no_scm true", "dvc pull data.dvc", "dvc repro base prepare", "sft train",
+                   "sft lora"]
+    for run in ("train", "lora"):
+        state = tmp_path / f"node1/{run}/state"
+        assert state.is_symlink() and state.resolve() == (tmp_path / "bucket" / ("a" * 40) / run / "state").resolve()
 
 
 def test_bucket_name_comes_from_the_team_not_the_template():
@@ -280,23 +291,48 @@ def test_bucket_name_comes_from_the_team_not_the_template():
     assert "--env CHECKPOINT_BUCKET" in launch and "vars.CHECKPOINT_BUCKET" in launch
 
 
-def test_chat_template_date_is_fixed_so_training_tokens_do_not_depend_on_the_day(tokenizer):
-    """Finding 15: Llama 3.1's template prints today's date (`strftime_now`); every example carried the
-    day of the run, and a rerun on another day tokenized differently under the same cache key."""
+UNGUARDED_DATE_TEMPLATE = (  # as Mistral Small 3.x and Granite 3.x do: the date, no `date_string` to pass
+    "{%- set today = strftime_now('%Y-%m-%d') %}{{ bos_token }}[SYSTEM]Today is {{ today }}.[/SYSTEM]"
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.mark.parametrize("family", ["llama3", "unguarded"])
+def test_chat_template_date_is_fixed_so_training_tokens_do_not_depend_on_the_day(family, tokenizer, tiny_model_dir,
+                                                                                 monkeypatch):
+    """Finding 15: Llama 3.x's template prints today's date (`strftime_now` unless `date_string` is
+    passed), others call `strftime_now` with no way round it. Every example carried the day of the run,
+    a rerun on another day tokenized differently under the same cache key, and lm-eval (which passes
+    no `date_string`) rendered prompts unlike the training ones. Here the clock says 4 July 2031."""
     import datetime
 
-    from pipeline.prepare import ChatRenderer, render_prompt
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import chat_template_utils
 
-    dated = copy.deepcopy(tokenizer)
-    dated.chat_template = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
-                           "{%- endif %}{{ bos_token }}Today Date: {{ date_string }}\n"
-                           "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                           "{% if add_generation_prompt %}<assistant>{% endif %}")
-    today = datetime.date.today().strftime("%d %b %Y")
+    from pipeline.evaluate import check_parity
+    from pipeline.prepare import ChatRenderer, render_prompt, tokenize_pair
+    from tests.chat_families import as_llama3
+
+    class Later(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2031, 7, 4, tzinfo=tz)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Later)
+    if family == "llama3":
+        dated, fixed = as_llama3(tokenizer), "Today Date: 01 Jan 2026"
+    else:
+        dated, fixed = copy.deepcopy(tokenizer), "Today is 2026-01-01."
+        dated.chat_template = UNGUARDED_DATE_TEMPLATE
     prompt = render_prompt(dated, "hello")
     conversation = ChatRenderer(dated).jinja([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
-    assert "Today Date: 01 Jan 2026" in prompt and "Today Date: 01 Jan 2026" in conversation
-    assert today not in prompt or today == "01 Jan 2026"
+    assert fixed in prompt and fixed in conversation and "2031" not in prompt + conversation
+    ids, _ = tokenize_pair(dated, "hi", "yo")
+    assert fixed in dated.decode(ids)
+    # lm-eval renders the evaluation prompt on the same "day" as training did
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    check_parity(HFLM(pretrained=model, tokenizer=dated, batch_size=1), dated)
 
 
 def test_torchrun_command_spans_the_nodes_skypilot_describes_and_names_a_missing_variable():

@@ -31,6 +31,10 @@ def save_checkpoint(model, tokenizer, root: Path, epoch: int, meta: dict, state_
     """Weights (sharded with an index past `max_shard_size`, as transformers writes large models),
     tokenizer and meta go into a temporary folder; the manifest (sha256 of every file) comes last."""
     path = Path(root) / f"epoch-{epoch}"
+    if hasattr(model, "peft_config"):  # LoRA: the adapters merged, so the checkpoint is a plain model
+        from pipeline.lora import merged
+
+        model, state_dict = merged(model, state_dict)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, state_dict=export_state(model, state_dict, dtype), max_shard_size=max_shard_size)
         config = json.loads((tmp / "config.json").read_text())

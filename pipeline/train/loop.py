@@ -74,6 +74,31 @@ def trim_padding(batch: dict[str, torch.Tensor], lengths: torch.Tensor, multiple
     return {k: v[:, :keep] for k, v in batch.items()} if keep < width else batch
 
 
+@dataclass(frozen=True)
+class StepFlops:
+    """A step's FLOPs two ways. `nominal`: 6N per real token, the usual MFU convention. `executed`:
+    what the engine runs: 6 per body parameter per token, the vocabulary projection only on the
+    rows whose logits are computed (the supervised ones on GPU), the embedding lookup free, and
+    causal attention within each example (4 * hidden FLOPs a layer per key forward, x3 with backward)."""
+    params: int
+    head: int  # vocabulary x hidden: the projection's matmul
+    embeddings: int  # parameters of the input and output embeddings (one matrix when tied)
+    attention_per_key: int  # 12 * hidden * layers
+
+    @classmethod
+    def of(cls, config, params: int) -> StepFlops:
+        head = config.vocab_size * config.hidden_size
+        tied = getattr(config, "tie_word_embeddings", False)
+        return cls(params, head, head if tied else 2 * head, 12 * config.hidden_size * config.num_hidden_layers)
+
+    def nominal(self, tokens: float) -> float:
+        return 6 * self.params * tokens
+
+    def executed(self, tokens: float, logit_rows: float, keys: float) -> float:
+        """`keys`: the sum over real tokens of the keys each attends to (its position + 1)."""
+        return 6 * (self.params - self.embeddings) * tokens + 6 * self.head * logit_rows + self.attention_per_key * keys
+
+
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 
 
@@ -87,36 +112,54 @@ def peak_flops(device: torch.device) -> float | None:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
-    import resource
+    return peak_resident_mib() / 1024
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
+
+def peak_resident_mib() -> float:
+    """This process's own peak resident memory. Not getrusage's ru_maxrss, where Linux carries the
+    parent's peak across exec: a worker started by a large process (torchrun, pytest, dvc) would read
+    its parent's figure."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):  # not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def fingerprint(cfg, meta: dict, rows: int) -> str:
     """What a resumed run must share with the run that wrote the state: the math (config, data and
     this package's code), not the logistics."""
     config = {k: v for k, v in cfg.model_dump().items() if k not in ("keep_last", "checkpoint_every_steps", "device",
-                                                                 "export_dtype", "export_shard_size")}
+                                                                 "export_dtype", "export_shard_size",
+                                                                 "collective_timeout_minutes")}
     code = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(__file__).parent.glob("*.py"))}
-    blob = json.dumps({"config": config, "data": meta.get("data_sha256"), "rows": rows, "code": code}, sort_keys=True)
+    blob = json.dumps({"config": config, "data": meta.get("data_sha256"), "rows": rows, "code": code,
+                       "adapters": meta.get("adapters")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, meta: dict,
-          progress=None, runtime: Runtime | None = None, state_dir: Path | None = None) -> TrainResult:
-    """Fine-tune `model` on packed rows; write epoch checkpoints under out_dir (rank 0).
+          progress=None, runtime: Runtime | None = None, state_dir: Path | None = None,
+          weights: dict | None = None) -> TrainResult:
+    """Fine-tune `model` on packed rows; write epoch checkpoints under out_dir (rank 0). `model` and
+    `weights` as strategies.load_model returns them (a meta-device model is filled from `weights`).
 
     With `state_dir`, the run saves its full state at every epoch end (and every
     `checkpoint_every_steps`) and resumes from it when started again with the same fingerprint.
     """
-    runtime = runtime or init_runtime(cfg.strategy, cfg.device)
+    runtime = runtime or init_runtime(cfg.strategy, cfg.device, cfg.collective_timeout_minutes)
     device = runtime.device
     torch.manual_seed(cfg.seed)
-    for p in model.parameters():
-        p.requires_grad_(True)  # full SFT: every weight
+    if not hasattr(model, "peft_config"):  # full SFT: every weight; with adapters (sft lora), theirs alone
+        for p in model.parameters():
+            p.requires_grad_(True)
     model.config.use_cache = False
-    params = sum(p.numel() for p in model.parameters())  # before sharding hides the full sizes
-    sharded = shard(model, cfg, runtime)
+    # before sharding hides the full sizes (ZeRO-3 partitions as it loads: ds_numel is the full one)
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    flops = StepFlops.of(model.config, params)
+    sharded = shard(model, cfg, runtime, weights)
     sharded.model.train()
     flatten = uses_flex_attention(device)
 
@@ -176,8 +219,12 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
                     batch = trim_padding(batch, lengths[part], multiple=max(8, width // 8))
                 positions, targets = loss_targets(batch["labels"], batch["position_ids"])
                 micro_batches.append((batch["input_ids"], batch["position_ids"], positions, targets))
-            # normalise by the supervised tokens of the whole global step (all ranks, all micro-batches)
-            supervised = runtime.sum(sum(len(m[3]) for m in micro_batches))
+            # normalise by the supervised tokens of the whole global step (all ranks, all micro-batches);
+            # real tokens and attended keys for the record ride in the same collective
+            real = [m[0] != tokenizer.pad_token_id for m in micro_batches]
+            supervised, step_tokens, keys = runtime.sums([
+                sum(len(m[3]) for m in micro_batches), sum(int(r.sum()) for r in real),
+                sum(int((m[1] + 1)[r].sum()) for m, r in zip(micro_batches, real))])
             # gradients are averaged over ranks by the reduce-scatter; scale back to a global sum
             scale = runtime.world_size / max(supervised, 1)
             step_loss = torch.zeros((), device=device)
@@ -190,15 +237,18 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
             grad_norm = sharded.step(cfg.max_grad_norm)
             scheduler.step()
             step += 1
-            step_tokens = int(runtime.sum(sum(int((m[0] != tokenizer.pad_token_id).sum()) for m in micro_batches)))
+            step_tokens = int(step_tokens)
             tokens += step_tokens
             loss = runtime.sum(step_loss.item()) / max(supervised, 1)
             seconds = time.perf_counter() - step_started
             record = {"step": step, "epoch": epoch, "loss": round(loss, 5),
                       "lr": lr, "grad_norm": round(grad_norm, 4),
                       "tokens_per_s": round(step_tokens / seconds, 1),
-                      # 6N FLOPs per real token (forward + backward) against the cards' dense bf16 peak
-                      "mfu": round(6 * params * step_tokens / seconds / (peak * runtime.world_size), 4) if peak else None,
+                      # against the cards' dense bf16 peak: 6N per real token, and the FLOPs actually run
+                      "mfu": round(flops.nominal(step_tokens) / seconds / (peak * runtime.world_size), 4)
+                      if peak else None,
+                      "mfu_executed": round(flops.executed(step_tokens, supervised if flatten else step_tokens, keys)
+                                            / seconds / (peak * runtime.world_size), 4) if peak else None,
                       "peak_mem_gib": round(peak_memory_gib(device), 3)}
             history.append(record)
             if progress and runtime.is_main:
@@ -218,5 +268,7 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
     if state_dir and runtime.is_node_main:
         clear_train_state(state_dir)  # finished: a later run starts afresh instead of resuming at the end
     runtime.barrier()
+    local_numel = sharded.local_numel()
+    sharded.release()
     return TrainResult(step, history[-1]["loss"], tokens, time.perf_counter() - started, history, checkpoints,
-                       sharded.local_numel(), resumed_from)
+                       local_numel, resumed_from)

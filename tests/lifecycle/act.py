@@ -6,9 +6,11 @@ machine (platform `-self-hosted`: no Docker), the way the lifecycle scenarios ne
   (`url.<project>.insteadOf https://github.com/<owner>/<name>`);
 - the Python that actions/setup-python "installs" is a fresh venv in act's tool cache, under a cache
   folder of the test's own (XDG_CACHE_HOME), so nothing outside the test's folders changes;
-- `pip install skypilot==<pin>` finds the local SkyPilot stand-in (tests/lifecycle/local_sky.py) as
-  the version `<pin>+local` (PIP_FIND_LINKS; a local version sorts above the public one and still
-  matches `==<pin>`), so train.yml's own `sky jobs launch` line reaches it;
+- in train.yml, `pip install skypilot==<pin>` finds the local SkyPilot stand-in
+  (tests/lifecycle/local_sky.py) as the version `<pin>+local` (PIP_FIND_LINKS; a local version sorts
+  above the public one and still matches `==<pin>`), so its own `sky jobs launch` line reaches it;
+  elsewhere (pr.yml's `make lint`, which checks sky/*.yaml with SkyPilot's schema) pip installs the
+  real SkyPilot;
 - the pinned actions come from SFT_ACT_ACTIONS when set (a folder of `owner/name@sha` copies, for a
   machine that cannot reach GitHub), else act fetches them.
 
@@ -124,13 +126,16 @@ def run_workflow(project: Path, workflow: str, event_name: str, event: dict, scr
         args += ["--var", f"{key}={value}"]
     if env and "GITHUB_API_URL" in env:  # act sets it itself: only --env overrides it
         args += ["--env", f"GITHUB_API_URL={env['GITHUB_API_URL']}"]
-    # the runner's environment: this machine's, without the offline switches the test suite sets
+    # the runner's environment: this machine's, without the offline switches the test suite sets and
+    # without any .venv/bin on PATH (make puts this checkout's there; a runner has none)
     run_env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                                                                  "PYTEST_ADDOPTS", "PYTHONPATH")}
+    run_env["PATH"] = os.pathsep.join(p for p in run_env["PATH"].split(os.pathsep) if not p.endswith("/.venv/bin"))
     run_env.update({"XDG_CACHE_HOME": str(cache), "PIP_CACHE_DIR": str(Path.home() / ".cache/pip"),
-                    "PIP_FIND_LINKS": str(build_sky_wheel(scratch / "wheels").parent),
                     "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.file://{project.resolve()}.insteadOf",
                     "GIT_CONFIG_VALUE_0": origin, **(env or {})})
+    if workflow == "train.yml":  # its launch reaches the SkyPilot stand-in; pr.yml's `make lint` gets the real one
+        run_env["PIP_FIND_LINKS"] = str(build_sky_wheel(scratch / "wheels").parent)
     result = subprocess.run(args, cwd=project, env=run_env, capture_output=True, text=True, timeout=timeout)
     (scratch / f"{workflow}-{event_name}.log").write_text(result.stdout + result.stderr)  # for a failure's reader
     return result

@@ -9,7 +9,8 @@ unchanged. What it does, as SkyPilot would:
 - each node's environment is the machine's (LOCAL_SKY_MACHINE_ENV: what the test's machines have,
   such as the Hub's address) plus the task's `envs`, overlaid by the launch's `--env`/`--secret`
   values (NAME alone takes the value from the caller's environment), plus SKYPILOT_NODE_RANK,
-  SKYPILOT_NODE_IPS, SKYPILOT_NUM_NODES and SKYPILOT_NUM_GPUS_PER_NODE; nothing else of the caller's
+  SKYPILOT_NODE_IPS, SKYPILOT_NUM_NODES, SKYPILOT_NUM_GPUS_PER_NODE and SKYPILOT_TASK_ID (the managed
+  job's id in it stays, its launch time changes on recovery); nothing else of the caller's
   environment reaches the job, so a variable train.yml forgets to pass is missing here too;
 - the bucket named by `file_mounts` is a local folder (LOCAL_SKY_ROOT/buckets/<name>) mounted at
   its path, shared by every node and every attempt, as the bucket is;
@@ -87,7 +88,7 @@ class Nodes:
         return [process.wait() for process in self.processes]
 
 
-def start_nodes(workdir: Path, attempt: Path, bucket: Path, env: dict[str, str], spec: dict,
+def start_nodes(workdir: Path, attempt: Path, bucket: Path, env: dict[str, str], spec: dict, task_id: str,
                 gpus_per_node: int = 1) -> Nodes:
     num_nodes = int(spec.get("num_nodes", 1))
     mount = next(iter(spec.get("file_mounts") or {"${CHECKPOINT_ROOT}": None}))
@@ -98,7 +99,8 @@ def start_nodes(workdir: Path, attempt: Path, bucket: Path, env: dict[str, str],
         shutil.copytree(workdir, work)
         node_env = {**env, "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NUM_NODES": str(num_nodes),
                     "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus_per_node),
-                    "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * num_nodes), "MASTER_PORT": str(port)}
+                    "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * num_nodes), "MASTER_PORT": str(port),
+                    "SKYPILOT_TASK_ID": task_id}
         node_env[mount.strip("${}")] = str(bucket)  # the mount point is the bucket itself
         log = attempt / f"node{rank}.log"
         with log.open("w") as out:
@@ -130,7 +132,9 @@ class ManagedJob:
         for _ in range(restarts + 1):
             attempt = self.folder / f"attempt-{len(self.attempts())}"
             attempt.mkdir()
-            nodes = start_nodes(self.folder / "workdir", attempt, Path(request["bucket"]), request["env"], spec)
+            launched = time.strftime("%Y-%m-%d-%H-%M-%S-000000", time.gmtime())
+            task_id = f"sky-managed-{launched}_{self.folder.name}_{request['job_id']}-0"
+            nodes = start_nodes(self.folder / "workdir", attempt, Path(request["bucket"]), request["env"], spec, task_id)
             (attempt / "pids.json").write_text(json.dumps([p.pid for p in nodes.processes]))
             codes = nodes.wait()
             (attempt / "result.json").write_text(json.dumps({"codes": codes}))
@@ -198,8 +202,10 @@ def launch(task: Path, name: str, values: dict[str, str], workdir: Path, sky_roo
     job = ManagedJob(sky_root / "jobs" / name)
     if job.folder.exists():
         raise SystemExit(f"a managed job named {name} already exists")
+    job_id = len(list((sky_root / "jobs").glob("*"))) if (sky_root / "jobs").is_dir() else 0
     upload_workdir(workdir, job.folder / "workdir")
-    (job.folder / "request.json").write_text(json.dumps({"spec": spec, "env": env, "bucket": str(bucket)}))
+    (job.folder / "request.json").write_text(json.dumps({"spec": spec, "env": env, "bucket": str(bucket),
+                                                         "job_id": job_id + 1}))
     job.start_controller()
     return job
 
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         values[key] = value if has_value else os.environ[key]
     root = Path(os.environ["LOCAL_SKY_ROOT"])
     job = launch(args.task, args.name, values, Path.cwd(), root, json.loads(os.environ.get("LOCAL_SKY_MACHINE_ENV", "{}")))
-    print(f"Managed job {args.name!r} submitted ({job.folder})")
+    print(f"Managed job {args.name!r} submitted with ID {job.request['job_id']} ({job.folder})")
     if not args.detach:
         job.wait()
     return 0

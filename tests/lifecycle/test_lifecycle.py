@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from pipeline.files import copy_project
+from pipeline.signing import generate_keypair
 from tests.fake_github import FakeGitHub
 from tests.fake_hub import FakeHub
 from tests.lifecycle.act import run_workflow, step_failed
@@ -43,6 +44,8 @@ REPO = "acme/sft"
 BASE_REPO = "acme-base/tiny-instruct"
 PRESET = yaml.safe_load((ROOT / "configs/llama3-8b-8xh100.yaml").read_text())
 BUCKET = "acme-sft-checkpoints"
+DASHBOARD = "https://sky.acme.example/dashboard/jobs"  # repository variable SKYPILOT_DASHBOARD_URL
+BOT = "acme-sft-bot"  # the account of EVAL_GATE_TOKEN (repository variable EVAL_GATE_ACCOUNT)
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -60,38 +63,46 @@ def git(project, *args) -> str:
 
 def team_params(revision: str) -> dict:
     """Production code paths at CPU size: a Hub base at a pinned revision, fsdp2 over the nodes, bf16
-    export in several shards."""
+    export in several shards, and the preset's general-knowledge metric word for word (lm-eval's
+    registry group mmlu_pro, its data set downloaded from the Hub)."""
     params = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
     params["base"].update(source="hub", model=BASE_REPO, revision=revision)
+    params["evaluate"]["metrics"]["general"] = PRESET["evaluate"]["metrics"]["general"]
     params["validate"]["min_rows"] = 1500
+    params["prepare"]["max_seq_len"] = 256  # Llama 3's template adds a ~30-token system header to every row
     params["train"].update(strategy="fsdp2", epochs=2, micro_batch_size=4, export_dtype="bfloat16",
                            export_shard_size="40KB", checkpoint_every_steps=20)
     params["evaluate"].update(limit=16, batch_size=16, max_gen_toks=8)
     params["card"]["repo_id"] = "acme/team-model"
+    params["gate"]["policy"] = "evals/gate.yaml"  # the team's policy, as in the preset
     return params
 
 
 def tiny_base(folder: Path) -> Path:
-    """The base the team fine-tunes, as its Hub repository holds it: weights, tokenizer, licence."""
+    """The base the team fine-tunes, as its Hub repository holds it: weights, a Llama 3.x Instruct
+    tokenizer and chat template (<|eot_id|> ends each turn; the template prints today's date), licence."""
     from pipeline.config import DemoBase
     from pipeline.demo import build_base_model
+    from tests.chat_families import convert_base_to_llama3
 
     build_base_model(DemoBase(hidden_size=32, num_layers=2, num_heads=2, pretrain_steps=20, pretrain_batch_size=8),
                      folder, log=lambda *_: None)
     (folder / "meta.json").unlink(missing_ok=True)
+    convert_base_to_llama3(folder)
     (folder / "LICENSE").write_text("Tiny base licence\n")
     return folder
 
 
 def llama_8b_shaped(folder: Path) -> Path:
-    """The preset's base as the PR runner sees it: Llama-3.1-8B's config.json and a tokenizer with a
-    chat template; weight files exist but must never be fetched on a PR."""
+    """The preset's base as the PR runner sees it: Llama-3.1-8B's config.json and a tokenizer with the
+    family's chat template; weight files exist but must never be fetched on a PR."""
     from transformers import LlamaConfig
 
     from pipeline.config import DemoBase
     from pipeline.demo import build_demo_tokenizer
+    from tests.chat_families import as_llama3
 
-    build_demo_tokenizer(DemoBase(), folder)
+    as_llama3(build_demo_tokenizer(DemoBase(), folder)).save_pretrained(folder)
     LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                 tie_word_embeddings=False).save_pretrained(folder)
@@ -99,6 +110,27 @@ def llama_8b_shaped(folder: Path) -> Path:
         (folder / f"model-{shard:05d}-of-00004.safetensors").write_bytes(b"gated weights")
     (folder / "LICENSE").write_text("LLAMA 3.1 COMMUNITY LICENSE AGREEMENT\n")
     (folder / "USE_POLICY.md").write_text("Acceptable use policy\n")
+    return folder
+
+
+def mmlu_pro_stand_in(folder: Path) -> Path:
+    """TIGER-Lab/MMLU-Pro as the registry task reads it (its columns, test and validation splits as
+    parquet files, every category), at a few questions a category."""
+    import pandas as pd
+
+    categories = ["biology", "business", "chemistry", "computer science", "economics", "engineering", "health",
+                  "history", "law", "math", "other", "philosophy", "physics", "psychology"]
+    (folder / "data").mkdir(parents=True)
+    for split, per_category in (("test", 2), ("validation", 5)):
+        rows = [{"question_id": n, "question": f"Which letter comes {n % 3 + 1} after A in {category}?",
+                 "options": ["A", "B", "C", "D"], "answer": "BCD"[n % 3], "answer_index": n % 3 + 1,
+                 "cot_content": f"A: Let's think step by step. The answer is ({'BCD'[n % 3]}).",
+                 "category": category, "src": "stand-in"}
+                for c, category in enumerate(categories) for n in range(c * per_category, (c + 1) * per_category)]
+        pd.DataFrame(rows).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet", index=False)
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
+                                      "    path: data/test-*\n  - split: validation\n    path: data/validation-*\n"
+                                      "---\n# MMLU-Pro (stand-in)\n")
     return folder
 
 
@@ -135,11 +167,15 @@ def world(tmp_path_factory, s3):
     with FakeGitHub(REPO) as github, FakeHub() as hub:
         revision = hub.seed(BASE_REPO, tiny_base(scratch / "tiny-base"))
         hub.seed(PRESET["base"]["model"], llama_8b_shaped(scratch / "llama-8b"), oid=PRESET["base"]["revision"])
+        hub.seed("TIGER-Lab/MMLU-Pro", mmlu_pro_stand_in(scratch / "mmlu-pro"), repo_type="dataset")
         (project / "params.yaml").write_text(yaml.safe_dump(team_params(revision), sort_keys=False))
         (project / "evals/gate.yaml").write_text(
             "select_by: golden\nrules:\n  - metric: golden\n    min: 0.0\n  - metric: general\n    max_drop: 1.0\n")
         task = project / "sky/train.yaml"
         task.write_text(task.read_text().replace("num_nodes: 1 ", "num_nodes: 2 "))
+        # docs/ci.md, "Signed verdicts": the job's key is a secret, its public half committed
+        signing_key, signer = generate_keypair(scratch)
+        (project / ".github/release-signers").write_text(signer + "\n")
         git(project, "init", "-q", "-b", "main")
         git(project, "remote", "add", "origin", f"https://github.com/{REPO}.git")
         sh(["sft", "demo", "--out", "data", "--rows", "2000", "--seed", "7"], project)  # the team's data, not the demo's
@@ -153,12 +189,15 @@ def world(tmp_path_factory, s3):
         shutil.rmtree(project / "data")  # what a fresh runner has: the data only in the remote
         shutil.rmtree(project / ".dvc/cache")
         sky_root = scratch / "sky"
+        # online, as a cluster is: registry tasks download their data sets from the Hub (stand-in) with HF_TOKEN
         machine = {"PATH": f"{BIN}:{os.environ['PATH']}", "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
-                   "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "HF_HOME": str(scratch / "hf-home"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                    "AWS_DEFAULT_REGION": "us-east-1"}
         env = {"GITHUB_API_URL": github.api_url, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
                "LOCAL_SKY_ROOT": str(sky_root), "LOCAL_SKY_MACHINE_ENV": json.dumps(machine), **AWS}
-        secrets = {"GITHUB_TOKEN": github.token, "EVAL_GATE_TOKEN": github.token, "HF_TOKEN": hub.token,
+        # the workflows' own token is github-actions[bot]'s; the job reports with a bot account's token
+        secrets = {"GITHUB_TOKEN": github.token, "EVAL_GATE_TOKEN": github.add_account(BOT), "HF_TOKEN": hub.token,
+                   "RELEASE_SIGNING_KEY": signing_key,
                    "DVC_AWS_ACCESS_KEY_ID": "testing", "DVC_AWS_SECRET_ACCESS_KEY": "testing",
                    "SKYPILOT_API_URL": "http://127.0.0.1:1", "SKYPILOT_API_TOKEN": "sky_test"}
         yield {"project": project, "github": github, "hub": hub, "env": env, "secrets": secrets,
@@ -172,6 +211,7 @@ def commit(world, message: str, change=None) -> str:
         change(project)
     git(project, "add", "-A")
     git(project, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "--allow-empty", "-m", message)
+    git(project, "update-ref", "refs/remotes/origin/main", "HEAD")  # merged: main on GitHub moved too
     return git(project, "rev-parse", "HEAD")
 
 
@@ -179,7 +219,8 @@ def merge(world, sha: str, tmp_path: Path) -> ManagedJob:
     """train.yml on the push to main, under act; the managed job it launched."""
     world["github"].add_commit({}, sha=sha)
     result = run_workflow(world["project"], "train.yml", "push", {"ref": "refs/heads/main"}, tmp_path,
-                          secrets=world["secrets"], variables={"CHECKPOINT_BUCKET": BUCKET}, env=world["env"])
+                          secrets=world["secrets"], env=world["env"],
+                          variables={"CHECKPOINT_BUCKET": BUCKET, "SKYPILOT_DASHBOARD_URL": DASHBOARD})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert [s["state"] for s in world["github"].statuses[sha]][0] == "pending"
     return ManagedJob(world["sky"] / "jobs" / f"sft-train-{sha[:12]}")
@@ -204,7 +245,7 @@ def release(world, sha: str, tag: str, tmp_path: Path) -> subprocess.CompletedPr
     git(project, "tag", "-f", tag, sha)
     try:
         return run_workflow(project, "release.yml", "push", {"ref": f"refs/tags/{tag}"}, tmp_path,
-                            secrets=world["secrets"], env=world["env"])
+                            secrets=world["secrets"], variables={"EVAL_GATE_ACCOUNT": BOT}, env=world["env"])
     finally:
         git(project, "checkout", "-q", "main")
 
@@ -241,11 +282,16 @@ def test_pull_request_adopting_the_preset_gets_one_comment_and_downloads_no_weig
     assert result.returncode == 0 and not step_failed(result), result.stdout[-8000:]
     (comment,) = github.comments[7]
     body = comment["body"]
+    if os.environ.get("SFT_PR_COMMENT_SAMPLE"):  # docs/pr-comment.md is this comment, written here
+        Path(os.environ["SFT_PR_COMMENT_SAMPLE"]).write_text(body)
     contract, params_diff, plan, stats, smoke = (body.split(f"<summary>{title}</summary>", 1)[1].split("</details>")[0]
                                                  for title in ("Data contract", "Params and metrics vs the base branch",
                                                                "GPU plan", "Training data statistics",
                                                                "Eval gate of the CPU smoke run (the demo)"))
     assert "was not produced" not in body, body
+    # new golden and safety sets come with the new data: flagged for the reviewer of evals/, in bold, first
+    flag = body.split("\n\n")[1]
+    assert flag.startswith("**This pull request changes what decides") and "`data/golden.jsonl`" in flag, body[:2000]
     assert "10,500" in contract or "10500" in contract
     assert "meta-llama/Llama-3.1-8B-Instruct" in params_diff and BASE_REPO in params_diff
     assert "2,000" in stats and "10,500" in stats, stats  # the base branch's data against this branch's
@@ -269,10 +315,17 @@ def test_merge_trains_on_two_nodes_and_reports_success(world, merged):
     github, hub = world["github"], world["hub"]
     sha, job = merged
     status = last_status(github, sha)
-    assert status["state"] == "success" and status["target_url"].startswith(f"https://github.com/{REPO}/actions/runs/")
+    assert status["state"] == "success" and status["creator"]["login"] == BOT
+    # the verdict links to the job's own page on the SkyPilot dashboard (its logs), the pending status to the launch
+    assert status["target_url"] == f"{DASHBOARD}/{job.request['job_id']}"
+    assert github.statuses[sha][0]["target_url"].startswith(f"https://github.com/{REPO}/actions/runs/")
     tree = results(github, sha)
     gate = json.loads(tree["gate/gate.json"])
     metrics = json.loads(tree["train/metrics.json"])
+    manifest = json.loads(tree["release/manifest.json"])  # every file of card/, attested for this commit, signed
+    assert "release/attestation.json.sig" in tree and manifest["sha256"] == gate["sha256"]
+    assert json.loads(tree["release/attestation.json"])["commit"] == sha
+    assert {"chat_template.jinja", "tokenizer.json", "config.json", "README.md"} <= set(manifest["files"])
     assert gate["passed"] and metrics["world_size"] == 2 and metrics["strategy"] == "fsdp2"
     lock = yaml.safe_load(tree["dvc.lock"])
     assert {"tokenizer", "base", "validate", "prepare", "train", "gate", "card"} <= set(lock["stages"])
@@ -280,15 +333,28 @@ def test_merge_trains_on_two_nodes_and_reports_success(world, merged):
     base_meta = json.loads((job.node_dirs()[0] / "base/meta.json").read_text())
     assert base_meta["source"] == "hub" and base_meta["revision"] == hub.repos[BASE_REPO].commits[0]["oid"]
     assert "model.safetensors" in hub.downloaded(BASE_REPO)
+    # the preset's registry group ran on every subject, its data set fetched from the Hub with the token
+    assert any(path.endswith(".parquet") for path in hub.downloaded("datasets/TIGER-Lab/MMLU-Pro"))
+    for evaluated in ("base", "suite"):
+        for model in json.loads((job.node_dirs()[0] / f"evaluate/{evaluated}-items.json").read_text()).values():
+            assert model["general"]["task"] == "mmlu_pro" and model["general"]["n"] == 28, "2 questions x 14 subjects"
     # bf16, sharded, every shard hashed; the gate's hash is the chosen checkpoint's in the bucket
     from pipeline.train.checkpoint import weights_sha256
 
     bucket = world["sky"] / "buckets" / BUCKET
-    chosen = bucket / sha / "checkpoints" / gate["chosen"]
+    chosen = bucket / sha / "train" / "checkpoints" / gate["chosen"]
     assert len(list(chosen.glob("model-*-of-*.safetensors"))) > 1
     assert json.loads((chosen / "config.json").read_text())["dtype"] == "bfloat16"
+    # the family's own turn end and template came through: eos <|eot_id|>, the date fixed, not the day's
+    from transformers import AutoTokenizer
+
+    from pipeline.prepare import render_prompt
+
+    shipped = AutoTokenizer.from_pretrained(chosen)
+    assert shipped.eos_token == "<|eot_id|>" and "<|start_header_id|>" in shipped.chat_template
+    assert "Today Date: 01 Jan 2026" in render_prompt(shipped, "hi")
     assert weights_sha256(chosen) == gate["sha256"]
-    assert list((bucket / sha / "state").iterdir()) == [], "a finished run leaves no resume state"
+    assert list((bucket / sha / "train" / "state").iterdir()) == [], "a finished run leaves no resume state"
     assert any((bucket / "base-evals").iterdir()), "the base's eval results are cached in the bucket"
     # nothing from the demo leaks into the team's run
     data_sha = json.loads(tree["prepare/stats.json"])["data_sha256"]
@@ -306,7 +372,7 @@ def test_preempted_job_resumes_and_ends_with_the_same_weights(world, merged, tmp
     reference_sha, _ = merged
     sha = commit(world, "preemption: the same inputs, a new commit")
     job = merge(world, sha, tmp_path)
-    state = world["sky"] / "buckets" / BUCKET / sha / "state"
+    state = world["sky"] / "buckets" / BUCKET / sha / "train" / "state"
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:  # wait for a resume point both nodes have listed, then pull the plug
         if any((step / "node-1.json").exists() and (step / "node-0.json").exists() for step in state.glob("step-*")):
@@ -340,9 +406,11 @@ def test_failing_gate_reports_failure_without_a_relaunch_and_the_release_refuses
         assert job.wait() == [{"codes": [0, 0]}], "a known verdict ends the job 0: one attempt, no relaunch"
     finally:
         git(world["project"], "-c", "user.name=t", "-c", "user.email=t@x", "revert", "--no-edit", "HEAD")
+        git(world["project"], "update-ref", "refs/remotes/origin/main", "HEAD")
     status = last_status(github, sha)
     assert status["state"] == "failure" and "golden" in status["description"]
     assert json.loads(results(github, sha)["gate/gate.json"])["passed"] is False
+    assert "release/attestation.json.sig" not in results(github, sha), "a failed gate has nothing signed"
     commits_before = len(hub.pushed_commits("acme/team-model"))
     refused = release(world, sha, "v0.9.0", tmp_path / "release")
     assert refused.returncode != 0
@@ -363,3 +431,10 @@ def test_tag_publishes_exactly_the_gated_weights(world, merged, tmp_path):
     shards = {path: entry["lfs"] for path, entry in commits[0]["files"].items() if path.endswith(".safetensors")}
     assert len(shards) > 1 and combine_digests(shards) == gate["sha256"]
     assert hub.repos["acme/team-model"].tags["v1.0.0"] == commits[0]["oid"]
+    # byte for byte what the job signed: every file of the manifest, nothing else
+    import hashlib
+
+    manifest = json.loads(results(github, sha)["release/manifest.json"])
+    pushed = {path: entry["lfs"] if "lfs" in entry else hashlib.sha256(entry["content"]).hexdigest()
+              for path, entry in commits[0]["files"].items() if path != ".gitattributes"}
+    assert pushed == manifest["files"]
