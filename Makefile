@@ -42,6 +42,16 @@ $(SKY_VENV)/.installed:
 	SKYPILOT_DISABLE_USAGE_COLLECTION=1 $(SKY_VENV)/bin/python -m pip install -q $(SKYPILOT)
 	touch $@
 
+# The MLflow tracking server the tracker tests start on loopback, in a venv of its own: the full
+# `mlflow` package caps pyarrow below the project's pin (the project needs only mlflow-skinny, the client)
+MLFLOW_VENV := .venv-mlflow
+MLFLOW := mlflow==3.17.2
+
+$(MLFLOW_VENV)/.installed:
+	test -x $(MLFLOW_VENV)/bin/python || python3 -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install -q $(MLFLOW)
+	touch $@
+
 # Workflows: actionlint, zizmor (no findings allowed), GitHub's workflow schema; SkyPilot tasks: its schema
 lint: setup $(SKY_VENV)/.installed
 	actionlint .github/workflows/*.yml
@@ -49,7 +59,7 @@ lint: setup $(SKY_VENV)/.installed
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	SKYPILOT_DISABLE_USAGE_COLLECTION=1 $(SKY_VENV)/bin/python sky/validate.py
 
-test: setup lint
+test: setup lint $(MLFLOW_VENV)/.installed
 	python -m pytest -q
 
 # A team's run from PR to release: the workflows under act, sky/train.yaml on 2 local nodes, S3 remote,

@@ -213,7 +213,10 @@ def _train_stage(cfg, base_dir: Path, packed_dir: Path, out: Path, adapters=None
     from pipeline.train.loop import train as run_training
     from pipeline.train.strategies import close, init_runtime, load_model, torchrun_command
 
+    from pipeline.trackers import TrainingRuns, check_installed
+
     try:
+        check_installed(cfg.trackers)
         command = torchrun_command(cfg.strategy, sys.argv[1:], os.environ)
         if command:  # fsdp2 / zero3 outside a launcher (`dvc repro` runs `sft train`): one process per GPU
             typer.echo(f"train.strategy={cfg.strategy}: {shlex.join(command)}")
@@ -240,11 +243,11 @@ def _train_stage(cfg, base_dir: Path, packed_dir: Path, out: Path, adapters=None
             typer.echo(f"LoRA rank {adapters.rank}{' (DoRA)' if adapters.dora else ''} on every linear layer: "
                        f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
 
-    bar = live = None
+    bar = live = runs = None
     stage = out.name
 
-    def progress(record: dict, total: int):  # rank 0 only: a progress bar and DVCLive step metrics
-        nonlocal bar, live
+    def progress(record: dict, total: int):  # rank 0 only: a progress bar, DVCLive and tracker step metrics
+        nonlocal bar, live, runs
         if bar is None:
             from dvclive import Live
 
@@ -252,21 +255,26 @@ def _train_stage(cfg, base_dir: Path, packed_dir: Path, out: Path, adapters=None
             # the stage declares <out>/live in dvc.yaml. Always a fresh record: a resumed run replays its
             # steps from the resume state, so files already there (the last demo's, committed) never mix in
             live = Live(str(out / "live"), resume=False, save_dvc_exp=False, dvcyaml=None)
+            runs = TrainingRuns(cfg.trackers, stage, meta)
         bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
         bar.update(1)
         live.step = record["step"]
-        for name, value in record.items():
-            if name not in ("step", "epoch") and value is not None:
-                live.log_metric(f"train/{name}", value)
+        metrics = {f"train/{name}": value for name, value in record.items()
+                   if name not in ("step", "epoch") and value is not None}
+        for name, value in metrics.items():
+            live.log_metric(name, value)
         live.next_step()
+        runs.log(metrics, record["step"])
 
     result = run_training(model, tokenizer, packed, cfg, out / "checkpoints", meta, progress, runtime,
                           state_dir=out / "state", weights=weights)
     device = device_name(runtime.device)
     close(runtime)
+    tracked = {}
     if bar:
         bar.close()
         live.end()
+        tracked = runs.finish()
     if not runtime.is_main:
         return
     write_json(out / "metrics.json", {
@@ -274,6 +282,7 @@ def _train_stage(cfg, base_dir: Path, packed_dir: Path, out: Path, adapters=None
         "tokens_per_second": round(result.tokens / result.seconds), "seconds": round(result.seconds, 1),
         "strategy": cfg.strategy, "world_size": runtime.world_size, "device": device,
         "resumed_from_step": result.resumed_from_step,
+        **({"trackers": tracked} if tracked else {}),  # run ids: the gate adds its results to these runs
     })
     kept = ", ".join(c.name for c in list_checkpoints(out / "checkpoints"))
     resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
@@ -439,6 +448,15 @@ def gate(evaluations: Path = Path("evaluate"), checkpoints: Path = Path("train/c
     write_json(out / "gate.json", verdict)
     write_text(out / "gate.md", markdown)
     typer.echo(markdown)
+    if p.train.trackers:  # the verdict, the eval table and (MLflow) the registered model, in the judged run
+        from pipeline.trackers import log_gate
+
+        run = lora_dir / "metrics.json" if verdict["kind"] == "lora" else trained
+        run_ids = json.loads(run.read_text()).get("trackers", {}) if run.exists() else {}
+        reports = [out / name for name in ("gate.md", "change.png", "decision.json", "decision.png")]
+        logged = log_gate(p.train.trackers, run_ids, verdict, reports, kept[verdict["chosen"]],
+                          p.card.repo_id.rsplit("/", 1)[-1])
+        typer.echo(f"trackers: {json.dumps(logged)}")
     if not verdict["passed"]:
         fail(f"eval gate FAILED: {', '.join(verdict['failed_rules'])} (see {out}/gate.md)")
 

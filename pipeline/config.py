@@ -129,6 +129,10 @@ class TrainConfig(Section):
     # epoch checkpoints (and so card/ and the Hub) in bf16, sharded as transformers shards large models
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     export_shard_size: str = "5GB"
+    # experiment trackers beside DVCLive, each an extra configured by its own environment variables
+    # (pipeline/trackers.py): parameters, per-step metrics, the eval table, MLflow's model registry.
+    # Left out of model_dump: where a run is followed is not part of its math (resume fingerprint)
+    trackers: list[Literal["mlflow", "wandb"]] = Field(default_factory=list, exclude=True)
 
     METHOD_RANGES: ClassVar[dict[str, tuple[float, float]]] = {
         "lr": (1e-5, 5e-5),

@@ -112,6 +112,57 @@ def test_full_dag_then_nothing_to_do(repo):
     assert "up to date" in run(["dvc", "status"], repo).stdout
 
 
+def test_trackers_follow_the_dag_and_champion_needs_a_passing_gate(repo, mlflow_server, tmp_path, monkeypatch):
+    """Issue 15: `train.trackers: [mlflow, wandb]` and each tracker's own environment variables: the
+    training runs hold the same per-step metrics as DVCLive, the gate adds its table to the judged
+    run and registers the model; the alias `champion` moves only when the gate passes."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import wandb_history
+
+    small_params(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["trackers"] = ["mlflow", "wandb"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name, value in {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "sft-e2e",
+                        "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(name, value)
+    run(["sft", "demo", "--out", "data", "--rows", "2000"], repo)
+    run(["dvc", "repro"], repo)
+
+    client = MlflowClient(mlflow_server)
+    for stage in ("train", "lora"):
+        ids = json.loads((repo / f"{stage}/metrics.json").read_text())["trackers"]
+        losses = [float(line.split("\t")[1]) for line in
+                  (repo / f"{stage}/live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+        mlflow_losses = [m.value for m in client.get_metric_history(ids["mlflow"], "train/loss")]
+        assert mlflow_losses == pytest.approx(losses, rel=1e-6) and len(losses) > 10
+        assert client.get_run(ids["mlflow"]).data.params["config.lr"] == str(params["train"]["lr"])
+        # the training part of the run (the gate appends a second part with the same id, below)
+        rows = [row for part in sorted((tmp_path / "wandb").glob(f"offline-run-*-{ids['wandb']}"))
+                for row in wandb_history(part) if "train/loss" in row]
+        assert [row["train/loss"] for row in rows] == pytest.approx(losses, rel=1e-6)
+    gate = json.loads((repo / "gate/gate.json").read_text())
+    full = json.loads((repo / "train/metrics.json").read_text())["trackers"]["mlflow"]
+    assert gate["passed"] and gate["kind"] == "full"
+    assert client.get_run(full).data.tags["eval_gate"] == "passed"
+    assert {f.path for f in client.list_artifacts(full, "gate")} >= {"gate/eval_table.json", "gate/gate.md"}
+    wandb_id = json.loads((repo / "train/metrics.json").read_text())["trackers"]["wandb"]
+    gate_rows = [row for part in (tmp_path / "wandb").glob(f"offline-run-*-{wandb_id}") for row in wandb_history(part)
+                 if "gate/rules" in row]
+    assert len(gate_rows) == 1 and gate_rows[0]["gate/rules"]["nrows"] == len(gate["rules"])
+    champion = client.get_model_version_by_alias("tiny-llama-sft-demo", "champion")
+    assert champion.run_id == full and champion.tags["weights.sha256"] == gate["sha256"]
+
+    # the same model judged by a stricter policy: registered for the record, the champion stays
+    (repo / params["gate"]["policy"]).write_text("select_by: golden\nrules:\n  - metric: golden\n    min: 1.01\n")
+    failed = run(["dvc", "repro", "gate"], repo, check=False)
+    assert failed.returncode != 0 and "eval gate FAILED: golden" in failed.stdout + failed.stderr
+    latest = max(client.search_model_versions("name = 'tiny-llama-sft-demo'"), key=lambda v: int(v.version))
+    assert latest.tags["eval_gate"] == "failed" and int(latest.version) == int(champion.version) + 1
+    assert client.get_model_version_by_alias("tiny-llama-sft-demo", "champion").version == champion.version
+
+
 def test_data_diff_against_another_revision(repo):
     """`sft data diff` reads the other revision's data through DVC (here from the local cache)."""
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]

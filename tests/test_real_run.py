@@ -125,11 +125,11 @@ def test_pull_request_path_needs_no_weights(hub_repo, tmp_path, monkeypatch):
 
 
 def test_cluster_install_has_the_s3_remote():
-    """The cluster installs `-e ".[deepspeed]"`: dvc's S3 support must be a main dependency."""
+    """The cluster installs `-e ".[deepspeed,mlflow,wandb]"`: dvc's S3 support must be a main dependency."""
     import tomllib
 
     setup = yaml.safe_load((ROOT / "sky/train.yaml").read_text())["setup"]
-    assert '-e ".[deepspeed]"' in setup
+    assert '-e ".[deepspeed,mlflow,wandb]"' in setup
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(re.match(r"dvc\[s3\]", d) for d in deps)
 
@@ -140,7 +140,7 @@ def test_cluster_installs_the_pinned_torch_first():
     resolved = subprocess.run(["bash", "-c", f"echo {line.split('install', 1)[1]}"], cwd=ROOT,
                               capture_output=True, text=True).stdout.strip()
     assert resolved.strip('"') == re.search(r"^TORCH := (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
-    assert setup.index("TORCH") < setup.index('-e ".[deepspeed]"')
+    assert setup.index("TORCH") < setup.index('-e ".[deepspeed,mlflow,wandb]"')
 
 
 def test_evaluate_leaves_offline_mode_to_the_caller():

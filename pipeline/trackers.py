@@ -1,0 +1,159 @@
+"""Experiment trackers beside DVCLive, chosen in params.yaml (`train.trackers`): MLflow and Weights &
+Biases. Each is an optional extra (`pip install -e '.[mlflow]'`, `'.[wandb]'`) and is configured the
+way its users already configure it, through its own environment variables: MLFLOW_TRACKING_URI,
+MLFLOW_EXPERIMENT_NAME (and the server's credentials); WANDB_PROJECT, WANDB_ENTITY, WANDB_API_KEY,
+WANDB_MODE=offline. Training logs its parameters and per-step metrics to one run per tracker (rank 0
+only); the gate stage goes back to the run of the model it judged and adds the eval table, the gate
+report, and (MLflow) the model, registered, with the alias `champion` only when the gate passed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+TRACKERS = ("mlflow", "wandb")
+CHAMPION = "champion"  # the registry alias a model gets when, and only when, it passed the gate
+
+
+# SkyPilot declares every variable of the task, so one a team did not set arrives empty: as unset
+SETTINGS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_TOKEN", "WANDB_PROJECT",
+            "WANDB_ENTITY", "WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR")
+
+
+def _unset_empty_settings() -> None:
+    for name in SETTINGS:
+        if os.environ.get(name) == "":
+            del os.environ[name]
+
+
+def check_installed(names: list[str]) -> None:
+    """Refuse before training starts when a chosen tracker's package is missing (RuntimeError)."""
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"train.trackers lists {', '.join(missing)} but it is not installed: "
+                           f"pip install -c constraints.txt -e '.[{','.join(missing)}]'")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config as tracker parameters: {"train": {"lr": 2e-5}} -> {"train.lr": "2e-05"}."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def run_name(stage: str) -> str:
+    """`train a1b2c3d` on the cluster (GIT_SHA is the commit the job trains), `train` elsewhere."""
+    sha = os.environ.get("GIT_SHA", "")
+    return f"{stage} {sha[:7]}" if sha else stage
+
+
+class TrainingRuns:
+    """One run per chosen tracker for a training stage: parameters first, then per-step metrics;
+    `finish()` returns each tracker's run id (kept in <stage>/metrics.json for the gate)."""
+
+    def __init__(self, names: list[str], stage: str, params: dict):
+        self.names, self.ids, self._wandb = list(names), {}, None
+        _unset_empty_settings()
+        flat = flatten(params)
+        if "mlflow" in self.names:
+            import mlflow
+
+            run = mlflow.start_run(run_name=run_name(stage), tags={"sft.stage": stage,
+                                                                    "sft.git_sha": os.environ.get("GIT_SHA", "")})
+            mlflow.log_params(flat)
+            self.ids["mlflow"] = run.info.run_id
+        if "wandb" in self.names:
+            import wandb
+
+            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "sft"), name=run_name(stage),
+                                     job_type=stage, config=flat)
+            self.ids["wandb"] = self._wandb.id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if "mlflow" in self.ids:
+            import mlflow
+
+            # batched in the background: one HTTP request per step would slow training to the server's pace
+            mlflow.log_metrics(metrics, step=step, synchronous=False)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def finish(self) -> dict[str, str]:
+        if "mlflow" in self.ids:
+            import mlflow
+
+            mlflow.end_run()  # waits for the queued metrics
+        if self._wandb is not None:
+            self._wandb.finish()
+        return dict(self.ids)
+
+
+def eval_table(verdict: dict) -> tuple[list[str], list[list]]:
+    """The gate's rules as a table: metric, base, observed, the rule, the interval end it read, and
+    whether it passed (the same rows as gate.md)."""
+    columns = ["metric", "rule", "base", "observed", "read", "detectable", "n", "passed"]
+    rows = [[r.get("metric"), r.get("rule"), r.get("base"), r.get("observed"), r.get("read"), r.get("detectable"),
+             r.get("n"), bool(r.get("passed"))] for r in verdict["rules"]]
+    return columns, rows
+
+
+def log_gate(names: list[str], run_ids: dict[str, str], verdict: dict, reports: list[Path], model_dir: Path,
+             model_name: str) -> dict:
+    """Add the gate's outcome to the training run of the model it judged: every candidate's eval
+    scores (step = epoch), the rule table, the reports; with MLflow also the model itself, registered
+    as `model_name`, tagged with its weights' sha256 and the verdict, and given the alias `champion`
+    only when the gate passed. Returns what was logged where (for the stage's output)."""
+    logged: dict[str, dict] = {}
+    _unset_empty_settings()
+    columns, rows = eval_table(verdict)
+    outcome = "passed" if verdict["passed"] else "failed"
+    candidates = {name: c["scores"] for name, c in verdict["candidates"].items() if c["kind"] == verdict["kind"]}
+    if "mlflow" in names and run_ids.get("mlflow"):
+        import mlflow
+        from mlflow import MlflowClient
+
+        run_id = run_ids["mlflow"]
+        client = MlflowClient()
+        with mlflow.start_run(run_id=run_id):
+            for name, metrics in candidates.items():
+                epoch = name.rsplit("-", 1)[-1]  # epoch-3, lora-epoch-3
+                step = int(epoch) if epoch.isdigit() else 0
+                mlflow.log_metrics({f"eval/{metric}": value for metric, value in metrics.items()
+                                    if isinstance(value, (int, float))}, step=step)
+            mlflow.log_metrics({f"base/{metric}": value for metric, value in verdict["base"].items()})
+            mlflow.log_table(data={c: [row[i] for row in rows] for i, c in enumerate(columns)},
+                             artifact_file="gate/eval_table.json")
+            for report in reports:
+                mlflow.log_artifact(str(report), artifact_path="gate")
+            mlflow.set_tags({"eval_gate": outcome, "eval_gate.chosen": verdict["chosen"],
+                             "weights.sha256": verdict["sha256"]})
+            mlflow.log_artifacts(str(model_dir), artifact_path="model")
+            source = mlflow.get_artifact_uri("model")
+        if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
+            client.create_registered_model(model_name)
+        version = client.create_model_version(model_name, source, run_id=run_id,
+                                              tags={"eval_gate": outcome, "weights.sha256": verdict["sha256"],
+                                                    "checkpoint": verdict["chosen"]})
+        if verdict["passed"]:
+            client.set_registered_model_alias(model_name, CHAMPION, version.version)
+        logged["mlflow"] = {"run_id": run_id, "model": model_name, "version": int(version.version),
+                            "alias": CHAMPION if verdict["passed"] else None}
+    if "wandb" in names and run_ids.get("wandb"):
+        import wandb
+
+        # the same run id: W&B appends to the training run (offline, `wandb sync` merges the two parts)
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sft"), id=run_ids["wandb"], resume="allow")
+        run.log({"gate/rules": wandb.Table(columns=columns, data=rows),
+                 **{f"eval/{metric}": value for metric, value in candidates.get(verdict["chosen"], {}).items()
+                    if isinstance(value, (int, float))}})
+        run.summary.update({"eval_gate": outcome, "eval_gate.chosen": verdict["chosen"],
+                            "weights.sha256": verdict["sha256"]})
+        run.finish()
+        logged["wandb"] = {"run_id": run_ids["wandb"]}
+    return logged

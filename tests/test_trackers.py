@@ -1,0 +1,125 @@
+"""Trackers beside DVCLive (issue 15): MLflow against a real server on loopback, W&B offline."""
+
+import json
+
+import pytest
+from tests.conftest import wandb_history
+
+from pipeline.trackers import CHAMPION, TrainingRuns, check_installed, flatten, log_gate
+
+META = {"config": {"lr": 3e-5, "epochs": 2, "strategy": "single"}, "base": {"model": "test/tiny"},
+        "data_sha256": "d" * 64}
+LOSSES = [2.5, 2.0, 1.6, 1.3, 1.1]
+
+
+def verdict(passed: bool, sha: str, chosen: str = "epoch-2") -> dict:
+    rules = [{"metric": "golden", "rule": ">= 0.5", "base": 0.0, "observed": 0.8 if passed else 0.3,
+              "passed": passed},
+             {"metric": "general", "rule": "drop vs base <= 0.05", "base": 0.9, "observed": 0.91, "read": -0.01,
+              "detectable": 0.04, "n": 240, "passed": True}]
+    return {"passed": passed, "chosen": chosen, "kind": "full", "sha256": sha, "rules": rules,
+            "base": {"golden": 0.0, "general": 0.9},
+            "candidates": {"epoch-1": {"kind": "full", "scores": {"golden": 0.2, "general": 0.9}},
+                           "epoch-2": {"kind": "full", "scores": {"golden": rules[0]["observed"], "general": 0.91}},
+                           "lora-epoch-2": {"kind": "lora", "scores": {"golden": 0.1, "general": 0.9}}}}
+
+
+def train_run(names):
+    runs = TrainingRuns(names, "train", META)
+    for step, loss in enumerate(LOSSES, start=1):
+        runs.log({"train/loss": loss, "train/lr": 1e-5 * step}, step)
+    return runs.finish()
+
+
+def test_a_tracker_is_an_extra_and_a_missing_one_is_refused_by_name(monkeypatch):
+    import importlib.util
+
+    from pydantic import ValidationError
+
+    from pipeline.config import TrainConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    with pytest.raises(RuntimeError, match=r"train.trackers lists wandb but it is not installed: .*'\.\[wandb\]'"):
+        check_installed(["mlflow", "wandb"])
+    check_installed(["mlflow"])
+    with pytest.raises(ValidationError, match="trackers"):
+        TrainConfig(trackers=["neptune"])
+    assert flatten(META)["config.lr"] == "3e-05" and flatten(META)["base.model"] == "test/tiny"
+
+
+def test_mlflow_run_eval_table_and_champion_only_when_the_gate_passes(mlflow_server, tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sft-unit")
+    ids = train_run(["mlflow"])
+    client = MlflowClient()
+    run = client.get_run(ids["mlflow"])
+    assert run.data.params["config.lr"] == "3e-05" and run.data.params["data_sha256"] == "d" * 64
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")] == LOSSES
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5]
+    (tmp_path / "gate.md").write_text("## Eval gate: PASSED\n")
+
+    def gate(passed, sha):
+        return log_gate(["mlflow"], ids, verdict(passed, sha), [tmp_path / "gate.md"], tiny_model_dir, "tiny-sft")
+
+    first = gate(True, "a" * 64)
+    assert first["mlflow"] == {"run_id": ids["mlflow"], "model": "tiny-sft", "version": 1, "alias": CHAMPION}
+    table = mlflow.artifacts.load_dict(f"runs:/{ids['mlflow']}/gate/eval_table.json")
+    assert table["columns"][:4] == ["metric", "rule", "base", "observed"]
+    assert [row[0] for row in table["data"]] == ["golden", "general"] and table["data"][0][3] == 0.8
+    history = client.get_metric_history(ids["mlflow"], "eval/golden")
+    assert [(m.step, m.value) for m in history] == [(1, 0.2), (2, 0.8)], "full candidates only, step = epoch"
+    artifacts = {f.path for f in client.list_artifacts(ids["mlflow"], "model")}
+    assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= artifacts
+    assert client.get_run(ids["mlflow"]).data.tags["eval_gate"] == "passed"
+
+    failed = gate(False, "b" * 64)  # a later candidate that fails: registered for the record, never champion
+    assert failed["mlflow"]["version"] == 2 and failed["mlflow"]["alias"] is None
+    champion = client.get_model_version_by_alias("tiny-sft", CHAMPION)
+    assert champion.version == "1" and champion.tags["weights.sha256"] == "a" * 64
+    assert client.get_model_version("tiny-sft", "2").tags["eval_gate"] == "failed"
+    assert gate(True, "c" * 64)["mlflow"]["version"] == 3
+    assert client.get_model_version_by_alias("tiny-sft", CHAMPION).tags["weights.sha256"] == "c" * 64
+
+
+def test_wandb_offline_run_holds_the_metrics_and_the_gate(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = train_run(["wandb"])
+    (run_dir,) = (tmp_path / "wandb").glob(f"offline-run-*-{ids['wandb']}")
+    history = wandb_history(run_dir)
+    assert [row["train/loss"] for row in history] == LOSSES and [row["_step"] for row in history] == [1, 2, 3, 4, 5]
+    (tmp_path / "gate.md").write_text("## Eval gate: FAILED\n")
+    logged = log_gate(["wandb"], ids, verdict(False, "a" * 64), [tmp_path / "gate.md"], tiny_model_dir, "tiny-sft")
+    assert logged == {"wandb": {"run_id": ids["wandb"]}}
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{ids['wandb']}"))
+    gate_rows = [row for run in runs for row in wandb_history(run) if "gate/rules" in row]
+    assert len(gate_rows) == 1 and gate_rows[0]["eval/golden"] == 0.3
+    (gate_run,) = [run for run in runs if any("gate/rules" in row for row in wandb_history(run))]
+    table = json.loads((gate_run / "files" / gate_rows[0]["gate/rules"]["path"]).read_text())
+    assert table["columns"][:4] == ["metric", "rule", "base", "observed"]
+    assert [row[0] for row in table["data"]] == ["golden", "general"] and table["data"][0][-1] is False
+
+
+def test_the_cluster_job_gets_the_trackers_settings_and_packages():
+    """Each tracker's variables travel from the repository's variables and secrets through train.yml's
+    `sky jobs launch --env/--secret` into the task, which declares them (SkyPilot passes nothing else)."""
+    import yaml
+
+    from pipeline.trackers import SETTINGS
+    from tests.conftest import ROOT
+
+    task = yaml.safe_load((ROOT / "sky/train.yaml").read_text())
+    launch = (ROOT / ".github/workflows/train.yml").read_text()
+    for name in SETTINGS:
+        if name in ("WANDB_MODE", "WANDB_DIR"):  # local runs and tests only
+            continue
+        declared = "secrets" if name in ("MLFLOW_TRACKING_TOKEN", "WANDB_API_KEY") else "envs"
+        assert name in task[declared], f"sky/train.yaml {declared} lacks {name}"
+        assert f"--{declared[:-1]} {name}" in launch and f"{'secrets' if declared == 'secrets' else 'vars'}.{name}" in launch
+    assert '".[deepspeed,mlflow,wandb]"' in task["setup"]
