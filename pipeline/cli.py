@@ -309,13 +309,21 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
     the LoRA baseline."""
     from transformers import AutoTokenizer
 
-    from pipeline.evaluate import (base_cache_dir, cache_base_results, cached_base_results, evaluate_models,
-                                   suite_fingerprint, summary)
+    from pipeline.evaluate import (base_cache_dir, cache_base_results, cached_base_results, close_data_parallel,
+                                   evaluate_models, init_data_parallel, is_main, launcher, suite_fingerprint,
+                                   summary)
     from pipeline.train.checkpoint import list_checkpoints
 
     p = params()
     if model not in ("base", "checkpoints", "chosen", "lora"):
         fail(f"--model must be 'base', 'checkpoints', 'chosen' or 'lora', not {model!r}")
+    command = launcher(sys.argv[1:], os.environ)
+    if command:  # one process per GPU of the node: lm-eval shards every task's requests by rank
+        typer.echo(f"evaluating data-parallel: {shlex.join(command)}")
+        sys.stdout.flush()
+        os.execv(command[0], command)
+    init_data_parallel()
+    say = typer.echo if is_main() else (lambda *_: None)
     if model == "lora":
         from pipeline.lora import PREFIX
 
@@ -333,41 +341,48 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
             key = suite_fingerprint(p.evaluate, json.loads((base_dir / "meta.json").read_text())["sha256"])
             results = cached_base_results(p.evaluate, key)
             if results:
-                typer.echo(f"base results from the cache ({base_cache_dir(p.evaluate)}/{key[:12]}…): same weights, tasks "
-                           "and data")
+                say(f"base results from the cache ({base_cache_dir(p.evaluate)}/{key[:12]}…): same weights, tasks "
+                    "and data")
             else:
-                results = evaluate_models({"base": base_dir}, p.evaluate, typer.echo, training_tokenizer)
-                cache_base_results(p.evaluate, key, results)
+                results = evaluate_models({"base": base_dir}, p.evaluate, say, training_tokenizer)
+                if is_main():
+                    cache_base_results(p.evaluate, key, results)
         elif model == "checkpoints":
-            results = evaluate_models(kept, p.evaluate, typer.echo, training_tokenizer, p.evaluate.per_checkpoint)
+            results = evaluate_models(kept, p.evaluate, say, training_tokenizer, p.evaluate.per_checkpoint)
         elif model == "lora":
-            results = _lora_results(p, kept, training_tokenizer)
+            results = _lora_results(p, kept, training_tokenizer, say)
         else:
-            results = _full_suite_in_gate_order(p, kept, out, training_tokenizer)
+            results = _full_suite_in_gate_order(p, kept, out, training_tokenizer, say)
     except ValueError as err:
         fail(str(err))
+    main = is_main()
+    close_data_parallel()
+    if not main:  # the other ranks' samples are in rank 0's results
+        return
     name = "suite" if model == "chosen" else model
     write_json(out / f"{name}-items.json", results)
     write_json(out / f"{name}.json", summary(results))
     typer.echo(f"evaluated {len(results)} model(s) in {time.perf_counter() - started:.0f}s")
 
 
-def _lora_results(p, kept: dict[str, Path], training_tokenizer) -> dict:
+def _lora_results(p, kept: dict[str, Path], training_tokenizer, say=typer.echo) -> dict:
     """evaluate.per_checkpoint on every LoRA checkpoint, then the rest of the suite on the best by the
     policy's select_by: the baseline full SFT is compared with."""
-    from pipeline.evaluate import evaluate_models, summary
+    from pipeline.evaluate import evaluate_models, from_rank_zero, is_main, summary
     from pipeline.gate import load_policy, ranked
 
-    results = evaluate_models(kept, p.evaluate, typer.echo, training_tokenizer, p.evaluate.per_checkpoint)
+    results = evaluate_models(kept, p.evaluate, say, training_tokenizer, p.evaluate.per_checkpoint)
     select_by = load_policy(p.gate.policy, set(p.evaluate.metrics)).select_by
-    best = ranked(summary(results), select_by)[0]
-    rest = [m for m in p.evaluate.metrics if m not in results[best]]
-    typer.echo(f"full suite on the best LoRA checkpoint by {select_by}: {best}")
-    results[best].update(evaluate_models({best: kept[best]}, p.evaluate, typer.echo, training_tokenizer, rest)[best])
+    best = from_rank_zero(ranked(summary(results), select_by)[0] if is_main() else None)  # rank 0 holds the results
+    rest = [m for m in p.evaluate.metrics if m not in p.evaluate.per_checkpoint]
+    say(f"full suite on the best LoRA checkpoint by {select_by}: {best}")
+    suite = evaluate_models({best: kept[best]}, p.evaluate, say, training_tokenizer, rest)[best]
+    if is_main():
+        results[best].update(suite)
     return results
 
 
-def _full_suite_in_gate_order(p, kept: dict[str, Path], evaluations: Path, training_tokenizer) -> dict:
+def _full_suite_in_gate_order(p, kept: dict[str, Path], evaluations: Path, training_tokenizer, say=typer.echo) -> dict:
     """The full suite on the best checkpoint by golden that can still pass, then the next, until
     one passes the whole policy (usually the first): the gate stage then decides on these files."""
     from pipeline.evaluate import evaluate_in_order
@@ -390,8 +405,8 @@ def _full_suite_in_gate_order(p, kept: dict[str, Path], evaluations: Path, train
         return not failed
 
     order = suite_order(policy, base_scores, golden)
-    typer.echo(f"full suite, in the gate's order: {', '.join(order)}")
-    return evaluate_in_order({name: kept[name] for name in order}, p.evaluate, passes, typer.echo, training_tokenizer)
+    say(f"full suite, in the gate's order: {', '.join(order)}")
+    return evaluate_in_order({name: kept[name] for name in order}, p.evaluate, passes, say, training_tokenizer)
 
 
 @app.command()

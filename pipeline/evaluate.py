@@ -7,6 +7,10 @@ training. Per-item scores are kept so the gate can compare the same items across
 When each runs: the full suite on the base model (cached by the base weights' hash), the
 `per_checkpoint` metrics (golden) on every kept checkpoint, and the full suite on checkpoints in
 the gate's order of preference until one passes (`evaluate_in_order`): usually exactly one.
+
+On every GPU of the node: `sft evaluate` re-runs itself under torchrun, one process per GPU
+(`launcher`), and lm-eval's HF backend shards each task's requests by rank and gathers the samples
+on rank 0 (`data_parallel_lm`), with the same tasks, chat template and generation settings.
 """
 
 from __future__ import annotations
@@ -40,6 +44,84 @@ def check_parity(lm, training_tokenizer, prompt: str = "Say hello.") -> None:
                          "check the tokenizer's chat template and BOS handling")
 
 
+def launcher(argv: list[str], env) -> list[str] | None:
+    """The torchrun command that re-runs `sft <argv>` once per GPU of this node, or None on one
+    device or under a launcher already. Evaluation stays on one node: node 0 runs it."""
+    import sys
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if "WORLD_SIZE" in env or gpus < 2:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+            "-m", "pipeline.cli", *argv]
+
+
+def init_data_parallel() -> None:
+    """Under torchrun: the process group (NCCL on GPUs, gloo on CPU) and this rank's GPU."""
+    import torch
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def close_data_parallel() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    return _world()[0] == 0
+
+
+def from_rank_zero(value):
+    """Rank 0's value on every rank: a decision all processes take together (which checkpoint next)."""
+    import torch.distributed as dist
+
+    if _world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@functools.cache
+def data_parallel_lm():
+    """lm-eval's HF backend over the process group: lm-eval shards every task's requests by rank and
+    gathers samples and metrics on rank 0 (its integration point for a model object it did not load)."""
+    import torch
+    import torch.distributed as dist
+    from lm_eval.models.huggingface import HFLM
+
+    class DataParallelHFLM(HFLM):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+
+        def all_gather(self, tensor):  # per-rank request counts: one value each, concatenated
+            parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+            dist.all_gather(parts, tensor.contiguous())
+            return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+        def barrier(self):
+            dist.barrier()
+
+    return DataParallelHFLM
+
+
 @functools.cache
 def task_manager(include_path: str, registry: bool):
     """lm-eval's task index, built once per process. The registry (thousands of YAMLs, seconds to
@@ -57,7 +139,8 @@ def tasks_index(include_path: str, tasks: set[str]):
 def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: list[str] | None = None
               ) -> dict[str, dict]:
     """{metric name: {"task", "metric", "score", "n", "items": {item id: score}}} for one model,
-    on the metrics `names` (default: all of evaluate.metrics)."""
+    on the metrics `names` (default: all of evaluate.metrics). Under torchrun every rank evaluates
+    its share and rank 0 alone gets the results (None elsewhere)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -65,8 +148,9 @@ def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: 
 
     freeze_template_clock()  # lm-eval renders chat prompts on the same day as prepare did
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that we pass a model object: we mean to
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
-              max_gen_toks=cfg.max_gen_toks, device=str(model.device))
+    backend = data_parallel_lm() if _world()[1] > 1 else HFLM
+    lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
+                 max_gen_toks=cfg.max_gen_toks, device=str(model.device))
     wanted = {name: spec for name, spec in cfg.metrics.items() if names is None or name in names}
     manager = tasks_index(str(Path(cfg.include_path).resolve()), {spec.task for spec in wanted.values()})
     if any(spec.chat for spec in wanted.values()):
@@ -82,6 +166,8 @@ def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: 
             bootstrap_iters=0, log_samples=True, random_seed=0, numpy_random_seed=0,
             torch_random_seed=0, fewshot_random_seed=0, verbosity="WARNING",
         )
+        if results is None:  # a rank other than 0: its samples went to rank 0
+            continue
         for name, spec in group.items():
             if spec.task not in results["results"]:
                 raise KeyError(f"lm-eval returned no results for task {spec.task!r} (metric {name!r})")
@@ -103,7 +189,7 @@ def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: 
             out[name] = {"task": spec.task, "metric": spec.metric, "score": round(float(score), 4),
                          "n": len(items), "items": items}
             log(f"  {name:<10} {spec.task}/{spec.metric} = {score:.4f} (n={len(items)})")
-    return out
+    return out if is_main() else None
 
 
 def leaf_tasks(results: dict, task: str) -> list[str]:
@@ -119,8 +205,8 @@ def load_model(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -143,7 +229,7 @@ def evaluate_in_order(paths: dict[str, Path], cfg, accept: Callable[[str, dict],
     results = {}
     for name, path in paths.items():
         results.update(evaluate_models({name: path}, cfg, log, training_tokenizer))
-        if accept(name, results[name]):
+        if from_rank_zero(accept(name, results[name]) if is_main() else None):  # rank 0 holds the results
             break
     return results
 

@@ -164,3 +164,65 @@ metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}
     result = run_tasks(model, tokenizer, cfg, log=lambda *_: None)["golden"]
     assert result["n"] == 6 and result["score"] == pytest.approx(sum(result["items"].values()) / 6)
     assert sorted(result["items"]) == [f"pro_{c}/{i}" for c in ("bio", "math") for i in range(3)], "ids pair items"
+
+
+def test_two_processes_give_the_same_per_item_results_as_one(tiny_model_dir, tmp_path):
+    """Issue 15: `sft evaluate` on every GPU of a node (torchrun, one process per device; lm-eval
+    shards each task's requests by rank and gathers on rank 0) scores the same items the same way
+    as one process: base, every checkpoint, and the full suite in the gate's order, which all ranks
+    walk together. Two CPU processes (gloo) stand in for the GPUs."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.demo import write_demo_data
+    from pipeline.train.checkpoint import MANIFEST
+    from tests.conftest import ROOT
+
+    shutil.copytree(ROOT / "evals", tmp_path / "evals")
+    params = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    params["evaluate"].update(limit=8, batch_size=4, max_gen_toks=4, base_cache=None)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    # both checkpoints stay viable on golden and fail on ifeval: the ranks must walk the whole order together
+    (tmp_path / params["gate"]["policy"]).write_text(
+        "select_by: golden\nrules:\n  - metric: golden\n    min: 0.0\n  - metric: ifeval\n    min: 0.5\n")
+    write_demo_data(tmp_path / "data", train_rows=10)
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    for epoch in (1, 2):
+        shutil.copytree(tiny_model_dir, tmp_path / f"train/checkpoints/epoch-{epoch}")
+        (tmp_path / f"train/checkpoints/epoch-{epoch}" / MANIFEST).write_text("{}")
+    sft = [str(Path(sys.executable).parent / "sft")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "pipeline.cli"]
+    for launch, out in ((sft, "one"), (torchrun, "two")):
+        for model in ("base", "checkpoints", "chosen"):
+            done = subprocess.run([*launch, "evaluate", "--model", model, "--out", out], cwd=tmp_path,
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for name in ("base", "checkpoints", "suite"):
+        one = json.loads((tmp_path / f"one/{name}-items.json").read_text())
+        two = json.loads((tmp_path / f"two/{name}-items.json").read_text())
+        assert set(one) == set(two) and one
+        for model in one:
+            assert set(one[model]) == set(two[model])
+            for metric, result in one[model].items():
+                assert two[model][metric]["items"] == result["items"], f"{name}/{model}/{metric}"
+                assert two[model][metric]["score"] == pytest.approx(result["score"], abs=1e-4)
+    assert set(json.loads((tmp_path / "two/suite.json").read_text())) == {"epoch-1", "epoch-2"}
+
+
+def test_evaluate_runs_once_per_gpu_of_the_node(monkeypatch):
+    from pipeline.evaluate import launcher
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    command = launcher(["evaluate", "--model", "base"], {"SKYPILOT_NUM_NODES": "2"})
+    assert "--standalone" in command and command[command.index("--nproc-per-node") + 1] == "8"
+    assert command[-5:] == ["-m", "pipeline.cli", "evaluate", "--model", "base"], "node 0 alone: no --nnodes"
+    assert launcher(["evaluate"], {"WORLD_SIZE": "8"}) is None, "already under torchrun"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert launcher(["evaluate"], {}) is None, "one device: no launcher"

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from tests.conftest import wandb_history
 
 from pipeline.trackers import CHAMPION, TrainingRuns, check_installed, flatten, log_gate
+from tests.conftest import wandb_history
 
 META = {"config": {"lr": 3e-5, "epochs": 2, "strategy": "single"}, "base": {"model": "test/tiny"},
         "data_sha256": "d" * 64}
