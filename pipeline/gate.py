@@ -422,7 +422,9 @@ def decision_record(policy: Policy, verdict: dict, items: dict[str, dict[str, di
     metric = policy.select_by
     forgetting = policy.versus_lora.forgetting if policy.versus_lora else None
     candidates = verdict["candidates"]
-    full = ranked({n: c["scores"] for n, c in candidates.items() if c["kind"] == "full" and c["full_suite"]}, metric)
+    # the full checkpoint the gate judged (the one that ships), else the best with full-suite results
+    full = [verdict["chosen"]] if verdict["kind"] == "full" else ranked(
+        {n: c["scores"] for n, c in candidates.items() if c["kind"] == "full" and c["full_suite"]}, metric)
     full_ref, lora_ref = (full[0] if full else None), verdict.get("lora_baseline")
     change = {}
     if full_ref and lora_ref:

@@ -137,6 +137,25 @@ def test_full_sft_that_clearly_beats_lora_ships_and_says_so():
     assert "| lora-epoch-1 | lora | 0.6000 | 1.0000 |" in render_decision(record)
 
 
+def test_the_decision_compares_the_checkpoint_that_ships_not_a_better_one_that_failed():
+    """The demo's case: epoch-2 learns most but fails a regression rule, epoch-1 passes and ships; the
+    record's full-vs-LoRA comparison and its verdict are about epoch-1."""
+    n = 200
+    base_scores, base_items = results([0.0] * n, [1.0] * n)
+    passing, passing_items = results([1.0] * 160 + [0.0] * 40, [1.0] * n)
+    forgetful, forgetful_items = results([1.0] * 190 + [0.0] * 10, [1.0] * 100 + [0.0] * 100)
+    lora, lora_items = results([1.0] * 100 + [0.0] * 100, [1.0] * n)
+    paired = {"base": base_items, "epoch-1": passing_items, "epoch-2": forgetful_items, "lora-epoch-1": lora_items}
+    policy = Policy(rules=RULES, versus_lora=VersusLora(min_gain=0.02))
+    verdict = decide(policy, base_scores, {"epoch-1": passing, "epoch-2": forgetful},
+                     {"epoch-1": "a" * 64, "epoch-2": "b" * 64, "lora-epoch-1": "l" * 64}, paired,
+                     {"lora-epoch-1": lora})
+    assert verdict["passed"] and verdict["chosen"] == "epoch-1"
+    record = decision_record(policy, verdict, paired, {})
+    assert record["full"] == "epoch-1" and record["full_minus_lora"]["golden"]["delta"] == 0.3
+    assert record["verdict"].startswith("Full SFT earned its cost: `epoch-1` golden +0.3000")
+
+
 def test_a_missing_lora_baseline_fails_closed():
     full = [1.0] * 200
     base_scores, base_items = results([0.0] * 200, [1.0] * 200)
