@@ -95,8 +95,8 @@ class TrainingRuns:
 
 
 def eval_table(verdict: dict) -> tuple[list[str], list[list]]:
-    """The gate's rules as a table: metric, base, observed, the rule, the interval end it read, and
-    whether it passed (the same rows as gate.md)."""
+    """The gate's rules as a table, the rows of gate.md: metric, rule, base, observed, the interval end
+    it read, the smallest change its items can detect, their number, and whether it passed."""
     columns = ["metric", "rule", "base", "observed", "read", "detectable", "n", "passed"]
     rows = [[r.get("metric"), r.get("rule"), r.get("base"), r.get("observed"), r.get("read"), r.get("detectable"),
              r.get("n"), bool(r.get("passed"))] for r in verdict["rules"]]
