@@ -213,10 +213,10 @@ def _train_stage(cfg, base_dir: Path, packed_dir: Path, out: Path, adapters=None
     from pipeline.train.loop import train as run_training
     from pipeline.train.strategies import close, init_runtime, load_model, torchrun_command
 
-    from pipeline.trackers import TrainingRuns, check_installed
+    from pipeline.trackers import TrainingRuns, check_trackers
 
     try:
-        check_installed(cfg.trackers)
+        check_trackers(cfg.trackers)
         command = torchrun_command(cfg.strategy, sys.argv[1:], os.environ)
         if command:  # fsdp2 / zero3 outside a launcher (`dvc repro` runs `sft train`): one process per GPU
             typer.echo(f"train.strategy={cfg.strategy}: {shlex.join(command)}")
@@ -310,8 +310,8 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
     from transformers import AutoTokenizer
 
     from pipeline.evaluate import (base_cache_dir, cache_base_results, cached_base_results, close_data_parallel,
-                                   evaluate_models, init_data_parallel, is_main, launcher, suite_fingerprint,
-                                   summary)
+                                   evaluate_models, from_rank_zero, init_data_parallel, is_main, launcher,
+                                   suite_fingerprint, summary)
     from pipeline.train.checkpoint import list_checkpoints
 
     p = params()
@@ -322,7 +322,7 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
         typer.echo(f"evaluating data-parallel: {shlex.join(command)}")
         sys.stdout.flush()
         os.execv(command[0], command)
-    init_data_parallel()
+    init_data_parallel(p.train.collective_timeout_minutes)
     say = typer.echo if is_main() else (lambda *_: None)
     if model == "lora":
         from pipeline.lora import PREFIX
@@ -339,8 +339,9 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
     try:
         if model == "base":
             key = suite_fingerprint(p.evaluate, json.loads((base_dir / "meta.json").read_text())["sha256"])
-            results = cached_base_results(p.evaluate, key)
-            if results:
+            # rank 0 looks: a cache entry written meanwhile by another job must not split the ranks
+            results = cached_base_results(p.evaluate, key) if is_main() else None
+            if from_rank_zero(results is not None):
                 say(f"base results from the cache ({base_cache_dir(p.evaluate)}/{key[:12]}…): same weights, tasks "
                     "and data")
             else:

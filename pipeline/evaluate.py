@@ -58,8 +58,11 @@ def launcher(argv: list[str], env) -> list[str] | None:
             "-m", "pipeline.cli", *argv]
 
 
-def init_data_parallel() -> None:
-    """Under torchrun: the process group (NCCL on GPUs, gloo on CPU) and this rank's GPU."""
+def init_data_parallel(timeout_minutes: int = 60) -> None:
+    """Under torchrun: the process group (NCCL on GPUs, gloo on CPU) and this rank's GPU. The timeout
+    bounds a wait in a collective, e.g. for the slowest rank's share of a long generative task."""
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
@@ -67,13 +70,15 @@ def init_data_parallel() -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            timeout=timedelta(minutes=timeout_minutes))
 
 
 def close_data_parallel() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank done with its last collective before any tears its transport down
         dist.destroy_process_group()
 
 

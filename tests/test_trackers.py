@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.trackers import CHAMPION, TrainingRuns, check_installed, flatten, log_gate
+from pipeline.trackers import CHAMPION, TrainingRuns, check_trackers, flatten, log_gate
 from tests.conftest import wandb_history
 
 META = {"config": {"lr": 3e-5, "epochs": 2, "strategy": "single"}, "base": {"model": "test/tiny"},
@@ -31,7 +31,7 @@ def train_run(names):
     return runs.finish()
 
 
-def test_a_tracker_is_an_extra_and_a_missing_one_is_refused_by_name(monkeypatch):
+def test_a_tracker_without_its_package_or_its_settings_is_refused_before_training(monkeypatch):
     import importlib.util
 
     from pydantic import ValidationError
@@ -41,11 +41,40 @@ def test_a_tracker_is_an_extra_and_a_missing_one_is_refused_by_name(monkeypatch)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     with pytest.raises(RuntimeError, match=r"train.trackers lists wandb but it is not installed: .*'\.\[wandb\]'"):
-        check_installed(["mlflow", "wandb"])
-    check_installed(["mlflow"])
+        check_trackers(["mlflow", "wandb"])
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # SkyPilot passes a variable the team did not set as empty
+    with pytest.raises(RuntimeError, match="lists mlflow but MLFLOW_TRACKING_URI is not set"):
+        check_trackers(["mlflow"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    check_trackers(["mlflow"])
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(RuntimeError, match="lists wandb but WANDB_API_KEY is not set"):
+        check_trackers(["wandb"])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_trackers(["wandb"])
     with pytest.raises(ValidationError, match="trackers"):
         TrainConfig(trackers=["neptune"])
+    assert "trackers" not in TrainConfig(trackers=["mlflow"]).model_dump(), "not part of the resume fingerprint"
     assert flatten(META)["config.lr"] == "3e-05" and flatten(META)["base.model"] == "test/tiny"
+
+
+def test_a_tracker_that_fails_never_stops_training_or_the_verdict(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Nothing listens on the tracking URI: training goes on without that tracker, says so, and the
+    gate reports the error instead of raising (its verdict is already written)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert train_run(["mlflow"]) == {}
+    assert "warning: mlflow failed to start its run" in capsys.readouterr().err
+    logged = log_gate(["mlflow"], {"mlflow": "0" * 32}, verdict(True, "a" * 64), [], tiny_model_dir, "tiny-sft")
+    assert logged["mlflow"]["run_id"] == "0" * 32 and "Error" in logged["mlflow"]["error"]
+    assert "warning: mlflow failed to take the gate's results" in capsys.readouterr().err
 
 
 def test_mlflow_run_eval_table_and_champion_only_when_the_gate_passes(mlflow_server, tiny_model_dir, tmp_path,
@@ -119,7 +148,7 @@ def test_the_cluster_job_gets_the_trackers_settings_and_packages():
     for name in SETTINGS:
         if name in ("WANDB_MODE", "WANDB_DIR"):  # local runs and tests only
             continue
-        declared = "secrets" if name in ("MLFLOW_TRACKING_TOKEN", "WANDB_API_KEY") else "envs"
+        declared = "secrets" if name in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY") else "envs"
         assert name in task[declared], f"sky/train.yaml {declared} lacks {name}"
         assert f"--{declared[:-1]} {name}" in launch and f"{'secrets' if declared == 'secrets' else 'vars'}.{name}" in launch
     assert '".[deepspeed,mlflow,wandb]"' in task["setup"]
