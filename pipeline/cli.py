@@ -309,10 +309,10 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
     the LoRA baseline."""
     from transformers import AutoTokenizer
 
-    from pipeline.evaluate import (base_cache_dir, cache_base_results, cached_base_results, close_data_parallel,
-                                   evaluate_models, from_rank_zero, init_data_parallel, is_main, launcher,
-                                   suite_fingerprint, summary)
+    from pipeline.evaluate import (base_cache_dir, cache_base_results, cached_base_results, evaluate_models,
+                                   from_rank_zero, init_data_parallel, launcher, suite_fingerprint, summary)
     from pipeline.train.checkpoint import list_checkpoints
+    from pipeline.train.strategies import close
 
     p = params()
     if model not in ("base", "checkpoints", "chosen", "lora"):
@@ -322,8 +322,8 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
         typer.echo(f"evaluating data-parallel: {shlex.join(command)}")
         sys.stdout.flush()
         os.execv(command[0], command)
-    init_data_parallel(p.train.collective_timeout_minutes)
-    say = typer.echo if is_main() else (lambda *_: None)
+    runtime = init_data_parallel(p.train.collective_timeout_minutes)
+    say = typer.echo if runtime.is_main else (lambda *_: None)
     if model == "lora":
         from pipeline.lora import PREFIX
 
@@ -340,13 +340,13 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
         if model == "base":
             key = suite_fingerprint(p.evaluate, json.loads((base_dir / "meta.json").read_text())["sha256"])
             # rank 0 looks: a cache entry written meanwhile by another job must not split the ranks
-            results = cached_base_results(p.evaluate, key) if is_main() else None
+            results = cached_base_results(p.evaluate, key) if runtime.is_main else None
             if from_rank_zero(results is not None):
                 say(f"base results from the cache ({base_cache_dir(p.evaluate)}/{key[:12]}…): same weights, tasks "
                     "and data")
             else:
                 results = evaluate_models({"base": base_dir}, p.evaluate, say, training_tokenizer)
-                if is_main():
+                if runtime.is_main:
                     cache_base_results(p.evaluate, key, results)
         elif model == "checkpoints":
             results = evaluate_models(kept, p.evaluate, say, training_tokenizer, p.evaluate.per_checkpoint)
@@ -356,9 +356,8 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
             results = _full_suite_in_gate_order(p, kept, out, training_tokenizer, say)
     except ValueError as err:
         fail(str(err))
-    main = is_main()
-    close_data_parallel()
-    if not main:  # the other ranks' samples are in rank 0's results
+    close(runtime)
+    if not runtime.is_main:  # the other ranks' samples are in rank 0's results
         return
     name = "suite" if model == "chosen" else model
     write_json(out / f"{name}-items.json", results)

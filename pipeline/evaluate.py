@@ -58,28 +58,26 @@ def launcher(argv: list[str], env) -> list[str] | None:
             "-m", "pipeline.cli", *argv]
 
 
-def init_data_parallel(timeout_minutes: int = 60) -> None:
-    """Under torchrun: the process group (NCCL on GPUs, gloo on CPU) and this rank's GPU. The timeout
-    bounds a wait in a collective, e.g. for the slowest rank's share of a long generative task."""
+def init_data_parallel(timeout_minutes: int = 60):
+    """This process's Runtime: under torchrun it joins the process group (NCCL on GPUs, gloo on CPU)
+    on its own GPU, whose timeout bounds a wait in a collective (the slowest rank's share of a long
+    generative task); alone, rank 0 of 1. Leave with pipeline.train.strategies.close."""
     from datetime import timedelta
 
     import torch
     import torch.distributed as dist
 
-    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            timeout=timedelta(minutes=timeout_minutes))
+    from pipeline.train.strategies import Runtime, pick_device
 
-
-def close_data_parallel() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every rank done with its last collective before any tears its transport down
-        dist.destroy_process_group()
+    device = pick_device("auto")
+    if "WORLD_SIZE" not in os.environ:
+        return Runtime(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    return Runtime(dist.get_rank(), dist.get_world_size(), device)
 
 
 def _world() -> tuple[int, int]:
