@@ -118,6 +118,9 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     keep_last: int = Field(3, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)  # extra resume points inside an epoch (preemption)
+    # how often the loop reads losses back from the GPU (every step still gets its record): each read
+    # waits for the device, so reading every step leaves it idle while the host catches up
+    log_every_steps: int = Field(10, ge=1)
     seed: int = 0
     # fsdp2, zero3, zero3_offload: under torchrun, see train/strategies.py
     strategy: Literal["single", "fsdp2", "zero3", "zero3_offload"] = "single"

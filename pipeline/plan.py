@@ -15,14 +15,19 @@ From the model's config alone (no weights). Per GPU, in bytes:
   layer's input (the residual stream: fp32 under single-GPU autocast, whose master weights are
   fp32; bf16 under fsdp2/ZeRO-3) plus one layer recomputed.
 - backward: one layer's gradients in flight, as large as its saved activations.
-- logits: the head's output at the compute dtype, an fp32 copy, fp32 log-softmax and its
-  gradient: 2 + 12 = 14 bytes a logit in bf16.
+- loss head: the output layer is fused with the loss (pipeline/train/loss.py), so logits exist
+  one chunk at a time (fp32 plus the compute-dtype gradient: 6 bytes a logit in bf16, 4 in fp32,
+  over at most 2^27 logits), beside the head's fp32 weight gradient held from forward to backward
+  (4 bytes a head parameter), its compute-dtype copy under single-GPU autocast, and the
+  supervised rows' hidden states and their gradient.
 Checked against measured peaks on CPU in tests/test_plan.py (fp32: compute_bytes=4).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from pipeline.train.loss import CHUNK_ELEMENTS
 
 GIB = 1024**3
 GPUS = {"H100-80GB": 80, "H200-141GB": 141}
@@ -79,22 +84,27 @@ def activation_values(shape: Shape, compiled: bool) -> int:
 def memory_per_gpu(shape: Shape, strategy: str, gpus: int, tokens_per_gpu: int, checkpointing: bool,
                    compiled: bool = True, supervised_share: float = 1.0, compute_bytes: int = 2) -> dict:
     """GiB per GPU, by component (see the module's docstring). `supervised_share`: the share of
-    tokens whose logits are computed (the GPU engine projects only where a loss is taken; 1.0 is
-    the safe side); `compute_bytes` 4 for fp32 compute (CPU)."""
+    tokens whose logits are computed (the engine projects only where a loss is taken; 1.0 is the
+    safe side); `compute_bytes` 4 for fp32 compute (CPU)."""
     p, h, tokens = shape.params, shape.hidden_size, tokens_per_gpu
     state_bytes = {"single": 16 * p, "fsdp2": 16 * p / gpus, "zero3": 16 * p / gpus,
                    "zero3_offload": 4 * p / gpus}[strategy]
     root = shape.vocab_size * h * (1 if shape.tie_word_embeddings else 2)
     gathered = 0 if strategy == "single" else 2 * 2 * shape.layer_params + 6 * root
     layer = tokens * activation_values(shape, compiled) * compute_bytes
+    residual_bytes = 4 if strategy == "single" else compute_bytes  # fp32 master weights keep it fp32 under autocast
     if checkpointing:
-        residual_bytes = 4 if strategy == "single" else compute_bytes
         activations = tokens * h * residual_bytes * shape.num_hidden_layers + layer
     else:
         activations = layer * shape.num_hidden_layers
-    logits = tokens * supervised_share * shape.vocab_size * (compute_bytes + 12)
+    head = shape.vocab_size * h
+    rows = tokens * supervised_share
+    chunk = min(rows, max(1, CHUNK_ELEMENTS // shape.vocab_size)) * shape.vocab_size
+    head_copy = 2 * head if strategy == "single" and compute_bytes == 2 else 0  # fp32 master cast for the matmul
+    loss_head = (chunk * (4 + compute_bytes if compute_bytes < 4 else 4) + 4 * head + head_copy
+                 + 2 * rows * h * residual_bytes)
     parts = {"model_state": state_bytes, "gathered": gathered, "activations": activations, "backward": layer,
-             "logits": logits}
+             "loss_head": loss_head}
     parts = {k: v / GIB for k, v in parts.items()}
     parts["total"] = sum(parts.values())
     return parts

@@ -25,7 +25,8 @@ def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int =
     arrays = {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids}
     cfg = TrainConfig(lr=2e-3, epochs=epochs, micro_batch_size=2, grad_accum=grad_accum, warmup_ratio=0.03,
                       override_method_ranges=True, strategy=strategy, device="cpu", checkpoint_every_steps=2,
-                      export_dtype="float32")  # compared to 1e-4 across strategies: no bf16 rounding
+                      export_dtype="float32",  # compared to 1e-4 across strategies: no bf16 rounding
+                      log_every_steps=1 if kill_at_step else 10)  # a kill lands right after its step's record
 
     def crash(record, total):  # a preemption: rank 0 dies without warning in the middle of an epoch
         if record["step"] == kill_at_step:

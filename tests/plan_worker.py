@@ -9,8 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import TrainConfig
 from pipeline.train.loop import loss_targets, peak_resident_mib, token_loss_sum
+from pipeline.train.loss import fuse_loss_head
 from pipeline.train.strategies import Runtime, shard
-
 
 
 def main(shape: str, rows: int, seq: int, checkpointing: int) -> None:
@@ -20,11 +20,12 @@ def main(shape: str, rows: int, seq: int, checkpointing: int) -> None:
     cfg = TrainConfig(strategy="single", device="cpu", activation_checkpointing=bool(checkpointing), compile=False)
     sharded = shard(LlamaForCausalLM(config), cfg, Runtime(0, 1, torch.device("cpu")))
     sharded.model.train()
+    head = fuse_loss_head(sharded.model)
     input_ids = torch.randint(0, config.vocab_size, (rows, seq))
     position_ids = torch.arange(seq).repeat(rows, 1)
     positions, targets = loss_targets(input_ids, position_ids)  # every next token supervised
     for _ in range(2):  # the second step has the optimizer state the first created
-        loss = token_loss_sum(sharded.forward, input_ids, position_ids, positions, targets, flatten=False)
+        loss = token_loss_sum(sharded.forward, head, input_ids, position_ids, positions, targets, flatten=False)
         sharded.backward(loss / len(targets))
         sharded.step(1.0)
     print(json.dumps({"grew_mib": peak_resident_mib() - before}))

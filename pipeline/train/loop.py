@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.prepare import IGNORE
 from pipeline.train.checkpoint import clear_train_state, load_train_state, rotate, save_checkpoint, save_train_state
+from pipeline.train.loss import LossHead, fuse_loss_head
 from pipeline.train.strategies import Runtime, init_runtime, shard, uses_flex_attention
 
 
@@ -53,16 +53,34 @@ def loss_targets(labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torc
     return positions, following[positions]
 
 
-def token_loss_sum(forward, input_ids, position_ids, positions, targets, flatten: bool) -> torch.Tensor:
-    """Sum (not mean) of the losses at `positions`. With `flatten`, the micro-batch goes in as one
-    padding-free row (flex attention keeps examples apart at block-sparse cost) and the vocabulary
-    projection is computed only where a loss is taken: prompts and padding never reach the head."""
+def document_mask(position_ids: torch.Tensor, device: torch.device):
+    """Flex attention's block mask for a micro-batch run as one padding-free row: causal within each
+    example, whose tokens share a document id counted from the position resets. Built once per
+    micro-batch without a host sync; transformers would build it after checking the position ids
+    for packing, which reads a flag back from the GPU in every forward."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    flat = position_ids.flatten()
+    documents = (flat == 0).cumsum(0)
+
+    def same_document_causal(batch, head, query, key):
+        return (documents[query] == documents[key]) & (query >= key)
+
+    return create_block_mask(same_document_causal, None, None, len(flat), len(flat), device=device,
+                             _compile=device.type == "cuda")  # as transformers builds its own
+
+
+def token_loss_sum(forward, head: LossHead, input_ids, position_ids, positions, targets, flatten: bool) -> torch.Tensor:
+    """Sum (not mean) of the losses at `positions`; the output layer runs only there, fused with the
+    loss (train/loss.py): prompts and padding never reach the vocabulary projection. With `flatten`,
+    the micro-batch goes in as one padding-free row (flex attention keeps examples apart at
+    block-sparse cost); otherwise one row per packed sequence (dense attention, masked per row)."""
+    inputs = {"input_ids": input_ids, "position_ids": position_ids}
     if flatten:
-        logits = forward(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1),
-                       logits_to_keep=positions, use_cache=False).logits[0]
-    else:  # dense attention: one row per packed sequence keeps the mask (and its cost) per row
-        logits = forward(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.flatten(0, 1)[positions]
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+        inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
+        inputs["attention_mask"] = document_mask(position_ids, input_ids.device)
+    with head.supervising(positions, targets):
+        return forward(**inputs, use_cache=False).logits  # the head's output: the loss
 
 
 def trim_padding(batch: dict[str, torch.Tensor], lengths: torch.Tensor, multiple: int) -> dict[str, torch.Tensor]:
@@ -131,7 +149,7 @@ def peak_resident_mib() -> float:
 def fingerprint(cfg, meta: dict, rows: int) -> str:
     """What a resumed run must share with the run that wrote the state: the math (config, data and
     this package's code), not the logistics."""
-    config = {k: v for k, v in cfg.model_dump().items() if k not in ("keep_last", "checkpoint_every_steps", "device",
+    config = {k: v for k, v in cfg.model_dump().items() if k not in ("keep_last", "checkpoint_every_steps", "log_every_steps", "device",
                                                                  "export_dtype", "export_shard_size",
                                                                  "collective_timeout_minutes")}
     code = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(__file__).parent.glob("*.py"))}
@@ -199,7 +217,38 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
                 "rng": torch.get_rng_state(), "history": history, "tokens": tokens}, runtime)
 
     peak = peak_flops(device)
-    started = time.perf_counter()
+    head = fuse_loss_head(model)
+    pending: list[dict] = []  # steps run but not yet read back from the device
+    window_started = started = time.perf_counter()
+
+    def flush() -> None:
+        """Read the pending steps' figures back from the device in one go (the only host sync of
+        training), then record and report them. Speeds are the window's: steps run asynchronously."""
+        nonlocal tokens, window_started
+        if not pending:
+            return
+        columns = torch.stack([torch.cat([torch.stack([p.pop("loss_sum").to(device, torch.float64),
+                                                       p.pop("grad_norm").to(device, torch.float64)]),
+                                          p.pop("counts").to(device)]) for p in pending])
+        losses = runtime.totals(columns[:, 0]).tolist()  # each rank's share of the loss, summed
+        figures = columns[:, 1:].tolist()  # the same on every rank
+        seconds = (time.perf_counter() - window_started) / len(pending)
+        for record, loss, (grad_norm, supervised, step_tokens, keys) in zip(pending, losses, figures):
+            tokens += int(step_tokens)
+            record.update(loss=round(loss / max(supervised, 1), 5), grad_norm=round(grad_norm, 4),
+                          tokens_per_s=round(step_tokens / seconds, 1),
+                          # against the cards' dense bf16 peak: 6N per real token, and the FLOPs actually run
+                          mfu=round(flops.nominal(step_tokens) / seconds / (peak * runtime.world_size), 4)
+                          if peak else None,
+                          mfu_executed=round(flops.executed(step_tokens, supervised, keys)
+                                             / seconds / (peak * runtime.world_size), 4) if peak else None,
+                          peak_mem_gib=round(peak_memory_gib(device), 3))
+            history.append(record)
+            if progress and runtime.is_main:
+                progress(record, total_steps)
+        pending.clear()
+        window_started = time.perf_counter()
+
     for epoch in range(step // steps_per_epoch + 1, cfg.epochs + 1):
         # the same permutation on every rank; each rank takes its own stride of every step
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -210,7 +259,6 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
             order = torch.randperm(rows, generator=generator)
         for local in range(step % steps_per_epoch, steps_per_epoch):
             index = order[local * per_step:(local + 1) * per_step][runtime.rank::runtime.world_size]
-            step_started = time.perf_counter()
             micro_batches = []
             for micro in range(cfg.grad_accum):  # on the host: targets and sizes need no device sync
                 part = index[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]
@@ -220,41 +268,28 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
                 positions, targets = loss_targets(batch["labels"], batch["position_ids"])
                 micro_batches.append((batch["input_ids"], batch["position_ids"], positions, targets))
             # normalise by the supervised tokens of the whole global step (all ranks, all micro-batches);
-            # real tokens and attended keys for the record ride in the same collective
+            # real tokens and attended keys for the record ride in the same collective, left on the device
             real = [m[0] != tokenizer.pad_token_id for m in micro_batches]
-            supervised, step_tokens, keys = runtime.sums([
+            counts = runtime.totals([
                 sum(len(m[3]) for m in micro_batches), sum(int(r.sum()) for r in real),
                 sum(int((m[1] + 1)[r].sum()) for m, r in zip(micro_batches, real))])
             # gradients are averaged over ranks by the reduce-scatter; scale back to a global sum
-            scale = runtime.world_size / max(supervised, 1)
+            scale = (runtime.world_size / counts[0].clamp(min=1)).to(device, torch.float32)
             step_loss = torch.zeros((), device=device)
             for micro in micro_batches:
                 input_ids, position_ids, positions, targets = (t.to(device, non_blocking=True) for t in micro)
-                loss_sum = token_loss_sum(sharded.forward, input_ids, position_ids, positions, targets, flatten)
+                loss_sum = token_loss_sum(sharded.forward, head, input_ids, position_ids, positions, targets, flatten)
                 sharded.backward(loss_sum * scale)
                 step_loss += loss_sum.detach()
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = sharded.step(cfg.max_grad_norm)
+            pending.append({"step": step + 1, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                            "loss_sum": step_loss, "grad_norm": sharded.step(cfg.max_grad_norm), "counts": counts})
             scheduler.step()
             step += 1
-            step_tokens = int(step_tokens)
-            tokens += step_tokens
-            loss = runtime.sum(step_loss.item()) / max(supervised, 1)
-            seconds = time.perf_counter() - step_started
-            record = {"step": step, "epoch": epoch, "loss": round(loss, 5),
-                      "lr": lr, "grad_norm": round(grad_norm, 4),
-                      "tokens_per_s": round(step_tokens / seconds, 1),
-                      # against the cards' dense bf16 peak: 6N per real token, and the FLOPs actually run
-                      "mfu": round(flops.nominal(step_tokens) / seconds / (peak * runtime.world_size), 4)
-                      if peak else None,
-                      "mfu_executed": round(flops.executed(step_tokens, supervised if flatten else step_tokens, keys)
-                                            / seconds / (peak * runtime.world_size), 4) if peak else None,
-                      "peak_mem_gib": round(peak_memory_gib(device), 3)}
-            history.append(record)
-            if progress and runtime.is_main:
-                progress(record, total_steps)
             every = cfg.checkpoint_every_steps
+            if len(pending) == cfg.log_every_steps or local + 1 == steps_per_epoch:
+                flush()
             if every and step % every == 0 and local + 1 < steps_per_epoch:
+                flush()
                 save_state(epoch)
         state = sharded.full_state_dict()  # a collective: every rank takes part
         if runtime.is_main:

@@ -12,7 +12,8 @@ The loop sees one interface, `Sharded`: forward through `.model`, then `backward
 resume state: torch.distributed.checkpoint, or DeepSpeed's own format).
 
 On GPU every strategy uses flex attention over padding-free rows (examples never attend to
-each other, at block-sparse cost) and compiles each decoder layer (`train.compile`).
+each other, at block-sparse cost) and compiles each decoder layer (`train.compile`). Everywhere
+the output layer is fused with the loss (train/loss.py): logits are never held whole.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pipeline.train.loss import fuse_loss_head
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,18 @@ class Runtime:
 
     def sums(self, values: list[float]) -> list[float]:
         """Sum each number over all ranks, in one collective."""
+        return self.totals(values).tolist()
+
+    def totals(self, values: list[float] | torch.Tensor) -> torch.Tensor:
+        """Each number summed over all ranks, as a float64 tensor left where the collective ran: the
+        host reads it only when it needs the figures (on a GPU, reading it waits for the queue)."""
+        tensor = torch.as_tensor(values, dtype=torch.float64).contiguous()  # collectives need one block
         if self.world_size == 1:
-            return [float(v) for v in values]
-        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+            return tensor
+        if tensor.device != self.device:  # pinned and asynchronous: a plain copy would wait for the GPU
+            tensor = (tensor.pin_memory() if self.device.type == "cuda" else tensor).to(self.device, non_blocking=True)
         dist.all_reduce(tensor)
-        return tensor.tolist()
+        return tensor
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -146,6 +156,7 @@ def prepare_layers(model, cfg, device: torch.device):
     applied before sharding (the order torchtitan uses)."""
     if uses_flex_attention(device):
         model.set_attn_implementation("flex_attention")
+    fuse_loss_head(model)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile and device.type == "cuda":
@@ -230,8 +241,9 @@ class Sharded:
         if on_meta:
             materialize(model, {} if weights is None else weights, runtime.device)
         self.model = model
+        # fused: one kernel over every tensor, which also applies the gradient clipping (step)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                           fused=runtime.device.type == "cuda")
+                                           fused=True)
         # fsdp2 casts through its mixed-precision policy; a single GPU uses autocast
         self.autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16,
                                        enabled=runtime.device.type == "cuda" and not self.fsdp)
@@ -243,12 +255,18 @@ class Sharded:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, max_norm: float) -> float:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+    def step(self, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` and update; the gradient norm before clipping stays on the device.
+        The clip is folded into fused AdamW: its kernel divides every gradient by `grad_scale` (the
+        hook torch's GradScaler uses), so clipping costs no pass over the gradients of its own."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # clip_grad_norm_'s factor, max_norm / (norm + 1e-6) when below 1, as a divisor
+        self.optimizer.grad_scale = ((grad_norm + 1e-6) / max_norm).clamp(min=1.0).float()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.item()
+        return grad_norm
 
     def local_numel(self) -> int:
         return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.model.parameters())
@@ -359,9 +377,9 @@ class DeepSpeedSharded:
         self.engine.backward(loss * self.grad_accum)
         self.engine.step()  # a no-op until the accumulation boundary
 
-    def step(self, max_norm: float) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+    def step(self, max_norm: float) -> torch.Tensor:
+        norm = self.engine.get_global_grad_norm()  # DeepSpeed clipped with it already
+        return torch.as_tensor(0.0 if norm is None else norm)
 
     def local_numel(self) -> int:
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.module.parameters())
