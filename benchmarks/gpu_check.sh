@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# The one device check: engine vs plain Trainer on one GPU (see benchmarks/gpu_engine.py).
-# The GPU image has torch and transformers but no pydantic: install it from wheels carried along.
+# The one device check: engine vs plain Trainer on one GPU, and each lever on its own
+# (see benchmarks/gpu_engine.py); `--shape llama-3.1-8b` for the 8B row.
+# The GPU image has torch and transformers but no pydantic or deepspeed: install them from wheels
+# carried along (run tool: carry benchmarks/.wheels), filled on a machine with the package index:
+#   pip download --no-deps -d benchmarks/.wheels pydantic pydantic-core annotated-types \
+#       typing-inspection hjson msgpack ninja py-cpuinfo einops
+#   pip wheel --no-deps -w benchmarks/.wheels deepspeed==0.19.8   # the 8B row's zero3_offload
 set -uo pipefail
 python -c "import pydantic" 2>/dev/null || pip install -q --no-index --find-links benchmarks/.wheels pydantic
+if [[ " $* " == *" --shape llama-3.1-8b "* ]]; then
+  python -c "import deepspeed" 2>/dev/null || pip install -q --no-index --find-links benchmarks/.wheels deepspeed
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 OUT=${OUT:-/tmp}

@@ -10,9 +10,9 @@ Runs, in one table (engine and Trainer in the same process, on the same card):
   padding-free row with the document mask built once per micro-batch, each decoder layer
   compiled, the output layer fused with the loss on the supervised rows only, clipping folded
   into fused AdamW, losses read back every 10 steps.
-- engine, host sync every step: the same with `log_every_steps: 1`.
-- engine, 32k tokens a step: the same at 32,768 tokens per step.
-- engine, fsdp2 as one rank: `train.strategy: fsdp2` on one GPU (routed to the single path).
+- engine (host sync every step): the same with `log_every_steps: 1`.
+- engine (32k tokens a step): the same at 32,768 tokens per step.
+- engine (fsdp2 as one rank): `train.strategy: fsdp2` on one GPU (routed to the single path).
 - trainer: `transformers.Trainer`, padding-free (DataCollatorWithFlattening, position ids reset),
   flex attention + torch_compile: the best correct plain-Trainer figure in FACTS.md.
 Each with two MFU figures against the card's measured bf16 matmul peak: 6N per real token, and
@@ -340,7 +340,8 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shape on CPU: check the script end to end")
     parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
-    parser.add_argument("--only", default=None, help="comma-separated run names (see the table), or levers")
+    parser.add_argument("--only", default=None, help="comma-separated run names (the table's first column), "
+                        "and `levers`")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
@@ -355,15 +356,15 @@ def main() -> None:
 
     if args.shape == "llama-3.2-1b":
         runs = {"engine": lambda *a: run_engine(*a),
-                "engine, host sync every step": lambda *a: run_engine(*a, log_every_steps=1),
-                "engine, 32,768 tokens a step": lambda *a: run_engine(*a, tokens_per_step=4 * TOKENS_PER_STEP),
-                "engine, fsdp2 as one rank": lambda *a: run_engine(*a, strategy="fsdp2"),
+                "engine (host sync every step)": lambda *a: run_engine(*a, log_every_steps=1),
+                "engine (32k tokens a step)": lambda *a: run_engine(*a, tokens_per_step=4 * TOKENS_PER_STEP),
+                "engine (fsdp2 as one rank)": lambda *a: run_engine(*a, strategy="fsdp2"),
                 "trainer": run_trainer}
         pick = None
     else:  # the plan's configuration for one GPU of this card
         pick = plan_pick(shape, card)
         strategy, checkpointing, _ = pick
-        runs = {f"engine, {strategy}{' + checkpointing' if checkpointing else ''}":
+        runs = {f"engine ({strategy}{' + checkpointing' if checkpointing else ''})":
                 lambda *a: run_engine(*a, strategy=strategy, checkpointing=checkpointing)}
     results, levers = {}, []
     scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None  # checkpoints of a 1B model: keep them off disk

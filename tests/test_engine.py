@@ -154,3 +154,27 @@ def test_flex_attention_with_the_document_mask_equals_each_example_on_its_own(ti
         packed = model(input_ids=ids, position_ids=position_ids, use_cache=False,
                        attention_mask=document_mask(position_ids, torch.device("cpu"))).logits
     torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_benchmark_dry_run_reports_the_engine_and_every_lever(tmp_path):
+    """benchmarks/gpu_engine.py end to end on a tiny shape on CPU: the script a device session runs
+    once, so it must not be the first to meet an API change."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks/gpu_engine.py"), "--dry-run", "--steps", "4",
+                           "--only", "engine (host sync every step),levers", "--json", str(out)],
+                          capture_output=True, text=True, cwd=root, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    (run,) = figures["results"].values()
+    assert "error" not in run and run["steps"] == 4 and run["tokens_per_s"] > 0
+    assert [(lever, variant.split(" ")[0]) for lever, variant, *_ in figures["levers"]] == [
+        ("loss tail", "eager"), ("loss tail", "fused"), ("clipping", "clip_grad_norm_,"), ("clipping", "folded"),
+        ("attention mask", "transformers,"), ("attention mask", "document_mask,")]
+    assert all(ms > 0 for _, _, ms, _ in figures["levers"])
+    assert "| engine (host sync every step) |" in done.stdout and "| loss tail | fused" in done.stdout
