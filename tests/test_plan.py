@@ -90,8 +90,8 @@ def _growth_mib(shape: dict, rows: int, seq: int, checkpointing: bool) -> float:
 
 def test_the_plan_matches_measured_peaks_on_cpu():
     """The plan's terms (16 bytes a parameter, what a Llama block saves for backward, one layer's
-    gradients in flight, 16 bytes a logit) against the peak resident memory of the engine's own
-    steps, fp32 on CPU (compute_bytes=4, eager, every logit computed), with and without activation
+    gradients in flight, the fused loss head) against the peak resident memory of the engine's own
+    steps, fp32 on CPU (compute_bytes=4, eager, every token supervised), with and without activation
     checkpointing. The process's fixed cost (libraries' buffers, thread pools) is measured on a
     model a thousand times smaller and taken off."""
     tiny = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
