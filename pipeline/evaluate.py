@@ -59,25 +59,14 @@ def launcher(argv: list[str], env) -> list[str] | None:
 
 
 def init_data_parallel(timeout_minutes: int = 60):
-    """This process's Runtime: under torchrun it joins the process group (NCCL on GPUs, gloo on CPU)
-    on its own GPU, whose timeout bounds a wait in a collective (the slowest rank's share of a long
-    generative task); alone, rank 0 of 1. Leave with pipeline.train.strategies.close."""
-    from datetime import timedelta
+    """This process's Runtime: under torchrun a rank of the process group on its own GPU, whose
+    timeout bounds a wait in a collective (the slowest rank's share of a long generative task);
+    alone, rank 0 of 1. Leave with pipeline.train.strategies.close."""
+    from pipeline.train.strategies import Runtime, join_process_group, pick_device
 
-    import torch
-    import torch.distributed as dist
-
-    from pipeline.train.strategies import Runtime, pick_device
-
-    device = pick_device("auto")
     if "WORLD_SIZE" not in os.environ:
-        return Runtime(0, 1, device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
-    return Runtime(dist.get_rank(), dist.get_world_size(), device)
+        return Runtime(0, 1, pick_device("auto"))
+    return join_process_group("auto", timeout_minutes)
 
 
 def _world() -> tuple[int, int]:

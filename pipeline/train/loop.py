@@ -96,7 +96,7 @@ def trim_padding(batch: dict[str, torch.Tensor], lengths: torch.Tensor, multiple
 class StepFlops:
     """A step's FLOPs two ways. `nominal`: 6N per real token, the usual MFU convention. `executed`:
     what the engine runs: 6 per body parameter per token, the vocabulary projection only on the
-    rows whose logits are computed (the supervised ones on GPU), the embedding lookup free, and
+    supervised rows (the fused loss head projects nothing else), the embedding lookup free, and
     causal attention within each example (4 * hidden FLOPs a layer per key forward, x3 with backward)."""
     params: int
     head: int  # vocabulary x hidden: the projection's matmul

@@ -58,14 +58,6 @@ class Runtime:
         dist.all_gather_object(values, value)
         return values
 
-    def sum(self, value: float) -> float:
-        """Sum a number over all ranks (identity for one process)."""
-        return self.sums([value])[0]
-
-    def sums(self, values: list[float]) -> list[float]:
-        """Sum each number over all ranks, in one collective."""
-        return self.totals(values).tolist()
-
     def totals(self, values: list[float] | torch.Tensor) -> torch.Tensor:
         """Each number summed over all ranks, as a float64 tensor left where the collective ran: the
         host reads it only when it needs the figures (on a GPU, reading it waits for the queue)."""
@@ -116,24 +108,32 @@ def torchrun_command(strategy: str, argv: list[str], env) -> list[str] | None:
 
 
 def init_runtime(strategy: str, device_name: str, collective_timeout_minutes: int = 60) -> Runtime:
-    """The process group for a sharded strategy. Its timeout bounds how long ranks wait in a
-    collective, e.g. while rank 0 gathers, writes and hashes an epoch's export (minutes at 70B)."""
+    """This process's Runtime for `train.strategy`: one process for single, else a rank of the
+    process group torchrun started."""
     if strategy == "single":
         return Runtime(0, 1, pick_device(device_name))
     if "WORLD_SIZE" not in os.environ:
         raise RuntimeError(f"train.strategy={strategy} runs under torchrun, e.g. "
                            "`torchrun --nproc-per-node 8 -m pipeline.cli train` (see sky/train.yaml)")
+    return join_process_group(device_name, collective_timeout_minutes)
+
+
+def join_process_group(device_name: str, collective_timeout_minutes: int = 60) -> Runtime:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) on this rank's own GPU. Its timeout
+    bounds how long ranks wait in a collective, e.g. while rank 0 gathers, writes and hashes an
+    epoch's export (minutes at 70B)."""
     device = pick_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=collective_timeout_minutes))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
     world_size = dist.get_world_size()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return Runtime(dist.get_rank(), world_size, device, node=int(os.environ.get("GROUP_RANK", 0)),
-                   nodes=world_size // per_node, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    return Runtime(dist.get_rank(), world_size, device, node=int(os.environ.get("GROUP_RANK", "0")),
+                   nodes=world_size // per_node, local_rank=local_rank)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
