@@ -41,11 +41,16 @@ def count_parameters(folder: Path) -> int:
 
 def download(cfg, out_dir: Path, patterns: list[str]) -> None:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         # top-level files only: Llama repos also carry `original/` (the same weights in another format)
         snapshot_download(repo_id=cfg.model, revision=cfg.revision, local_dir=out_dir, allow_patterns=patterns)
+    except LocalEntryNotFoundError as err:  # offline (HF_HUB_OFFLINE=1) or the Hub unreachable, and not cached
+        raise BaseUnavailable(f"params.yaml base: {cfg.model}@{cfg.revision} is not in the local Hugging Face cache "
+                              "and the Hub cannot be reached (HF_HUB_OFFLINE=1, or no network): run where the Hub is "
+                              "reachable, with HF_HUB_OFFLINE unset (`sft plan --model llama-3.1-8b` and the other "
+                              "known shapes work offline)") from err
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         hint = {401: "set HF_TOKEN to a token with read access (gated models: accept the licence on the Hub first)",

@@ -34,7 +34,20 @@ def base_tokenizer(folder: Path = Path("tokenizer")):
 
     if not (folder / "tokenizer_config.json").exists():
         fail(f"{folder}: no tokenizer; run `sft tokenizer` (token lengths use the base model's chat template)")
+    check_built_for_base(folder)
     return AutoTokenizer.from_pretrained(folder)
+
+
+def check_built_for_base(folder: Path) -> None:
+    """Refuse a tokenizer/ (or base/) made for another base than params.yaml names: `sft <stage>` by
+    hand after switching presets would otherwise count tokens, and plan, with the old model's."""
+    made = folder / "meta.json"
+    if not made.is_file():
+        return
+    info, base = json.loads(made.read_text()), params().base
+    if (info.get("model"), info.get("revision")) != (base.model, base.revision):
+        fail(f"{folder}: made for {info.get('model')}@{info.get('revision')}, but params.yaml base is "
+             f"{base.model}@{base.revision}; rebuild it (`dvc repro`, or `sft tokenizer` / `sft base`)")
 
 
 def params():
@@ -135,8 +148,9 @@ def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate
     with atomic_dir(out / "data-docs") as docs:  # great-expectations Data Docs, for CI to upload
         checks = run_suite(frame, p.validate_, p.prepare.max_seq_len, replay, docs)
     passed = all(c["passed"] for c in checks)
+    # prepare packs only the very files that passed
     report = {"file": p.data.train, "replay": p.data.replay if replay is not None else None, "rows": len(frame),
-              "passed": passed, "checks": checks}
+              "data_sha256": sha256_files(data_inputs(p)), "passed": passed, "checks": checks}
     write_json(out / "contract.json", report)
     write_text(out / "contract.md", render_markdown(files, checks))
     if not passed:
@@ -154,14 +168,20 @@ def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")
     from pipeline.prepare import prepare_tokenized, tokenize_file
 
     p = params()
-    contract = json.loads(Path("validate/contract.json").read_text())
+    inputs = data_inputs(p)
+    contract_file = Path("validate/contract.json")
+    if not contract_file.is_file():
+        fail(f"{contract_file}: missing; run `sft validate` first")
+    contract = json.loads(contract_file.read_text())
+    if contract.get("data_sha256") != sha256_files(inputs):
+        fail(f"{contract_file}: made for other data than {', '.join(map(str, inputs))} hold now; run `sft validate`")
     if not contract["passed"]:
-        fail("validate/contract.json: the data contract did not pass; run `sft validate`")
+        fail(f"{contract_file}: the data contract did not pass; fix the data (validate/contract.md says how), "
+             "then run `sft validate`")
     tokenizer = base_tokenizer(tokenizer_dir)
     def load(path):
         return load_examples(path)["messages"].tolist()
 
-    inputs = [Path(p.data.train)] + ([Path(p.data.replay)] if p.data.replay else [])
     try:  # an unchanged file with the same tokenizer is read from the cache, never tokenized again
         (train, train_hit), *replay = [tokenize_file(tokenizer, path, load) for path in inputs]
     except DataError as err:
@@ -197,10 +217,9 @@ def lora(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out:
     """The LoRA baseline: adapters on every linear layer, the same data, epochs and loop as `sft train`
     at LoRA's learning rate; each epoch's checkpoint is the merged model."""
     p = params()
-    try:
-        cfg = p.lora.training(p.train)
-    except ValueError as err:
-        fail(str(err))
+    cfg = p.lora.training(p.train)
+    if cfg.strategy != p.train.strategy:
+        typer.echo(f"lora: train.strategy={p.train.strategy}; the baseline shards its frozen base with {cfg.strategy}")
     _train_stage(cfg, base_dir, packed_dir, out, adapters=p.lora)
 
 
@@ -232,11 +251,10 @@ def _train_stage(cfg, base_dir: Path, packed_dir: Path, out: Path, adapters=None
             "data_sha256": stats["data_sha256"]}
     if adapters is None:
         model, weights = load_model(base_dir, cfg, runtime)
-    else:  # every rank loads the base: its weights are frozen, the adapters are what is sharded and trained
-        from pipeline.lora import add_adapters, trainable_share
+    else:  # the base frozen, the adapters trained; both sharded under fsdp2
+        from pipeline.lora import load_with_adapters, trainable_share
 
-        model, weights = load_model(base_dir, cfg.model_copy(update={"strategy": "single"}), runtime)
-        model = add_adapters(model, adapters)
+        model, weights = load_with_adapters(base_dir, cfg, adapters, runtime)
         meta["adapters"] = adapters.model_dump()
         trainable, total = trainable_share(model)
         if runtime.is_main:
@@ -536,6 +554,7 @@ def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...)
     if name in SHAPES:
         shape = Shape(**SHAPES[name])
     elif Path(name).is_file():
+        check_built_for_base(Path(name).parent)
         shape = Shape.from_config(json.loads(Path(name).read_text()))
     else:
         fail(f"plan: {name!r} is neither a known shape ({', '.join(SHAPES)}) nor a config.json file; "
@@ -557,9 +576,14 @@ def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...)
     typer.echo(markdown)
 
 
+def data_inputs(p) -> list[Path]:
+    """The files prepare packs: train, and replay when there is one."""
+    return [Path(p.data.train)] + ([Path(p.data.replay)] if p.data.replay else [])
+
+
 def prepared_stats(p) -> dict | None:
     """prepare/stats.json when prepare made it from this branch's very files; never another data set's."""
-    inputs = [Path(p.data.train)] + ([Path(p.data.replay)] if p.data.replay else [])
+    inputs = data_inputs(p)
     prepared = Path("prepare/stats.json")
     if prepared.is_file() and all(f.is_file() for f in inputs):
         stats = json.loads(prepared.read_text())

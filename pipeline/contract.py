@@ -413,7 +413,8 @@ def build_suite(cfg, max_seq_len: int, has_source: bool):
                     "strip terminal escapes and NUL bytes from the export", column=f"control_in_{field}",
                     value_set=[False]))
         add(_expect(gxe.ExpectColumnValueLengthsToBeBetween, "characters", field,
-                    f"shorten or drop the rows, or raise validate.max_{field}_chars",
+                    f"fix or drop the rows outside the bounds, or change validate.min_chars or "
+                    f"validate.max_{field}_chars",
                     column=field, min_value=cfg.min_chars, max_value=max_chars[field]))
     add(_expect(gxe.ExpectColumnValuesToBeBetween, "tokens after the chat template (longer ones are truncated)",
                 "messages", "shorten or drop long examples, or raise prepare.max_seq_len (or lower validate.min_fit_share)",

@@ -36,6 +36,25 @@ def add_adapters(model, cfg, seed: int = 0):
     return get_peft_model(model, adapter_config(cfg))
 
 
+def load_with_adapters(base_dir: Path, train_cfg, cfg, runtime):
+    """(the base with fresh adapters, weights), as `load_model` returns them for `shard`. Under fsdp2
+    every rank builds the wrapped model on the meta device and rank 0 alone loads the base in fp32
+    and draws the adapters, whose full state `Sharded` broadcasts into each rank's shards: no rank
+    but the first holds a full copy (a 70B base is 280 GB in fp32). One process loads it whole."""
+    from pipeline.train.strategies import empty_model, load_model, unsharded
+
+    one_process = train_cfg.model_copy(update={"strategy": "single"})
+    if train_cfg.strategy == "single" or unsharded(train_cfg, runtime):
+        model, _ = load_model(base_dir, one_process, runtime)
+        return add_adapters(model, cfg), None
+    model = add_adapters(empty_model(base_dir), cfg)
+    weights = {}
+    if runtime.is_main:  # the same seed: the adapters one process would draw
+        base, _ = load_model(base_dir, one_process, runtime)
+        weights = add_adapters(base, cfg).state_dict()
+    return model, weights
+
+
 def merged(model, state: dict | None = None):
     """(plain model, its state dict): the adapters folded into the base weights by peft's own
     merge, on a CPU copy built from `state` (the full PEFT state dict; a sharded run gathers it on

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline.config import LoraConfig, TrainConfig
-from pipeline.lora import add_adapters
+from pipeline.lora import load_with_adapters
 from pipeline.prepare import prepare
 from pipeline.train.loop import train
 from pipeline.train.strategies import close, init_runtime, load_model
@@ -33,9 +33,9 @@ def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int =
             os.kill(os.getpid(), signal.SIGKILL)
 
     runtime = init_runtime(strategy, "cpu")
-    if adapters:  # `sft lora`'s path: every rank loads the frozen base, the adapters are sharded and trained
-        model, weights = load_model(Path(model_dir), cfg.model_copy(update={"strategy": "single"}), runtime)
-        model = add_adapters(model, LoraConfig(rank=4, alpha=8, lr=2e-3, override_method_ranges=True))
+    if adapters:  # `sft lora`'s path: the frozen base and the adapters, loaded and sharded as for full SFT
+        model, weights = load_with_adapters(Path(model_dir), cfg, LoraConfig(rank=4, alpha=8, lr=2e-3,
+                                                                            override_method_ranges=True), runtime)
     else:
         model, weights = load_model(Path(model_dir), cfg, runtime)  # the production path: no full copy past rank 0
     full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

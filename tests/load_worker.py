@@ -18,7 +18,8 @@ try:
 except ImportError:  # fsdp2 only
     pass
 
-from pipeline.config import TrainConfig
+from pipeline.config import LoraConfig, TrainConfig
+from pipeline.lora import load_with_adapters
 from pipeline.train.loop import peak_resident_mib
 from pipeline.train.strategies import close, init_runtime, load_model, shard
 
@@ -26,17 +27,23 @@ from pipeline.train.strategies import close, init_runtime, load_model, shard
 
 def main(base_dir: str, out: str, strategy: str) -> None:
     torch.set_num_threads(1)
+    strategy, _, adapters = strategy.partition("+")  # fsdp2+lora: `sft lora`'s loading
     cfg = TrainConfig(strategy=strategy, device="cpu", export_dtype="float32")
     runtime = init_runtime(strategy, "cpu")
     before = peak_resident_mib()
-    model, weights = load_model(Path(base_dir), cfg, runtime)
+    if adapters:
+        model, weights = load_with_adapters(Path(base_dir), cfg, LoraConfig(), runtime)
+    else:
+        model, weights = load_model(Path(base_dir), cfg, runtime)
+    full_numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     sharded = shard(model, cfg, runtime, weights)  # fsdp2 fills its shards here
     after = peak_resident_mib()
     state = sharded.full_state_dict()  # a collective: rank 0 gets every weight back
     if runtime.is_main:
         save_file(state if state is not None else model.state_dict(), str(Path(out) / "gathered.safetensors"))
     (Path(out) / f"rank{runtime.rank}.json").write_text(json.dumps(
-        {"rank": runtime.rank, "before_mib": before, "after_mib": after, "local_numel": sharded.local_numel()}))
+        {"rank": runtime.rank, "before_mib": before, "after_mib": after, "local_numel": sharded.local_numel(),
+         "full_numel": full_numel}))
     sharded.release()
     close(runtime)
 

@@ -68,3 +68,17 @@ def test_good_data_passes(case, tmp_path, monkeypatch, base_dir):
     assert "data contract passed" in result.output
     assert "| **FAIL** |" not in (tmp_path / "validate" / "contract.md").read_text()
     assert (tmp_path / "validate" / "data-docs" / "index.html").exists()
+
+
+def test_prepare_packs_only_the_data_that_passed_the_contract(tmp_path, monkeypatch, base_dir):
+    """A contract that passed on other data (an edit after `sft validate`, or a failed validate
+    that left the last passing contract) never lets prepare through."""
+    monkeypatch.chdir(tmp_path)
+    result, train = run_validate(FIXTURES / "good_data" / GOOD[0], tmp_path, base_dir)
+    assert result.exit_code == 0, result.output
+    with open(train, "ab") as f:  # a row appended after validation
+        f.write(Path(train).read_bytes().splitlines(keepends=True)[0])
+    result = CliRunner().invoke(cli.app, ["prepare"])
+    assert result.exit_code == 1
+    assert "validate/contract.json: made for other data than data/" in result.output, result.output
+    assert not (tmp_path / "prepare").exists()

@@ -57,3 +57,37 @@ def test_plan_for_a_production_preset(tmp_path, monkeypatch):
     assert (tmp_path / "plan/plan.md").exists()
     bad = runner.invoke(cli.app, ["plan", "--model", "gpt-9", "--tokens", "1"])
     assert bad.exit_code == 1 and "neither a known shape" in bad.output
+
+
+def test_a_tokenizer_made_for_another_base_is_refused(tmp_path, monkeypatch, tokenizer):
+    """Switching params.yaml to a preset and running `sft validate` or `sft plan` by hand must not count
+    tokens, or plan, with the demo's tokenizer and config."""
+    monkeypatch.chdir(tmp_path)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "tokenizer/config.json").write_text('{"hidden_size": 64}')
+    (tmp_path / "tokenizer/meta.json").write_text('{"source": "demo", "model": "demo/tiny-llama", "revision": null}')
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/train.jsonl").write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)))
+    (tmp_path / "params.yaml").write_text("base:\n  source: hub\n  model: org/model-8b\n  revision: abc123\n"
+                                          "data:\n  replay: null\nvalidate:\n  eval_sets: []\n")
+    for command in (["validate"], ["plan"], ["data", "stats"]):
+        result = runner.invoke(cli.app, command)
+        assert result.exit_code == 1, (command, result.output)
+        assert ("tokenizer: made for demo/tiny-llama@None, but params.yaml base is org/model-8b@abc123"
+                in result.output), (command, result.output)
+
+
+def test_an_unreachable_hub_is_named_without_a_traceback(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(**_):
+        raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    (tmp_path / "params.yaml").write_text("base:\n  source: hub\n  model: org/model-8b\n  revision: abc123\n")
+    result = runner.invoke(cli.app, ["tokenizer"])
+    assert result.exit_code == 1
+    assert "org/model-8b@abc123 is not in the local Hugging Face cache and the Hub cannot be reached" in result.output
+    assert not (tmp_path / "tokenizer").exists()

@@ -66,6 +66,26 @@ def test_gate_policy_and_task_yamls_parse():
         assert spec["task"] and spec["output_type"] in {"generate_until", "multiple_choice", "loglikelihood"}
 
 
+def test_local_generative_tasks_take_their_length_from_evaluate_max_gen_toks():
+    """A task's own max_gen_toks would override evaluate.max_gen_toks (a long golden answer cut at
+    32 tokens never matches), and without `until` lm-eval stops at the first blank line: only the
+    model's own end-of-turn token may end a response."""
+    from lm_eval.config.task import TaskConfig
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+    generative = []
+    for task in sorted((ROOT / "evals/tasks").glob("*.yaml")):
+        spec = yaml.load(task.read_text(), Loader=TaskLoader)
+        if spec["output_type"] != "generate_until":
+            continue
+        generative.append(spec["task"])
+        config = TaskConfig(task=spec["task"], output_type="generate_until", generation_kwargs=spec["generation_kwargs"])
+        kwargs = normalize_gen_kwargs(config.generation_kwargs, 512)
+        assert kwargs["max_gen_toks"] == 512, task.name
+        assert handle_stop_sequences(kwargs["until"], eos="<|eot_id|>") == ["<|eot_id|>"], task.name
+    assert {"sft_golden", "sft_refusal", "sft_over_refusal", "sft_ifeval"} <= set(generative)
+
+
 def test_every_dvc_stage_is_an_sft_command():
     from typer.main import get_command
 

@@ -70,8 +70,9 @@ def test_lora_settings_are_checked():
         parse_params({"lora": {"lr": 2e-5}})
     cfg = LoraConfig().training(TrainConfig(strategy="fsdp2"))
     assert cfg.lr == 2e-4 and cfg.strategy == "fsdp2"
-    with pytest.raises(ValueError, match="'zero3' is not supported with adapters"):
-        LoraConfig().training(TrainConfig(strategy="zero3"))
+    for zero3 in ("zero3", "zero3_offload"):  # the baseline of a ZeRO-3 run shards its frozen base with fsdp2
+        cfg = LoraConfig().training(TrainConfig(strategy=zero3, micro_batch_size=2))
+        assert cfg.strategy == "fsdp2" and cfg.micro_batch_size == 2 and cfg.lr == 2e-4
 
 
 def items(scores: list[float]) -> dict[str, float]:

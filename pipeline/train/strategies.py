@@ -178,7 +178,7 @@ def load_model(base_dir: Path, cfg, runtime: Runtime):
     `Sharded` broadcasts tensor by tensor into each rank's shard. For ZeRO-3, transformers loads
     under DeepSpeed's `zero.Init`: parameters are partitioned as they are created and filled
     from rank 0. `single` loads the whole model: it is one process."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if cfg.strategy == "single" or unsharded(cfg, runtime):
         return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), None
@@ -191,15 +191,23 @@ def load_model(base_dir: Path, cfg, runtime: Runtime):
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         model.zero_init_config = zero_init  # alive until deepspeed.initialize has taken the model
         return model, None
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir), dtype=torch.float32)
-    model.tie_weights()  # before sharding: a tied head must be one parameter to fully_shard
+    model = empty_model(base_dir)
     weights = {}
     if runtime.is_main:
         weights = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto").state_dict()
     return model, weights
+
+
+def empty_model(base_dir: Path):
+    """The base's architecture with its parameters on the meta device (buffers, the rotary tables,
+    real), tied as the base is: what each rank of an fsdp2 run builds before sharding."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir), dtype=torch.float32)
+    model.tie_weights()  # before sharding: a tied head must be one parameter to fully_shard
+    return model
 
 
 def materialize(model, weights: dict, device: torch.device) -> None:
