@@ -2,6 +2,7 @@
 catch what it is there for (a known-bad workflow and task file are rejected)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,35 @@ def test_status_commands_need_only_what_train_yml_installs():
             "'huggingface_hub', 'pandas', 'requests'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("data", ["demo", "a team's"])
+def test_a_pr_without_its_data_uses_the_demo_data_only_where_data_dvc_names_it(data, tmp_path):
+    """pr.yml's data step without a remote (or on a fork PR, without its secrets): the template's own
+    data.dvc gets the regenerated demo data; a team's gets no stand-in, and the steps that read data
+    are skipped with a warning instead of failing on a missing file or checking the wrong data."""
+    step = next(s for s in steps("pr.yml", "test-and-smoke") if s.get("id") == "data")
+    clone = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    (clone / ".venv").symlink_to(BIN.parent)
+    git = ["git", "-C", str(clone), "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    if data != "demo":  # the team's data.dvc, committed: it names other data
+        dvc_file = clone / "data.dvc"
+        dvc_file.write_text(re.sub(r"md5: [0-9a-f]{32}", "md5: " + "0" * 32, dvc_file.read_text()))
+        subprocess.run([*git, "commit", "-qam", "our data"], check=True)
+    outputs = tmp_path / "outputs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"GITHUB_OUTPUT": str(outputs)}
+    run = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=clone, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    dirty = subprocess.run([*git, "status", "--porcelain", "data.dvc"], capture_output=True, text=True).stdout
+    assert dirty == ""  # data.dvc as committed
+    if data == "demo":
+        assert outputs.read_text() == "source=demo\n"
+        assert (clone / "data/train.jsonl").is_file()
+    else:
+        assert outputs.read_text() == "source=none\n"
+        assert not (clone / "data").exists()
+        assert "::warning::data/ cannot be fetched" in run.stdout
+    for name in ("Data contract", "Training data statistics", "GPU memory and cost plan"):
+        gated = next(s for s in steps("pr.yml", "test-and-smoke") if s.get("name", "").startswith(name))
+        assert gated["if"] == "steps.data.outputs.source != 'none'", name
