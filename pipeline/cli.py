@@ -132,6 +132,11 @@ def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate
 
     p = params()
     files = {"train": p.data.train, "replay": p.data.replay}
+    if (not p.data.replay or p.prepare.replay_share == 0) and p.validate_.min_replay_share > 0:
+        fail(f"params.yaml: no replay mix (data.replay: {p.data.replay}, prepare.replay_share: {p.prepare.replay_share}) "
+             f"but validate.min_replay_share is {p.validate_.min_replay_share}: the method mixes 10-20% general data "
+             "into training to limit forgetting; set data.replay and prepare.replay_share, or validate.min_replay_share: "
+             "0 to train without it")
     try:
         frame = load_examples(p.data.train)
         replay = None

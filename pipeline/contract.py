@@ -413,8 +413,7 @@ def build_suite(cfg, max_seq_len: int, has_source: bool):
                     "strip terminal escapes and NUL bytes from the export", column=f"control_in_{field}",
                     value_set=[False]))
         add(_expect(gxe.ExpectColumnValueLengthsToBeBetween, "characters", field,
-                    f"fix or drop the rows outside the bounds, or change validate.min_chars or "
-                    f"validate.max_{field}_chars",
+                    f"shorten, fill or drop the rows, or raise validate.max_{field}_chars (or lower validate.min_chars)",
                     column=field, min_value=cfg.min_chars, max_value=max_chars[field]))
     add(_expect(gxe.ExpectColumnValuesToBeBetween, "tokens after the chat template (longer ones are truncated)",
                 "messages", "shorten or drop long examples, or raise prepare.max_seq_len (or lower validate.min_fit_share)",
@@ -436,7 +435,9 @@ def build_suite(cfg, max_seq_len: int, has_source: bool):
                 "near-duplicate pairs (Unicode forms, case, whitespace, punctuation and invisible characters ignored)",
                 "prompt,response", "drop near-duplicates: they over-weight one example", column="normalized_pair"))
     add(_expect(gxe.ExpectColumnValuesToBeInSet, "training prompt also in an eval set (exact or shared n-gram)",
-                "prompt", "remove eval items from the training data: they inflate the golden score",
+                "prompt", "remove eval items from the training data: they inflate the golden score (a shared "
+                "instruction template of validate.leak_ngram words or more also matches: raise validate.leak_ngram "
+                "above its length)",
                 column="leaks_eval", value_set=[False]))
     if cfg.near_duplicate_jaccard is not None:
         add(_expect(gxe.ExpectColumnValuesToBeInSet,

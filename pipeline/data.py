@@ -5,7 +5,7 @@ Accepted files (data.train, data.replay, the eval sets): JSONL (one object a lin
 each row in one of these shapes:
   - `prompt` and `response`, optional `system`: one exchange;
   - OpenAI-style `messages`: [{"role": "system"|"user"|"assistant", "content": str}, ...];
-  - ShareGPT-style `conversations`: [{"from": "system"|"human"|"gpt", "value": str}, ...];
+  - ShareGPT-style `conversations`: [{"from": "system"|"human"|"gpt" (or "user"|"assistant"), "value": str}, ...];
 any shape with an optional `source`; other fields are ignored. Any other format (CSV, a JSON array,
 ...) is refused naming the format.
 
@@ -36,7 +36,8 @@ from pipeline.files import DataError
 
 PAIR_FIELDS = ("prompt", "response")
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}  # ShareGPT's `from` -> role
+# ShareGPT's `from` -> role; exports also write the chat roles themselves
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 SHAPES = ("'prompt' and 'response' (optional 'system', 'source'), 'messages' or ShareGPT 'conversations' "
           "(optional 'source')")
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")

@@ -22,6 +22,12 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), text: str | Non
         if not path.exists():
             raise DataError(f"{path}: file not found")
         raw = path.read_bytes()
+        # the eval sets go to lm-eval as they are: it reads neither gzip nor a byte-order mark
+        if raw.startswith(b"\x1f\x8b"):
+            raise DataError(f"{path}: gzip-compressed; this file is read as plain JSONL: store it uncompressed")
+        if raw.startswith(b"\xef\xbb\xbf"):
+            raise DataError(f"{path}:1: starts with a UTF-8 byte-order mark; this file is read as plain JSONL: "
+                            "save it without the BOM")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:

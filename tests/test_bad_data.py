@@ -16,7 +16,7 @@ BAD = sorted(p.name for p in (FIXTURES / "bad_data").iterdir() if p.is_dir())
 GOOD = sorted(p.name for p in (FIXTURES / "good_data").iterdir() if p.is_dir())
 PARAMS = {  # a fixture folder's own params.yaml is merged over these, section by section
     "validate": {"min_rows": 20, "max_response_chars": 200, "eval_sets": ["data/golden.jsonl"],
-                 "min_rows_per_source": 5},
+                 "min_rows_per_source": 5, "min_replay_share": 0},
     "data": {"replay": None},
     "prepare": {"max_seq_len": 128},
 }

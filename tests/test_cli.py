@@ -27,7 +27,7 @@ def test_validate_stops_on_duplicates_and_writes_the_report(tmp_path, monkeypatc
     (tmp_path / "data").mkdir()
     rows = [f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)] + ['{"prompt": "q3", "response": "a3"}\n']
     (tmp_path / "data/train.jsonl").write_text("".join(rows))
-    (tmp_path / "params.yaml").write_text("data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n")
+    (tmp_path / "params.yaml").write_text("data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n  min_replay_share: 0\n")
     result = runner.invoke(cli.app, ["validate"])
     assert result.exit_code == 1
     assert "data/train.jsonl" in result.output and "expect_compound_columns_to_be_unique" in result.output
@@ -69,7 +69,7 @@ def test_a_tokenizer_made_for_another_base_is_refused(tmp_path, monkeypatch, tok
     (tmp_path / "data").mkdir()
     (tmp_path / "data/train.jsonl").write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)))
     (tmp_path / "params.yaml").write_text("base:\n  source: hub\n  model: org/model-8b\n  revision: abc123\n"
-                                          "data:\n  replay: null\nvalidate:\n  eval_sets: []\n")
+                                          "data:\n  replay: null\nvalidate:\n  eval_sets: []\n  min_replay_share: 0\n")
     for command in (["validate"], ["plan"], ["data", "stats"]):
         result = runner.invoke(cli.app, command)
         assert result.exit_code == 1, (command, result.output)
@@ -91,3 +91,14 @@ def test_an_unreachable_hub_is_named_without_a_traceback(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "org/model-8b@abc123 is not in the local Hugging Face cache and the Hub cannot be reached" in result.output
     assert not (tmp_path / "tokenizer").exists()
+
+
+def test_training_without_replay_is_a_choice_params_yaml_states(tmp_path, monkeypatch):
+    """The method mixes 10-20% general data in; turning the mix off passes only where validate's band
+    says so, instead of the contract silently skipping its replay check."""
+    monkeypatch.chdir(tmp_path)
+    for off in ("data:\n  replay: null\n", "prepare:\n  replay_share: 0\n"):
+        (tmp_path / "params.yaml").write_text(off)
+        result = runner.invoke(cli.app, ["validate"])
+        assert result.exit_code == 1
+        assert "params.yaml: no replay mix" in result.output and "validate.min_replay_share: 0" in result.output

@@ -13,6 +13,7 @@ from pipeline.contract import (
     secrets,
     add_derived_columns,
     add_replay_columns,
+    eval_prompts,
     failure_message,
     leaks_eval,
     loss_mask_flags,
@@ -386,3 +387,28 @@ def test_the_share_of_tokens_that_carry_loss_must_sit_within_bounds(contract, tm
     assert "highest" in too_high["share of tokens that carry loss (sampled rows)"]["observed_text"]
     text = failure_message(FILES, contract(frame, strict))
     assert "share of tokens that carry loss" in text and "min_supervised_share" in text
+
+
+def test_an_eval_set_lm_eval_cannot_read_is_named_with_why(tmp_path):
+    """Training files may be gzipped or carry a BOM; the eval sets go to lm-eval as they are."""
+    import gzip
+
+    line = b'{"prompt": "What is 2+2?", "response": "4"}\n'
+    (tmp_path / "zipped.jsonl").write_bytes(gzip.compress(line))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + line)
+    with pytest.raises(DataError, match=r"zipped.jsonl: gzip-compressed; .* store it uncompressed"):
+        eval_prompts([str(tmp_path / "zipped.jsonl")])
+    with pytest.raises(DataError, match=r"bom.jsonl:1: starts with a UTF-8 byte-order mark"):
+        eval_prompts([str(tmp_path / "bom.jsonl")])
+    (tmp_path / "plain.jsonl").write_bytes(line.replace(b"\n", b"\r\n"))
+    assert eval_prompts([str(tmp_path / "plain.jsonl")]) == ["What is 2+2?"]
+
+
+def test_sharegpt_exports_with_chat_role_names_load_like_human_and_gpt(tmp_path):
+    turns = {"human": "Name a colour.", "gpt": "Blue."}
+    for name, speakers in (("classic", ("human", "gpt")), ("roles", ("user", "assistant"))):
+        row = {"conversations": [{"from": s, "value": v} for s, v in zip(speakers, turns.values(), strict=True)]}
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+    classic, roles = (load_examples(tmp_path / f"{n}.jsonl") for n in ("classic", "roles"))
+    assert classic["messages"].tolist() == roles["messages"].tolist()
+    assert roles["messages"].iloc[0][-1] == {"role": "assistant", "content": "Blue."}
