@@ -50,7 +50,7 @@ def download(cfg, out_dir: Path, patterns: list[str]) -> None:
         raise BaseUnavailable(f"params.yaml base: {cfg.model}@{cfg.revision} is not in the local Hugging Face cache "
                               "and the Hub cannot be reached (HF_HUB_OFFLINE=1, or no network): run where the Hub is "
                               "reachable, with HF_HUB_OFFLINE unset (`sft plan --model llama-3.1-8b` and the other "
-                              "known shapes work offline)") from err
+                              f"known shapes work offline; {str(err).strip().splitlines()[0]})") from err
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         hint = {401: "set HF_TOKEN to a token with read access (gated models: accept the licence on the Hub first)",

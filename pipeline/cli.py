@@ -45,7 +45,7 @@ def check_built_for_base(folder: Path) -> None:
     if not made.is_file():
         return
     info, base = json.loads(made.read_text()), params().base
-    if (info.get("model"), info.get("revision")) != (base.model, base.revision):
+    if (info.get("source"), info.get("model"), info.get("revision")) != (base.source, base.model, base.revision):
         fail(f"{folder}: made for {info.get('model')}@{info.get('revision')}, but params.yaml base is "
              f"{base.model}@{base.revision}; rebuild it (`dvc repro`, or `sft tokenizer` / `sft base`)")
 
@@ -174,6 +174,9 @@ def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")
 
     p = params()
     inputs = data_inputs(p)
+    missing = [str(path) for path in inputs if not path.is_file()]
+    if missing:
+        fail(f"{', '.join(missing)}: file not found")
     contract_file = Path("validate/contract.json")
     if not contract_file.is_file():
         fail(f"{contract_file}: missing; run `sft validate` first")
@@ -223,7 +226,7 @@ def lora(base_dir: Path = Path("base"), packed_dir: Path = Path("prepare"), out:
     at LoRA's learning rate; each epoch's checkpoint is the merged model."""
     p = params()
     cfg = p.lora.training(p.train)
-    if cfg.strategy != p.train.strategy:
+    if cfg.strategy != p.train.strategy and "WORLD_SIZE" not in os.environ:  # once, before the launcher
         typer.echo(f"lora: train.strategy={p.train.strategy}; the baseline shards its frozen base with {cfg.strategy}")
     _train_stage(cfg, base_dir, packed_dir, out, adapters=p.lora)
 

@@ -113,10 +113,9 @@ def test_a_pr_without_its_data_uses_the_demo_data_only_where_data_dvc_names_it(d
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     (clone / ".venv").symlink_to(BIN.parent)
     git = ["git", "-C", str(clone), "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
-    if data != "demo":  # the team's data.dvc, committed: it names other data
-        dvc_file = clone / "data.dvc"
-        dvc_file.write_text(re.sub(r"md5: [0-9a-f]{32}", "md5: " + "0" * 32, dvc_file.read_text()))
-        subprocess.run([*git, "commit", "-qam", "our data"], check=True)
+    demo = (ROOT / "configs/demo-data.dvc.yaml").read_text()  # never the fork's own data.dvc
+    (clone / "data.dvc").write_text(demo if data == "demo" else re.sub(r"md5: [0-9a-f]{32}", "md5: " + "0" * 32, demo))
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-am", "data.dvc"], check=True)
     outputs = tmp_path / "outputs"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"GITHUB_OUTPUT": str(outputs)}
     run = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=clone, env=env, capture_output=True, text=True,
@@ -131,6 +130,8 @@ def test_a_pr_without_its_data_uses_the_demo_data_only_where_data_dvc_names_it(d
         assert outputs.read_text() == "source=none\n"
         assert not (clone / "data").exists()
         assert "::warning::data/ cannot be fetched" in run.stdout
+        # the PR comment must not show the committed contract as if it were this PR's
+        assert (clone / "validate/contract.md").read_text().startswith("## Data contract: not run")
     for name in ("Data contract", "Training data statistics", "GPU memory and cost plan"):
         gated = next(s for s in steps("pr.yml", "test-and-smoke") if s.get("name", "").startswith(name))
         assert gated["if"] == "steps.data.outputs.source != 'none'", name
