@@ -181,7 +181,8 @@ def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")
     if not contract_file.is_file():
         fail(f"{contract_file}: missing; run `sft validate` first")
     contract = json.loads(contract_file.read_text())
-    if contract.get("data_sha256") != sha256_files(inputs):
+    data_sha256 = sha256_files(inputs)
+    if contract.get("data_sha256") != data_sha256:
         fail(f"{contract_file}: made for other data than {', '.join(map(str, inputs))} hold now; run `sft validate`")
     if not contract["passed"]:
         fail(f"{contract_file}: the data contract did not pass; fix the data (validate/contract.md says how), "
@@ -204,7 +205,7 @@ def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")
         arrays["lengths"] = packed.lengths
     np.savez(tmp, **arrays)
     tmp.replace(out / "packed.npz")
-    stats = {**packed.stats, "data_sha256": sha256_files(inputs)}
+    stats = {**packed.stats, "data_sha256": data_sha256}
     write_json(out / "stats.json", stats)
     hits = [train_hit] + [hit for _, hit in replay]
     layout = "packed" if p.prepare.pack else "bucketed by length, one example"

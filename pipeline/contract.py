@@ -598,7 +598,7 @@ def _unit(path: str) -> str:
 
 def failure_message(files: dict[str, str], checks: list[dict]) -> str:
     """`files` names the file behind each batch ("train", "replay")."""
-    failed = dict.fromkeys(files[c["data"]] for c in checks if not c["passed"]) or {files["train"]: None}
+    failed = dict.fromkeys(files[c["data"]] for c in checks if not c["passed"])
     lines = [f"{', '.join(failed)}: data contract failed"]
     for c in checks:
         if c["passed"]:
