@@ -22,7 +22,7 @@ projects, causal attention within each example).
 Levers on their own (time per call, peak memory), at this shape:
 - loss tail: eager head + fp32 cross-entropy against the fused chunked head (train/loss.py);
 - clipping: clip_grad_norm_ then fused AdamW against the clip folded into fused AdamW;
-- attention mask: transformers' own from packed position ids against `document_mask`.
+- attention mask: transformers' own from packed position ids against the engine's `flex_masks`.
 
 `--shape llama-3.1-8b` runs the engine alone with what `sft plan` picks for one GPU of this card
 (single with activation checkpointing where it fits, else zero3_offload: needs deepspeed), beside
@@ -297,10 +297,10 @@ def clip_rows(config, device: torch.device) -> list[tuple]:
 
 
 def mask_rows(config, device: torch.device, dtype: torch.dtype, examples) -> list[tuple]:
-    """The attention mask of one packed micro-batch: transformers' own against `document_mask`."""
+    """The attention mask of one packed micro-batch: transformers' own against `flex_masks`."""
     from transformers.masking_utils import create_causal_mask
 
-    from pipeline.train.loop import document_mask
+    from pipeline.train.attention import flex_masks
 
     lengths = [len(ids) for ids, _ in examples]
     cut = int(np.searchsorted(np.cumsum(lengths), TOKENS_PER_STEP))
@@ -315,8 +315,8 @@ def mask_rows(config, device: torch.device, dtype: torch.dtype, examples) -> lis
 
     return [("attention mask", f"transformers, from position ids ({config._attn_implementation})",
              *timed(device, transformers_mask)),
-            ("attention mask", "document_mask, once per micro-batch (flex)",
-             *timed(device, lambda: document_mask(position_ids, device)))]
+            ("attention mask", "flex_masks, once per micro-batch (flex)",
+             *timed(device, lambda: flex_masks(config, position_ids, device)))]
 
 
 def lever_rows(config, device: torch.device, examples) -> list[tuple]:

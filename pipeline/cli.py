@@ -50,6 +50,19 @@ def check_built_for_base(folder: Path) -> None:
              f"{base.model}@{base.revision}; rebuild it (`dvc repro`, or `sft tokenizer` / `sft base`)")
 
 
+def check_family(folder: Path, max_seq_len: int) -> None:
+    """Refuse a base the engine cannot train exactly (pipeline/families.py), from the config.json
+    `sft tokenizer` fetches without the weights: before any download of weights or GPU hour."""
+    from pipeline.families import UnsupportedModel, check_model
+
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            check_model(json.loads(config.read_text()), max_seq_len, where=str(config))
+        except UnsupportedModel as err:
+            fail(str(err))
+
+
 def params():
     try:
         return load_params(PARAMS)
@@ -147,6 +160,7 @@ def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate
     except DataError as err:  # a malformed file is named before anything else is asked for
         fail(str(err))
     tokenizer = base_tokenizer(tokenizer_dir)
+    check_family(tokenizer_dir, p.prepare.max_seq_len)
     tokens = token_lengths_within(tokenizer, frame, p.prepare.max_seq_len)
     loss_mask = loss_mask_flags(tokenizer, frame, p.prepare.max_seq_len, tokens)
     frame = add_derived_columns(frame, held_out, tokens, p.validate_, loss_mask)
@@ -243,6 +257,7 @@ def _train_stage(cfg, base_dir: Path, packed_dir: Path, out: Path, adapters=None
 
     from pipeline.trackers import TrainingRuns, check_trackers
 
+    check_family(base_dir, params().prepare.max_seq_len)  # before any process group or GPU hour
     try:
         check_trackers(cfg.trackers)
         command = torchrun_command(cfg.strategy, sys.argv[1:], os.environ)
@@ -564,6 +579,8 @@ def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...)
         shape = Shape(**SHAPES[name])
     elif Path(name).is_file():
         check_built_for_base(Path(name).parent)
+        if Path(name).name == "config.json":
+            check_family(Path(name).parent, p.prepare.max_seq_len)
         shape = Shape.from_config(json.loads(Path(name).read_text()))
     else:
         fail(f"plan: {name!r} is neither a known shape ({', '.join(SHAPES)}) nor a config.json file; "

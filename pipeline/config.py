@@ -116,6 +116,9 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(8, ge=1)  # packed sequences per forward pass
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    # mixture-of-experts bases: weight of the router's load-balancing loss (over real tokens), logged
+    # per step as router_aux_loss; None takes the model's own router_aux_loss_coef, 0 turns it off
+    router_aux_loss_coef: float | None = Field(None, ge=0)
     keep_last: int = Field(3, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)  # extra resume points inside an epoch (preemption)
     # how often the loop reads losses back from the GPU (every step still gets its record): each read

@@ -16,14 +16,15 @@ from pipeline.train.loop import train
 from pipeline.train.strategies import close, init_runtime, load_model
 
 
-def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int = 1, kill_at_step: int = 0) -> None:
+def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int = 1, kill_at_step: int = 0,
+         micro_batch_size: int = 2) -> None:
     torch.set_num_threads(1)
     strategy, _, adapters = strategy.partition("+")  # e.g. fsdp2+lora
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = [{"prompt": f"Repeat after me: cat dog {i % 9}", "response": f"cat dog {i % 9} {i % 4}"} for i in range(96)]
     packed = prepare(tokenizer, rows, [], max_len=48, replay_share=0.0, seed=0)
     arrays = {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids}
-    cfg = TrainConfig(lr=2e-3, epochs=epochs, micro_batch_size=2, grad_accum=grad_accum, warmup_ratio=0.03,
+    cfg = TrainConfig(lr=2e-3, epochs=epochs, micro_batch_size=micro_batch_size, grad_accum=grad_accum, warmup_ratio=0.03,
                       override_method_ranges=True, strategy=strategy, device="cpu", checkpoint_every_steps=2,
                       export_dtype="float32",  # compared to 1e-4 across strategies: no bf16 rounding
                       log_every_steps=1 if kill_at_step else 10)  # a kill lands right after its step's record
@@ -45,6 +46,7 @@ def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int =
     report = {"rank": runtime.rank, "world_size": runtime.world_size, "full_numel": full, "local_numel": local,
               "losses": [h["loss"] for h in result.history], "steps": [h["step"] for h in result.history],
               "grad_norms": [h["grad_norm"] for h in result.history],
+              "router_aux_losses": [h.get("router_aux_loss") for h in result.history],
               "resumed_from": result.resumed_from_step}
     (Path(out) / f"rank{runtime.rank}.json").write_text(json.dumps(report))
     close(runtime)

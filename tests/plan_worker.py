@@ -25,7 +25,8 @@ def main(shape: str, rows: int, seq: int, checkpointing: int) -> None:
     position_ids = torch.arange(seq).repeat(rows, 1)
     positions, targets = loss_targets(input_ids, position_ids)  # every next token supervised
     for _ in range(2):  # the second step has the optimizer state the first created
-        loss = token_loss_sum(sharded.forward, head, input_ids, position_ids, positions, targets, flatten=False)
+        loss, _ = token_loss_sum(sharded.forward, sharded.model, head, input_ids, position_ids, positions, targets,
+                                 flatten=False)
         sharded.backward(loss / len(targets))
         sharded.step(1.0)
     print(json.dumps({"grew_mib": peak_resident_mib() - before}))

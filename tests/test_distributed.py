@@ -205,3 +205,40 @@ def test_every_rank_loads_only_its_shards_and_the_shards_are_the_base(strategy, 
     assert gathered.keys() == expected.keys()
     for key in expected:
         assert torch.equal(gathered[key].float(), expected[key].float()), key
+
+
+@pytest.fixture(scope="module", params=["gemma2", "qwen3_moe"])
+def family_model_dir(request, tokenizer, tmp_path_factory):
+    """A tiny model of another family with the test tokenizer: Gemma 2 (its output softcap and
+    sliding layers) and Qwen3-MoE (the router's load-balancing loss)."""
+    from tests.family_models import tiny_model
+
+    model = tiny_model(request.param, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       router_aux_loss_coef=0.05)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_other_families_under_fsdp2_match_one_process(family_model_dir, tmp_path):
+    """One row a micro-batch, so the router loss (a mean over micro-batches and ranks) sees the
+    same batches on 1 process and on 2: losses, router losses and gathered weights agree."""
+    single_out, fsdp_out = tmp_path / "single", tmp_path / "fsdp2"
+    (single,) = launch([sys.executable, str(WORKER), str(family_model_dir), str(single_out), "single", "8", "1", "0",
+                        "1"], single_out)
+    ranks = launch(torchrun(family_model_dir, fsdp_out, "fsdp2", 4, 1, 0, 1), fsdp_out)
+    assert ranks[0]["local_numel"] <= 0.55 * ranks[0]["full_numel"]
+    assert len(single["losses"]) == len(ranks[0]["losses"]) > 3
+    for a, b in zip(single["losses"], ranks[0]["losses"], strict=True):
+        assert abs(a - b) < 1e-4, (single["losses"], ranks[0]["losses"])
+    moe = "moe" in family_model_dir.name
+    assert all((a is not None) == moe for a in single["router_aux_losses"])
+    for a, b in zip(single["router_aux_losses"], ranks[0]["router_aux_losses"], strict=True):
+        assert a == b if a is None else abs(a - b) < 1e-5, (single["router_aux_losses"], ranks[0]["router_aux_losses"])
+    one = load_file(single_out / "checkpoints/epoch-1/model.safetensors")
+    two = load_file(fsdp_out / "checkpoints/epoch-1/model.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-4), key

@@ -124,36 +124,18 @@ def test_deferred_logging_records_every_step_with_the_same_figures(tiny_model_di
     assert one.tokens == four.tokens > 0
 
 
-def test_document_mask_is_causal_within_each_packed_example():
+def test_flex_mask_is_causal_within_each_packed_example(tiny_model_dir):
     from torch.nn.attention.flex_attention import create_mask
+    from transformers import AutoConfig
 
-    from pipeline.train.loop import document_mask
+    from pipeline.train.attention import flex_masks
 
+    config = AutoConfig.from_pretrained(tiny_model_dir)
     position_ids = torch.cat([torch.arange(5), torch.arange(3), torch.arange(4)])[None]  # 3 examples, 12 tokens
-    mask = create_mask(document_mask(position_ids, torch.device("cpu")).mask_mod, 1, 1, 12, 12, device="cpu")[0, 0]
+    mask = create_mask(flex_masks(config, position_ids, torch.device("cpu")).mask_mod, 1, 1, 12, 12, device="cpu")[0, 0]
     documents = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
     expected = (documents[:, None] == documents[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
     assert torch.equal(mask, expected)
-
-
-def test_flex_attention_with_the_document_mask_equals_each_example_on_its_own(tiny_model_dir):
-    """The GPU path (one padding-free row, flex attention) on CPU, forward only: flex attention has
-    no CPU backward."""
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.train.loop import document_mask
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    lengths = [20, 30, 14]
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    ids = torch.randint(3, 100, (1, sum(lengths)))
-    with torch.no_grad():
-        separate = torch.cat([model(input_ids=part, use_cache=False).logits
-                              for part in ids.split(lengths, dim=1)], dim=1)
-        model.set_attn_implementation("flex_attention")
-        packed = model(input_ids=ids, position_ids=position_ids, use_cache=False,
-                       attention_mask=document_mask(position_ids, torch.device("cpu"))).logits
-    torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-5)
 
 
 def test_gpu_benchmark_dry_run_reports_the_engine_and_every_lever(tmp_path):
@@ -175,6 +157,6 @@ def test_gpu_benchmark_dry_run_reports_the_engine_and_every_lever(tmp_path):
     assert "error" not in run and run["steps"] == 4 and run["tokens_per_s"] > 0
     assert [(lever, variant.split(" ")[0]) for lever, variant, *_ in figures["levers"]] == [
         ("loss tail", "eager"), ("loss tail", "fused"), ("clipping", "clip_grad_norm_,"), ("clipping", "folded"),
-        ("attention mask", "transformers,"), ("attention mask", "document_mask,")]
+        ("attention mask", "transformers,"), ("attention mask", "flex_masks,")]
     assert all(ms > 0 for _, _, ms, _ in figures["levers"])
     assert "| engine (host sync every step) |" in done.stdout and "| loss tail | fused" in done.stdout

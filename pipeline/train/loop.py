@@ -8,16 +8,19 @@ import hashlib
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.families import Router, own_output_transform_off, router as family_router
 from pipeline.prepare import IGNORE
 from pipeline.train.checkpoint import clear_train_state, load_train_state, rotate, save_checkpoint, save_train_state
+from pipeline.train.attention import dense_masks, flex_masks
 from pipeline.train.loss import LossHead, fuse_loss_head
-from pipeline.train.strategies import Runtime, init_runtime, shard, uses_flex_attention
+from pipeline.train.strategies import Runtime, init_runtime, shard
 
 
 @dataclass
@@ -53,34 +56,38 @@ def loss_targets(labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torc
     return positions, following[positions]
 
 
-def document_mask(position_ids: torch.Tensor, device: torch.device):
-    """Flex attention's block mask for a micro-batch run as one padding-free row: causal within each
-    example, whose tokens share a document id counted from the position resets. Built once per
-    micro-batch without a host sync; transformers would build it after checking the position ids
-    for packing, which reads a flag back from the GPU in every forward."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    flat = position_ids.flatten()
-    documents = (flat == 0).cumsum(0)
-
-    def same_document_causal(batch, head, query, key):
-        return (documents[query] == documents[key]) & (query >= key)
-
-    return create_block_mask(same_document_causal, None, None, len(flat), len(flat), device=device,
-                             _compile=device.type == "cuda")  # as transformers builds its own
+def real_tokens(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """[rows, length] True where a token belongs to an example: the padding is the segment after a
+    row's last example (prepare restarts its positions), all pad ids and no labels. Not `input_ids
+    != pad_id`, which misses real tokens where the pad id is also a real token (often eos)."""
+    documents = (position_ids == 0).cumsum(-1)
+    last = documents == documents[:, -1:]
+    example_like = (input_ids != pad_id) | (labels != IGNORE)
+    padded = ~(example_like & last).any(-1)
+    return ~(last & padded[:, None])
 
 
-def token_loss_sum(forward, head: LossHead, input_ids, position_ids, positions, targets, flatten: bool) -> torch.Tensor:
-    """Sum (not mean) of the losses at `positions`; the output layer runs only there, fused with the
-    loss (train/loss.py): prompts and padding never reach the vocabulary projection. With `flatten`,
-    the micro-batch goes in as one padding-free row (flex attention keeps examples apart at
-    block-sparse cost); otherwise one row per packed sequence (dense attention, masked per row)."""
-    inputs = {"input_ids": input_ids, "position_ids": position_ids}
+def token_loss_sum(forward, model, head: LossHead, input_ids, position_ids, positions, targets, flatten: bool,
+                   router: Router | None = None, real: torch.Tensor | None = None):
+    """(sum, not mean, of the losses at `positions`; the router's load-balancing loss or None).
+    The output layer runs only at `positions`, fused with the loss and the family's output
+    transform (train/loss.py): prompts and padding never reach the vocabulary projection. With
+    `flatten`, the micro-batch goes in as one padding-free row (flex attention keeps examples
+    apart at block-sparse cost); otherwise one row per packed sequence (dense attention, masked
+    per row). Either way the masks keep each layer's own pattern (train/attention.py). `model`:
+    the plain ForCausalLM (its config, its output transform switched off while the head applies
+    it); `real`: the real-token mask the router loss counts (padding is not routed)."""
     if flatten:
-        inputs = {k: v.reshape(1, -1) for k, v in inputs.items()}
-        inputs["attention_mask"] = document_mask(position_ids, input_ids.device)
-    with head.supervising(positions, targets):
-        return forward(**inputs, use_cache=False).logits  # the head's output: the loss
+        inputs = {"input_ids": input_ids.reshape(1, -1), "position_ids": position_ids.reshape(1, -1),
+                  "attention_mask": flex_masks(model.config, position_ids, input_ids.device)}
+    else:
+        inputs = {"input_ids": input_ids, "position_ids": position_ids,
+                  "attention_mask": dense_masks(model.config, position_ids, torch.float32, input_ids.device)}
+    recording = router.recording() if router else nullcontext()
+    with head.supervising(positions, targets), own_output_transform_off(model), recording:
+        output = forward(**inputs, use_cache=False)
+    aux = router.loss(real.reshape(inputs["input_ids"].shape)) if router else None
+    return output.logits, aux  # the head's output: the loss
 
 
 def trim_padding(batch: dict[str, torch.Tensor], lengths: torch.Tensor, multiple: int) -> dict[str, torch.Tensor]:
@@ -179,7 +186,9 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
     flops = StepFlops.of(model.config, params)
     sharded = shard(model, cfg, runtime, weights)
     sharded.model.train()
-    flatten = uses_flex_attention(device)
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    flatten = plain.config._attn_implementation == "flex_attention"  # strategies.prepare_layers chose it
+    router = family_router(plain, cfg.router_aux_loss_coef)
 
     data = {k: torch.from_numpy(packed[k].astype(np.int64)) for k in ("input_ids", "labels", "position_ids")}
     rows, width = data["labels"].shape
@@ -228,13 +237,16 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
         if not pending:
             return
         columns = torch.stack([torch.cat([torch.stack([p.pop("loss_sum").to(device, torch.float64),
+                                                       p.pop("aux_sum").to(device, torch.float64),
                                                        p.pop("grad_norm").to(device, torch.float64)]),
                                           p.pop("counts").to(device)]) for p in pending])
-        losses = runtime.totals(columns[:, 0]).tolist()  # each rank's share of the loss, summed
-        figures = columns[:, 1:].tolist()  # the same on every rank
+        losses, aux_sums = runtime.totals(columns[:, :2].flatten()).view(-1, 2).T.tolist()  # summed over ranks
+        figures = columns[:, 2:].tolist()  # the same on every rank
         seconds = (time.perf_counter() - window_started) / len(pending)
-        for record, loss, (grad_norm, supervised, step_tokens, keys) in zip(pending, losses, figures):
+        for record, loss, aux_sum, (grad_norm, supervised, step_tokens, keys) in zip(pending, losses, aux_sums, figures):
             tokens += int(step_tokens)
+            if router:  # the load-balancing loss, averaged over micro-batches and ranks, before its coefficient
+                record["router_aux_loss"] = round(aux_sum / (cfg.grad_accum * runtime.world_size), 5)
             record.update(loss=round(loss / max(supervised, 1), 5), grad_norm=round(grad_norm, 4),
                           tokens_per_s=round(step_tokens / seconds, 1),
                           # against the cards' dense bf16 peak: 6N per real token, and the FLOPs actually run
@@ -266,23 +278,30 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
                 if unpacked:  # packed rows are full; length-bucketed single examples are not
                     batch = trim_padding(batch, lengths[part], multiple=max(8, width // 8))
                 positions, targets = loss_targets(batch["labels"], batch["position_ids"])
-                micro_batches.append((batch["input_ids"], batch["position_ids"], positions, targets))
+                real = real_tokens(batch["input_ids"], batch["labels"], batch["position_ids"], tokenizer.pad_token_id)
+                micro_batches.append((batch["input_ids"], batch["position_ids"], positions, targets, real))
             # normalise by the supervised tokens of the whole global step (all ranks, all micro-batches);
             # real tokens and attended keys for the record ride in the same collective, left on the device
-            real = [m[0] != tokenizer.pad_token_id for m in micro_batches]
+            real = [m[4] for m in micro_batches]
             counts = runtime.totals([
                 sum(len(m[3]) for m in micro_batches), sum(int(r.sum()) for r in real),
                 sum(int((m[1] + 1)[r].sum()) for m, r in zip(micro_batches, real))])
             # gradients are averaged over ranks by the reduce-scatter; scale back to a global sum
             scale = (runtime.world_size / counts[0].clamp(min=1)).to(device, torch.float32)
-            step_loss = torch.zeros((), device=device)
+            step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
             for micro in micro_batches:
-                input_ids, position_ids, positions, targets = (t.to(device, non_blocking=True) for t in micro)
-                loss_sum = token_loss_sum(sharded.forward, head, input_ids, position_ids, positions, targets, flatten)
-                sharded.backward(loss_sum * scale)
+                input_ids, position_ids, positions, targets, real = (t.to(device, non_blocking=True) for t in micro)
+                loss_sum, aux = token_loss_sum(sharded.forward, plain, head, input_ids, position_ids, positions, targets,
+                                               flatten, router, real)
+                if aux is None:
+                    sharded.backward(loss_sum * scale)
+                else:  # the mean over micro-batches here, over ranks by the gradients' reduce-scatter
+                    sharded.backward(loss_sum * scale + aux * (router.coef / cfg.grad_accum))
+                    step_aux += aux.detach()
                 step_loss += loss_sum.detach()
             pending.append({"step": step + 1, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                            "loss_sum": step_loss, "grad_norm": sharded.step(cfg.max_grad_norm), "counts": counts})
+                            "loss_sum": step_loss, "aux_sum": step_aux, "grad_norm": sharded.step(cfg.max_grad_norm),
+                            "counts": counts})
             scheduler.step()
             step += 1
             every = cfg.checkpoint_every_steps
@@ -305,5 +324,7 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
     runtime.barrier()
     local_numel = sharded.local_numel()
     sharded.release()
+    if router:
+        router.remove()
     return TrainResult(step, history[-1]["loss"], tokens, time.perf_counter() - started, history, checkpoints,
                        local_numel, resumed_from)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.families import family_of
 from pipeline.train.loss import fuse_loss_head
 
 
@@ -146,15 +147,15 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def uses_flex_attention(device: torch.device) -> bool:
+def uses_flex_attention(model, device: torch.device) -> bool:
     # flex attention has no CPU backward; dense attention per packed row is right there
-    return device.type == "cuda"
+    return device.type == "cuda" and family_of(model.config).flex
 
 
 def prepare_layers(model, cfg, device: torch.device):
     """Attention kernel, activation checkpointing and compilation: the same for every strategy,
     applied before sharding (the order torchtitan uses)."""
-    if uses_flex_attention(device):
+    if uses_flex_attention(model, device):
         model.set_attn_implementation("flex_attention")
     fuse_loss_head(model)
     if cfg.activation_checkpointing:
