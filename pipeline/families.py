@@ -11,7 +11,7 @@ Per family the engine needs:
 - the output transform its forward applies to `lm_head`'s output (Gemma 2's final logit softcap,
   Granite's division by `logits_scaling`, Cohere's `logit_scale`): the fused head applies it and
   the model's own is switched off while it does (pipeline/train/loss.py);
-- its attention pattern (pipeline/train/attention.py): full, sliding-window or chunked per layer,
+- its attention pattern (pipeline/train/attention.py): full or sliding-window per layer,
   from `config.layer_types` (or one window for every layer where the family reads
   `config.sliding_window` without layer types), always within one example;
 - for mixture-of-experts families, the router's load-balancing loss (the family's own
@@ -57,6 +57,9 @@ SUPPORTED: dict[str, Family] = {
     "cohere2": Family("Command R7B (Cohere 2)", transform="multiply"),
     "smollm3": Family("SmolLM3"),
     "glm4": Family("GLM-4"),
+    "exaone4": Family("EXAONE 4"),
+    "olmo3": Family("OLMo 3"),
+    "starcoder2": Family("StarCoder2", window_without_layer_types=True),
 }
 
 # Families people ask for, and why they are refused (what the engine would get wrong).
@@ -68,6 +71,8 @@ REFUSED_BECAUSE = {
     "mamba": "its state-space mixer carries state across packed examples",
     "mamba2": "its state-space mixer carries state across packed examples",
     "qwen3_next": "its linear-attention layers carry state across packed examples",
+    "llama4": "its chunked attention has no packed-row mask here (and the multimodal model is not a text model)",
+    "llama4_text": "its chunked attention has no packed-row mask here",
 }
 
 
@@ -139,15 +144,13 @@ def own_output_transform_off(model):
 
 
 def layer_attention(config, layer: int) -> tuple[str, int | None]:
-    """("full" | "sliding" | "chunked", its size) for one decoder layer, as the family's forward
-    builds its mask."""
+    """("full" | "sliding", the window) for one decoder layer, as the family's forward builds its
+    mask. Chunked attention (Llama 4) is not proven here: refused by name."""
     layer_types = _get(config, "layer_types")
     if layer_types:
         kind = layer_types[layer]
         if kind == "sliding_attention":
             return "sliding", _get(config, "sliding_window")
-        if kind == "chunked_attention":
-            return "chunked", _get(config, "attention_chunk_size")
         if kind != "full_attention":
             raise UnsupportedModel(f"layer {layer}: attention type {kind!r} has no packed-row mask here")
         return "full", None

@@ -39,6 +39,9 @@ FAMILIES: dict[str, dict] = {
     "cohere2": dict(logit_scale=0.25, sliding_window=WINDOW, layer_types=TWO_KINDS),
     "smollm3": dict(no_rope_layers=[1, 0]),
     "glm4": {},
+    "exaone4": dict(sliding_window=WINDOW, layer_types=TWO_KINDS),
+    "olmo3": dict(sliding_window=WINDOW, layer_types=TWO_KINDS),
+    "starcoder2": dict(sliding_window=WINDOW),
 }
 
 

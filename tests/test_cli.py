@@ -102,3 +102,27 @@ def test_training_without_replay_is_a_choice_params_yaml_states(tmp_path, monkey
         result = runner.invoke(cli.app, ["validate"])
         assert result.exit_code == 1
         assert "params.yaml: no replay mix" in result.output and "validate.min_replay_share: 0" in result.output
+
+
+def test_an_unproven_family_or_rows_past_its_positions_are_refused_before_training(tmp_path, monkeypatch, tokenizer):
+    """`sft validate`, `sft plan` and `sft train` read the config.json `sft tokenizer` fetched (no
+    weights yet) and refuse a model_type the family matrix does not prove, or prepare.max_seq_len
+    past the model's positions, by name, before any weights or GPU hour."""
+    monkeypatch.chdir(tmp_path)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/train.jsonl").write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)))
+    (tmp_path / "params.yaml").write_text("data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n"
+                                          "  min_replay_share: 0\nprepare:\n  max_seq_len: 8192\n")
+    for config, expected in (('{"model_type": "falcon_h1", "max_position_embeddings": 131072}', "'falcon_h1' is not supported"),
+                             ('{"model_type": "llama", "max_position_embeddings": 4096}', "max_seq_len 8192 is beyond")):
+        (tmp_path / "tokenizer/config.json").write_text(config)
+        for command in (["validate"], ["plan", "--tokens", "1000"]):
+            result = runner.invoke(cli.app, command)
+            assert result.exit_code == 1 and expected in result.output, (command, result.output)
+            assert "tokenizer/config.json" in result.output
+        (tmp_path / "base").mkdir(exist_ok=True)
+        (tmp_path / "base/config.json").write_text(config)
+        result = runner.invoke(cli.app, ["train"])
+        assert result.exit_code == 1 and expected in result.output and "base/config.json" in result.output, result.output
+    assert not (tmp_path / "validate").exists() and not (tmp_path / "train").exists()

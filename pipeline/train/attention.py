@@ -1,6 +1,6 @@
 """Attention masks for packed rows: causal within each example (its tokens share a document id,
 counted from the position resets), never across examples or into the padding, and with the
-family's own pattern per layer: full, a sliding window, or chunks (pipeline/families.py).
+family's own pattern per layer: full or a sliding window (pipeline/families.py).
 
 One definition, `mask_function`, in transformers' mask-function form, serves both paths:
 - dense (CPU, and families without a flex kernel): one row per packed sequence; transformers' own
@@ -19,19 +19,14 @@ import torch
 
 from pipeline.families import layer_attention
 
-KIND_OF_LAYER_TYPE = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked"}
-
-
-def mask_function(kind: str, size: int | None, documents: torch.Tensor, positions: torch.Tensor):
-    """(batch, head, query, key) -> may attend. `documents`, `positions`: [rows, length] (the flex
-    path: [1, tokens]). Sliding: the key is one of the last `size` positions of the query's example,
-    as transformers' sliding_window_overlay; chunked: both in the same `size`-token chunk of it."""
+def mask_function(kind: str, size: int | None, documents: torch.Tensor):
+    """(batch, head, query, key) -> may attend. `documents`: [rows, length] (the flex path: [1,
+    tokens]). Sliding: the key is one of the last `size` positions of the query's example, as
+    transformers' sliding_window_overlay."""
     def may_attend(batch, head, query, key):
         allowed = (documents[batch, query] == documents[batch, key]) & (query >= key)
         if kind == "sliding":
             allowed = allowed & (key > query - size)
-        elif kind == "chunked":
-            allowed = allowed & (positions[batch, query] // size == positions[batch, key] // size)
         return allowed
 
     return may_attend
@@ -61,7 +56,7 @@ def dense_masks(config, position_ids: torch.Tensor, dtype: torch.dtype, device: 
     rows, length = position_ids.shape
     build = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
     masks = {key: build(batch_size=rows, q_length=length, kv_length=length, q_offset=0, kv_offset=0,
-                        mask_function=mask_function(kind, size, documents, position_ids), attention_mask=None,
+                        mask_function=mask_function(kind, size, documents), attention_mask=None,
                         allow_is_causal_skip=False, dtype=dtype, config=config, use_vmap=False, device=device)
              for key, (kind, size) in layer_kinds(config).items()}
     return _as_forward_argument(masks)
@@ -76,7 +71,7 @@ def flex_masks(config, position_ids: torch.Tensor, device: torch.device):
     tokens = flat.shape[1]
     masks = {}
     for key, (kind, size) in layer_kinds(config).items():
-        may_attend = mask_function(kind, size, documents, flat)
+        may_attend = mask_function(kind, size, documents)
         masks[key] = create_block_mask(may_attend, None, None, tokens, tokens, device=device,
                                        _compile=device.type == "cuda")  # as transformers builds its own
     return _as_forward_argument(masks)
