@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one device check: engine vs plain Trainer on one GPU, and each lever on its own
-# (see benchmarks/gpu_engine.py); `--shape llama-3.1-8b` for the 8B row.
+# The one device check: engine vs plain Trainer on one GPU and each lever on its own
+# (benchmarks/gpu_engine.py; `--shape llama-3.1-8b` for the 8B row), then the family matrix on the
+# GPU path (benchmarks/gpu_families.py).
 # The GPU image has torch and transformers but no pydantic or deepspeed: install them from wheels
 # carried along (run tool: carry benchmarks/.wheels), filled on a machine with the package index:
 #   pip download --no-deps -d benchmarks/.wheels pydantic pydantic-core annotated-types \
@@ -18,3 +19,9 @@ timeout "${BENCH_TIMEOUT:-500}" python benchmarks/gpu_engine.py --json "$OUT/gpu
   > "$OUT/gpu_engine.log" 2>&1
 echo "exit $?"
 grep -vE "Warning|warnings.warn|^\s*$" "$OUT/gpu_engine.log" | tail -60
+# The family matrix on the GPU path (flex attention, compiled layers, fp32 and bf16) against each
+# model's own forward: one table row per family and precision
+timeout "${FAMILIES_TIMEOUT:-240}" python benchmarks/gpu_families.py --json "$OUT/gpu_families.json" \
+  > "$OUT/gpu_families.log" 2>&1
+echo "families exit $?"
+grep -E "^\|" "$OUT/gpu_families.log"

@@ -213,3 +213,20 @@ def test_rows_past_the_models_positions_are_refused():
     assert check_model(config, 4096).name == "Llama 3.x"
     with pytest.raises(UnsupportedModel, match=r"prepare.max_seq_len 8192 is beyond .* 4096.*Lower"):
         check_model(config, 8192)
+
+
+def test_gpu_family_check_dry_run(tmp_path):
+    """benchmarks/gpu_families.py (the device session's family matrix) runs end to end on CPU, so
+    the one device call does not meet an API change first."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "families.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks/gpu_families.py"), "--dry-run", "--only", "gemma2",
+                           "--json", str(out)], capture_output=True, text=True, cwd=root, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ok"] and row["family"] == "gemma2" and row["loss_rel_error"] < 1e-6
+    assert "| gemma2 | fp32 | dense |" in done.stdout
