@@ -48,10 +48,15 @@ def _as_forward_argument(masks: dict):
 
 def dense_masks(config, position_ids: torch.Tensor, dtype: torch.dtype, device: torch.device):
     """The masks for [rows, length] packed rows, in the form the model's attention implementation
-    takes (transformers' own mask interface evaluates `mask_function`)."""
+    takes (transformers' own mask interface evaluates `mask_function`); None (the model builds its
+    own) where every row is one whole example."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     position_ids = position_ids.to(device)
+    if not bool((position_ids[:, 1:] == 0).any()):
+        # one example a row, no padding: exactly what the model's own masks are for, and sdpa's
+        # causal kernel then needs no mask at all
+        return None
     documents = (position_ids == 0).cumsum(-1)
     rows, length = position_ids.shape
     build = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
