@@ -69,19 +69,19 @@ PUBLISHED = {
     # meta-llama/Llama-3.1-8B-Instruct config.json
     "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         tie_word_embeddings=False),
+                         tie_word_embeddings=False, max_position_embeddings=131072),
     # meta-llama/Llama-3.1-70B-Instruct config.json
     "llama-3.1-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
                           num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                          tie_word_embeddings=False),
+                          tie_word_embeddings=False, max_position_embeddings=131072),
     # meta-llama/Llama-3.3-70B-Instruct config.json (@6f6073b4): the Llama-3.1-70B architecture
     "llama-3.3-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
                           num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                          tie_word_embeddings=False),
+                          tie_word_embeddings=False, max_position_embeddings=131072),
     # meta-llama/Llama-3.2-1B-Instruct config.json
     "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         tie_word_embeddings=True),
+                         tie_word_embeddings=True, max_position_embeddings=131072),
     # Qwen/Qwen3-8B config.json (@b968826d), as quoted in public code (e.g. lumenrl's model-registry
     # tests); 8.19B parameters, the model card's 8.2B
     "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,

@@ -7,6 +7,7 @@ causal LM (Gemma 3 and Mistral Small 3.2 are multimodal, gpt-oss ships MXFP4 wei
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -101,3 +102,156 @@ def test_sft_base_extracts_the_language_model_of_a_multimodal_checkpoint(model_t
     assert info["converted"]["dropped_parameters"] == sum(p.numel() for p in multimodal.parameters()) - language
     assert info["converted"]["tied_embeddings"] is (model_type == "gemma3")
     assert json.loads((tmp_path / "base/meta.json").read_text())["converted"] == info["converted"]
+
+
+# MXFP4 (OCP Microscaling spec v1.0): blocks of 32 FP4 E2M1 values sharing one E8M0 scale 2^(s - 127), two
+# values a byte, the low nibble first; gpt-oss stores each expert matrix as [experts, out, in / 32, 16]
+# bytes and [experts, out, in / 32] scales (the layout OpenAI's checkpoints and transformers use)
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def mxfp4_reference(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Decode, element by element from the spec, to the [experts, in, out] matrix GptOssExperts holds."""
+    experts, out, groups, _ = blocks.shape
+    weight = torch.zeros(experts, groups * 32, out, dtype=torch.float64)
+    for e in range(experts):
+        for o in range(out):
+            for g in range(groups):
+                scale = 2.0 ** (int(scales[e, o, g]) - 127)
+                for j, byte in enumerate(blocks[e, o, g].tolist()):
+                    for half, nibble in enumerate((byte & 0x0F, byte >> 4)):
+                        value = E2M1[nibble & 0x7] * (-1 if nibble & 0x8 else 1)
+                        weight[e, g * 32 + 2 * j + half, o] = value * scale
+    return weight
+
+
+def test_sft_base_dequantizes_gpt_oss_mxfp4_experts_to_bf16(tokenizer, tmp_path, monkeypatch):
+    """gpt-oss ships its experts in MXFP4: `sft base` saves them once as bf16 (transformers' Mxfp4Config
+    with dequantize=True), without the quantization_config, every expert value equal to the spec's
+    decoding and every other weight as published."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt_oss", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  num_local_experts=4, num_experts_per_tok=2, sliding_window=8)
+    repo = published_repo(tmp_path / "hub", AutoModelForCausalLM.from_config(config).to(torch.bfloat16), tokenizer)
+    published = load_file(repo / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    for name in [n for n in published if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, fan_in, fan_out = published.pop(name).shape
+        published[f"{name}_blocks"] = torch.randint(0, 256, (experts, fan_out, fan_in // 32, 16), dtype=torch.uint8,
+                                                    generator=generator)
+        published[f"{name}_scales"] = torch.randint(122, 131, (experts, fan_out, fan_in // 32), dtype=torch.uint8,
+                                                    generator=generator)
+    save_file(published, repo / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((repo / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (repo / "config.json").write_text(json.dumps(raw))
+    fetch_from(repo, monkeypatch)
+
+    info = resolve_base(hub_base("openai/gpt-oss-20b"), tmp_path / "base", log=lambda _: None)
+    assert "quantization_config" not in json.loads((tmp_path / "base/config.json").read_text())
+    assert info["model_type"] == "gpt_oss" and "mxfp4" in info["converted"]["how"]
+    saved = load_file(tmp_path / "base/model.safetensors")
+    for name, tensor in published.items():
+        if name.endswith("_blocks"):
+            matrix = name.removesuffix("_blocks")
+            assert saved[matrix].dtype == torch.bfloat16
+            expected = mxfp4_reference(tensor, published[f"{matrix}_scales"])
+            assert torch.equal(saved[matrix].double(), expected), matrix  # E2M1 x 2^k is exact in bf16
+        elif not name.endswith("_scales"):
+            assert torch.equal(saved[name], tensor), name
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert type(model).__name__ == "GptOssForCausalLM" and info["params"] == Shape.from_config(raw).params
+    assert torch.isfinite(model(input_ids=torch.randint(0, len(tokenizer), (1, 16))).logits).all()
+
+
+def test_sft_base_refuses_other_quantized_checkpoints_by_name(tiny_model_dir, tmp_path, monkeypatch):
+    repo = shutil.copytree(tiny_model_dir, tmp_path / "hub")
+    raw = json.loads((repo / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (repo / "config.json").write_text(json.dumps(raw))
+    fetch_from(repo, monkeypatch)
+    with pytest.raises(BaseUnavailable, match=r"acme/model-FP8@0{40}: the weights are quantized \(quant_method fp8\)"
+                                              r".*bf16 release"):
+        resolve_base(hub_base("acme/model-FP8"), tmp_path / "base", log=lambda _: None)
+    assert not (tmp_path / "base").exists()
+
+
+# ---- the presets ----------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("demo"))
+QUOTED_COMMAND = re.compile(r"`sft plan --model ([\w.-]+) --tokens (\d+)` with this file as params.yaml")
+QUOTED_ROW = re.compile(r"^#\s+(\w+) on ([\w-]+): (\d+) nodes? of (\d+) GPUs, ([\d.]+) GiB per GPU, ([\d.]+) h, "
+                        r"([\d,.]+) USD$", re.M)
+ENGINE_SEES = re.compile(r"engine sees model_type (\w+)")
+
+
+def quoted_plan(text: str) -> dict:
+    return {(strategy, gpu): (int(nodes), int(per_node), float(gib), float(hours), float(cost.replace(",", "")))
+            for strategy, gpu, nodes, per_node, gib, hours, cost in QUOTED_ROW.findall(text)}
+
+
+def planned_by_sft_plan(preset: Path, model: str, tokens: str, folder: Path, monkeypatch) -> dict:
+    """`sft plan` as a team runs it, with the preset as params.yaml."""
+    from typer.testing import CliRunner
+
+    from pipeline import cli
+
+    monkeypatch.chdir(folder)
+    shutil.copy(preset, folder / "params.yaml")
+    result = CliRunner().invoke(cli.app, ["plan", "--model", model, "--tokens", tokens])
+    assert result.exit_code == 0, result.output
+    return json.loads((folder / "plan/plan.json").read_text())
+
+
+def test_the_presets_a_team_would_pick_are_all_there():
+    names = {p.stem for p in PRESETS}
+    assert {"llama3-8b-8xh100", "qwen3-8b-8xh100", "qwen3-8b-16k-8xh100", "qwen3-30b-a3b-8xh100", "gemma3-27b-8xh100",
+            "gpt-oss-20b-8xh100", "llama3.3-70b-32xh100", "mistral-small-3.2-24b-8xh100"} <= names
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_parses_plans_on_its_gpus_and_its_header_quotes_the_plan(preset, tmp_path, monkeypatch):
+    """The schema takes the preset; `sft plan` for its model and run fits the GPUs its name gives; every
+    figure its header quotes (nodes, GiB per GPU, hours, cost, for each card) is what `sft plan` prints
+    for it now, so neither the planner nor the preset can change without the header."""
+    from transformers import AutoConfig
+
+    from pipeline.config import load_params
+    from pipeline.plan import HUB_IDS, PUBLISHED
+
+    params = load_params(preset)
+    text = preset.read_text()
+    assert params.base.source == "hub" and re.fullmatch(r"[0-9a-f]{40}", params.base.revision), "pinned to a commit"
+    model, tokens = QUOTED_COMMAND.search(text).groups()
+    assert params.base.model in HUB_IDS[model], f"{preset.name}: the header plans {model}, not {params.base.model}"
+    plan = planned_by_sft_plan(preset, model, tokens, tmp_path, monkeypatch)
+    planned = {(r["strategy"], r["gpu"]): (r["nodes"], params.plan.gpus_per_node, r["gib_per_gpu"], r["hours"],
+                                          r["cost"])
+               for r in plan["rows"] if r["strategy"] == params.train.strategy and r["nodes"]}
+    assert quoted_plan(text) == planned
+    gpus = int(re.search(r"(\d+)xh100", preset.stem).group(1))
+    assert planned[(params.train.strategy, "H100-80GB")][0] * params.plan.gpus_per_node == gpus
+    # the model type the engine trains after `sft base`, and rows within the positions the model saw
+    published = PUBLISHED[model]
+    assert ENGINE_SEES.search(text).group(1) == trained_model_type(published)
+    fields = {k: v for k, v in published.items() if k != "model_type"}
+    positions = AutoConfig.for_model(published["model_type"], **fields).get_text_config().max_position_embeddings
+    assert params.prepare.max_seq_len <= positions
+
+
+def test_multi_node_presets_say_how_the_cluster_gets_its_nodes():
+    """sky/train.yaml fixes num_nodes (the launch workflow runs the file as it is): a preset needing more
+    nodes than it sets says, with the planner's node count, what to change there."""
+    import yaml
+
+    shipped = yaml.safe_load((ROOT / "sky/train.yaml").read_text())["num_nodes"]
+    for preset in PRESETS:
+        nodes = int(re.search(r"(\d+)xh100", preset.stem).group(1)) // 8
+        if nodes != shipped:
+            assert f"`num_nodes: {nodes}` in\n# sky/train.yaml" in preset.read_text(), preset.name
