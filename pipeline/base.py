@@ -127,9 +127,11 @@ def trained_model_type(config: dict) -> str:
     text config's for a multimodal checkpoint (gemma3 -> gemma3_text, mistral3 -> mistral), else the
     checkpoint's own. `config` is config.json as a dict (tokenizer/ carries it before any weights)."""
     text = config.get("text_config")
-    if isinstance(text, dict) and "model_type" in text:
+    if isinstance(text, dict) and text.get("model_type"):
         return text["model_type"]
-    if isinstance(text, dict) or "model_type" not in config:
+    if "model_type" not in config:
+        raise BaseUnavailable("config.json names no model_type: the model's family cannot be told")
+    if isinstance(text, dict):  # a sub-config left to its class's default type
         from transformers import AutoConfig
 
         fields = {k: v for k, v in config.items() if k != "model_type"}

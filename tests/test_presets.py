@@ -255,3 +255,30 @@ def test_multi_node_presets_say_how_the_cluster_gets_its_nodes():
         nodes = int(re.search(r"(\d+)xh100", preset.stem).group(1)) // 8
         if nodes != shipped:
             assert f"`num_nodes: {nodes}` in\n# sky/train.yaml" in preset.read_text(), preset.name
+
+
+def test_readme_table_lists_every_preset_with_its_header_figures():
+    """README's preset table: each preset once, its base, the model_type trained, and the H100 figures its
+    header quotes (which the test above ties to `sft plan`)."""
+    import yaml
+
+    section = (ROOT / "README.md").read_text().split("## Presets", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([\w.-]+\.yaml)` \| ([^|]+) \| `(\w+)` \| (\d+) x (\d+) \| ([\d.]+) \| ([\d.]+) \| "
+                      r"([\d,.]+) \|", section, re.M)
+    assert sorted(row[0] for row in rows) == sorted(p.name for p in PRESETS)
+    for name, base, model_type, nodes, per_node, gib, hours, cost in rows:
+        text = (ROOT / "configs" / name).read_text()
+        assert base.strip() == yaml.safe_load(text)["base"]["model"]
+        assert model_type == ENGINE_SEES.search(text).group(1)
+        assert quoted_plan(text)[("fsdp2", "H100-80GB")] == (int(nodes), int(per_node), float(gib), float(hours),
+                                                              float(cost.replace(",", "")))
+
+
+@pytest.mark.parametrize("config,expected", [
+    ({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}, "gemma3_text"),
+    ({"model_type": "mistral3", "text_config": {"hidden_size": 64}}, "mistral"),  # the class's default text type
+    ({"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}, "gpt_oss"),
+    ({"model_type": "qwen3_moe"}, "qwen3_moe"),
+])
+def test_trained_model_type_is_what_sft_base_leaves(config, expected):
+    assert trained_model_type(config) == expected
