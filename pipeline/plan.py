@@ -37,7 +37,7 @@ Per GPU, in bytes:
   added); with activation checkpointing only each layer's input (the residual stream: fp32 under
   single-GPU autocast, whose master weights are fp32; bf16 under fsdp2/ZeRO-3) plus one layer
   recomputed. The Llama terms are checked against measured peaks (tests/test_plan.py). Measured once
-  more on CPU (fp32, eager, tests/plan_worker.py building the model by model_type): a tiny Qwen3
+  more on CPU (fp32, eager; tests/plan_worker.py with AutoModelForCausalLM by model_type): a tiny Qwen3
   (q/k norms) peaked at 338 MiB against 318 planned; a tiny Qwen3-MoE (8 experts, 2 a token) at 350
   and 353 MiB (with checkpointing) against 303 and 298: the eager expert loop's many variable-size
   buffers cost about 15% more than the values it saves. Small beside the model state at scale.
