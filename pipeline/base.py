@@ -112,10 +112,11 @@ def resolve_base(cfg, out_dir: Path, log=print) -> dict:
         else:
             download(cfg, tmp, SMALL_FILES + WEIGHT_FILES)
             check_chat_template(tmp, cfg)
+            if not weight_files(tmp):
+                raise BaseUnavailable(f"{cfg.model}@{cfg.revision}: no model*.safetensors weights (transformers' "
+                                      "safetensors; other formats are not loaded)")
             info = to_text_causal_lm(tmp, cfg, log=log)
         weights = weight_files(tmp)
-        if not weights:
-            raise BaseUnavailable(f"{cfg.model}@{cfg.revision}: no *.safetensors weights (other formats are not loaded)")
         info.update(source=cfg.source, model=cfg.model, revision=cfg.revision, params=count_parameters(tmp),
                     sha256=sha256_files(weights))
         (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")

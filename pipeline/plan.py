@@ -39,8 +39,8 @@ Per GPU, in bytes:
   recomputed. The Llama terms are checked against measured peaks (tests/test_plan.py). Measured once
   more on CPU (fp32, eager; tests/plan_worker.py with AutoModelForCausalLM by model_type): a tiny Qwen3
   (q/k norms) peaked at 338 MiB against 318 planned; a tiny Qwen3-MoE (8 experts, 2 a token) at 350
-  and 353 MiB (with checkpointing) against 303 and 298: the eager expert loop's many variable-size
-  buffers cost about 15% more than the values it saves. Small beside the model state at scale.
+  and 353 MiB (with checkpointing) against 303 and 298, about 15% above: likely the eager expert
+  loop's many variable-size buffers, not counted. Small beside the model state at scale.
 - backward: one layer's gradients in flight, as large as its saved activations.
 - loss head: the output layer is fused with the loss (pipeline/train/loss.py), so logits exist
   one chunk at a time (fp32 plus the compute-dtype gradient: 6 bytes a logit in bf16, 4 in fp32,
