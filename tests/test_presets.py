@@ -58,6 +58,24 @@ def hub_base(model_id: str) -> BaseConfig:
     return BaseConfig(source="hub", model=model_id, revision="0" * 40)
 
 
+# transformers 5 saves `model.language_model.*`; the Hub checkpoints (written by transformers 4.50) name
+# the same tensors `language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`, which
+# transformers renames as it loads them (its llava conversion mapping)
+HUB_NAMES = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+             ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")]
+
+
+def as_published_on_the_hub(weights: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    renamed = {}
+    for name, tensor in load_file(weights).items():
+        old, new = next(((old, new) for old, new in HUB_NAMES if name.startswith(old)), ("", ""))
+        renamed[new + name.removeprefix(old)] = tensor
+    assert not [name for name in renamed if name.startswith("model.")], "every tensor renamed"
+    save_file(renamed, weights, metadata={"format": "pt"})
+
+
 MULTIMODAL = {  # model_type: (Hub id of the preset, extra config, the text class the engine gets)
     "gemma3": ("google/gemma-3-27b-it", dict(text_config=dict(TEXT, model_type="gemma3_text", sliding_window=8),
                                             vision_config=VISION, mm_tokens_per_image=4), "Gemma3ForCausalLM"),
@@ -83,6 +101,7 @@ def test_sft_base_extracts_the_language_model_of_a_multimodal_checkpoint(model_t
     torch.manual_seed(0)
     multimodal = AutoModelForImageTextToText.from_config(AutoConfig.for_model(model_type, **extra)).eval()
     repo = published_repo(tmp_path / "hub", multimodal, tokenizer)
+    as_published_on_the_hub(repo / "model.safetensors")
     config = json.loads((repo / "config.json").read_text())
     config.pop("tie_word_embeddings", None)
     (repo / "config.json").write_text(json.dumps(config))
