@@ -115,3 +115,89 @@ def test_the_plan_matches_measured_peaks_on_cpu():
         report.append((shape["hidden_size"], checkpointing, round(planned), round(measured)))
     for hidden, checkpointing, planned, measured in report:
         assert planned == pytest.approx(measured, rel=0.15), report
+
+
+# Tiny models of each family the presets train, built by transformers from its own config classes. The
+# real settings that change the arithmetic are kept: head_dim apart from hidden / heads, MoE experts
+# (Qwen3-MoE with a dense layer among the sparse ones, Qwen2-MoE with a shared expert), gpt-oss's
+# biases and sinks, Gemma 3's tied embeddings and extra norms, the multimodal wrappers' text_config.
+TINY = dict(vocab_size=320, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2)
+FAMILIES = {
+    "llama": dict(TINY, model_type="llama"),
+    "mistral": dict(TINY, model_type="mistral", head_dim=16),
+    "qwen3": dict(TINY, model_type="qwen3", head_dim=16),
+    "qwen3_moe": dict(TINY, model_type="qwen3_moe", head_dim=16, num_experts=6, num_experts_per_tok=2,
+                      moe_intermediate_size=24, mlp_only_layers=[1]),
+    "qwen2_moe": dict(TINY, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                      shared_expert_intermediate_size=40),
+    "gemma3_text": dict(TINY, model_type="gemma3_text", head_dim=16, sliding_window=8),
+    "gpt_oss": dict(TINY, model_type="gpt_oss", head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=8),
+    "gemma3": dict(model_type="gemma3", text_config=dict(TINY, model_type="gemma3_text", head_dim=16)),
+    "mistral3": dict(model_type="mistral3", text_config=dict(TINY, model_type="mistral", head_dim=16)),
+}
+
+
+def tiny_text_model(config: dict):
+    """The text-only causal LM transformers builds for `config` (for a multimodal config, from its
+    text_config: the model pipeline/base.py extracts and the engine trains)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    built = AutoConfig.for_model(config["model_type"], **fields).get_text_config()
+    return AutoModelForCausalLM.from_config(built)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_counts_equal_the_models_transformers_builds(family):
+    """Total and active parameters from the config alone equal the tiny model's own tensors. Active (what
+    a token computes with) is counted from the model too: each expert tensor's share for the experts a
+    token is not routed to is taken off."""
+    model = tiny_text_model(FAMILIES[family])
+    shape = Shape.from_config(FAMILIES[family])
+    assert shape.model_type == model.config.model_type
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    # the same shape from the config.json transformers writes (what `sft tokenizer` fetches)
+    assert Shape.from_config(model.config.to_dict()) == shape
+    experts = model.config.to_dict().get("num_experts") or model.config.to_dict().get("num_local_experts") or 0
+    if experts:
+        routed = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        skipped = routed * (experts - model.config.num_experts_per_tok) // experts
+        assert shape.active_params == shape.params - skipped
+        assert shape.active_params < shape.params
+    else:
+        assert shape.active_params == shape.params
+
+
+@pytest.mark.parametrize("name,total,active", [("qwen3-8b", 8.19e9, None), ("qwen3-30b-a3b", 30.5e9, 3.3e9),
+                                               ("gemma-3-27b", 27.0e9, None), ("gpt-oss-20b", 20.9e9, 3.6e9),
+                                               ("llama-3.3-70b", 70.6e9, None),
+                                               ("mistral-small-3.2-24b", 23.6e9, None)])
+def test_new_shapes_match_the_model_cards(name, total, active):
+    """Model cards: Qwen3-8B 8.2B; Qwen3-30B-A3B 30.5B, 3.3B activated; Gemma 3 27B 27.4B with its 0.4B
+    SigLIP vision tower (not trained here); gpt-oss-20b 21B (20.9B), 3.6B active, which OpenAI counts
+    without the input embedding table (a lookup, no compute); Llama 3.3 70B; Mistral Small 3.2 24B, of
+    which 0.4B is its Pixtral vision encoder (23.6B text)."""
+    shape = Shape(**SHAPES[name])
+    assert shape.params == pytest.approx(total, rel=0.01)
+    if active:
+        lookup = shape.vocab_size * shape.hidden_size  # OpenAI's and Qwen's active counts leave the lookup out
+        assert shape.active_params - (lookup if name == "gpt-oss-20b" else 0) == pytest.approx(active, rel=0.02)
+
+
+def test_moe_memory_follows_total_and_time_follows_active():
+    """Qwen3-30B-A3B stores 30.5B parameters (16 bytes each, sharded) but a token runs through 3.35B:
+    its model state is that of a 30B model, its hours near those of a 3B one."""
+    moe = Shape(**SHAPES["qwen3-30b-a3b"])
+    dense8 = Shape(**SHAPES["qwen3-8b"])
+    state = memory_per_gpu(moe, "fsdp2", 8, 8192, True)["model_state"]
+    assert state == pytest.approx(16 * moe.params / 8 / GIB)
+    rows = {r["strategy"]: r for r in plan(moe, 10**9, 8192, 8, 0.4, {"H100-80GB": 3.0}) if r["gpu"] == "H100-80GB"}
+    rows8 = {r["strategy"]: r for r in plan(dense8, 10**9, 8192, 8, 0.4, {"H100-80GB": 3.0})
+             if r["gpu"] == "H100-80GB"}
+    assert rows["fsdp2"]["hours"] == pytest.approx(rows8["fsdp2"]["hours"] * moe.active_params / dense8.params,
+                                                   rel=0.01)
+    assert "30.53B parameters, 3.35B active" in render_markdown("qwen3-30b-a3b", moe, list(rows.values()), 10**9, 0.4)
