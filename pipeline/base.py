@@ -101,8 +101,9 @@ def resolve_tokenizer(cfg, out_dir: Path) -> dict:
     return info
 
 
-def resolve_base(cfg, out_dir: Path, log=print) -> dict:
-    """base/: the full model folder, weights hashed."""
+def resolve_base(cfg, out_dir: Path, log=print, check_family=None) -> dict:
+    """base/: the full model folder, weights hashed. `check_family(config.json's dict)` refuses a
+    base the engine cannot train (pipeline/families.py) before the weights are fetched."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         if cfg.source == "demo":
@@ -110,8 +111,11 @@ def resolve_base(cfg, out_dir: Path, log=print) -> dict:
 
             info = build_base_model(cfg.demo, tmp, log=log)
         else:
-            download(cfg, tmp, SMALL_FILES + WEIGHT_FILES)
+            download(cfg, tmp, SMALL_FILES)
             check_chat_template(tmp, cfg)
+            if check_family:  # before the weights: an unproven family costs no download
+                check_family(json.loads((tmp / "config.json").read_text()))
+            download(cfg, tmp, WEIGHT_FILES)
             if not weight_files(tmp):
                 raise BaseUnavailable(f"{cfg.model}@{cfg.revision}: no model*.safetensors weights (transformers' "
                                       "safetensors; other formats are not loaded)")

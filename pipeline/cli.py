@@ -118,11 +118,14 @@ def tokenizer(out: Path = Path("tokenizer")):
 def base(out: Path = Path("base")):
     """Resolve the base model: build the tiny demo model, or download a pinned Hub revision."""
     from pipeline.base import BaseUnavailable, resolve_base
+    from pipeline.families import UnsupportedModel, check_model
 
     p = params()
+    where = f"{p.base.model}@{p.base.revision} config.json"
     try:
-        info = resolve_base(p.base, out, log=typer.echo)
-    except BaseUnavailable as err:
+        info = resolve_base(p.base, out, log=typer.echo,
+                            check_family=lambda config: check_model(config, p.prepare.max_seq_len, where))
+    except (BaseUnavailable, UnsupportedModel) as err:
         fail(str(err))
     typer.echo(f"base model ready in {out}/ ({info['params']:,} parameters, sha256 {info['sha256'][:12]})")
 
@@ -575,7 +578,7 @@ def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...)
     # the model's shape from its config.json: `sft tokenizer` fetches it without the weights
     name = model or p.plan.model or next((f for f in ("tokenizer/config.json", "base/config.json")
                                            if Path(f).is_file()), "tokenizer/config.json")
-    if name in SHAPES:
+    if name in SHAPES:  # each a supported family (tests/test_presets.py checks its positions)
         shape = Shape(**SHAPES[name])
     elif Path(name).is_file():
         check_built_for_base(Path(name).parent)

@@ -95,9 +95,25 @@ def family_of(config, where: str = "base") -> Family:
                            f"Supported model types: {supported}")
 
 
+def text_config(config: dict):
+    """What the engine trains from a config.json: its text model's config with the class's defaults
+    (`sft base` extracts a multimodal checkpoint's language model, pipeline/base.py; Gemma 3 leaves
+    max_position_embeddings to its class), or the dict itself where transformers does not know the
+    model_type."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    try:
+        return AutoConfig.for_model(config.get("model_type"), **fields).get_text_config()
+    except (KeyError, ValueError, TypeError):
+        return config
+
+
 def check_model(config, max_seq_len: int, where: str = "base") -> Family:
     """Refuse what the engine cannot train exactly: an unproven family, or rows longer than the
-    positions the model was trained for."""
+    positions the model was trained for. `config`: a config object, or config.json's dict."""
+    if isinstance(config, dict):
+        config = text_config(config)
     family = family_of(config, where)
     positions = _get(config, "max_position_embeddings")
     if positions and max_seq_len > positions:

@@ -301,3 +301,28 @@ def test_readme_table_lists_every_preset_with_its_header_figures():
 ])
 def test_trained_model_type_is_what_sft_base_leaves(config, expected):
     assert trained_model_type(config) == expected
+
+
+def test_every_named_shape_is_a_family_the_matrix_proves():
+    from pipeline.families import check_model, family_of
+    from pipeline.plan import PUBLISHED, SHAPES
+
+    for name, shape in SHAPES.items():
+        family_of(shape, where=name)
+    # the multimodal checkpoints are judged by the text model sft base extracts
+    assert check_model(PUBLISHED["gemma-3-27b"], 8192).name == "Gemma 3"
+    assert check_model(PUBLISHED["mistral-small-3.2-24b"], 8192).name == "Mistral"
+
+
+def test_sft_base_refuses_an_unproven_family_before_fetching_the_weights(tiny_model_dir, tmp_path, monkeypatch):
+    from pipeline.families import UnsupportedModel, check_model
+
+    repo = shutil.copytree(tiny_model_dir, tmp_path / "hub")
+    config = json.loads((repo / "config.json").read_text())
+    (repo / "config.json").write_text(json.dumps({**config, "model_type": "falcon_h1"}))
+    fetched = fetch_from(repo, monkeypatch)
+    with pytest.raises(UnsupportedModel, match="'falcon_h1' is not supported"):
+        resolve_base(hub_base("tiiuae/Falcon-H1-7B"), tmp_path / "base", log=lambda _: None,
+                     check_family=lambda c: check_model(c, 2048))
+    assert "config.json" in fetched and not any(name.endswith(".safetensors") for name in fetched)
+    assert not (tmp_path / "base").exists()
