@@ -43,6 +43,8 @@ def hub_repo(tiny_model_dir, tmp_path):
     repo = tmp_path / "hub"
     shutil.copytree(tiny_model_dir, repo)
     (repo / "meta.json").unlink()
+    config = json.loads((repo / "config.json").read_text())  # Llama 3.1's positions: the preset's rows fit
+    (repo / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 131072}))
     (repo / "LICENSE").write_text("LLAMA 3.1 COMMUNITY LICENSE AGREEMENT\n")
     (repo / "USE_POLICY.md").write_text("Acceptable use policy\n")
     (repo / "pytorch_model.bin").write_bytes(b"not wanted")
