@@ -193,8 +193,8 @@ class Router:
         self.coef = coef
         self.num_experts, self.top_k = model.num_experts, model.num_experts_per_tok
         # the family's modeling module (FSDP2 wraps the class in one of its own: walk the MRO)
-        self.balance = next(getattr(sys.modules[c.__module__], "load_balancing_loss_func")
-                            for c in type(model).__mro__ if hasattr(sys.modules[c.__module__], "load_balancing_loss_func"))
+        modules = (sys.modules[c.__module__] for c in type(model).__mro__)
+        self.balance = next(m.load_balancing_loss_func for m in modules if hasattr(m, "load_balancing_loss_func"))
         spec = next(m._can_record_outputs["router_logits"] for m in model.modules()
                     if "router_logits" in (getattr(m, "_can_record_outputs", None) or {}))
         self.logits: list = []

@@ -243,7 +243,8 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
         losses, aux_sums = runtime.totals(columns[:, :2].flatten()).view(-1, 2).T.tolist()  # summed over ranks
         figures = columns[:, 2:].tolist()  # the same on every rank
         seconds = (time.perf_counter() - window_started) / len(pending)
-        for record, loss, aux_sum, (grad_norm, supervised, step_tokens, keys) in zip(pending, losses, aux_sums, figures):
+        for record, loss, aux_sum, figure in zip(pending, losses, aux_sums, figures):
+            grad_norm, supervised, step_tokens, keys = figure
             tokens += int(step_tokens)
             if router:  # the load-balancing loss, averaged over micro-batches and ranks, before its coefficient
                 record["router_aux_loss"] = round(aux_sum / (cfg.grad_accum * runtime.world_size), 5)
@@ -291,8 +292,8 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
             step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
             for micro in micro_batches:
                 input_ids, position_ids, positions, targets, real = (t.to(device, non_blocking=True) for t in micro)
-                loss_sum, aux = token_loss_sum(sharded.forward, plain, head, input_ids, position_ids, positions, targets,
-                                               flatten, router, real)
+                loss_sum, aux = token_loss_sum(sharded.forward, plain, head, input_ids, position_ids, positions,
+                                               targets, flatten, router, real)
                 if aux is None:
                     sharded.backward(loss_sum * scale)
                 else:  # the mean over micro-batches here, over ranks by the gradients' reduce-scatter
