@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.families import SUPPORTED  # noqa: E402
 from pipeline.train.loop import loss_targets, token_loss_sum  # noqa: E402
 from pipeline.train.loss import fuse_loss_head  # noqa: E402
 from tests.family_models import FAMILIES, examples, pack, tiny_model  # noqa: E402
@@ -64,7 +63,7 @@ def compare(model_type: str, device: torch.device, precision: str, dry_run: bool
     batch = pack([[parts[0], parts[1]], [parts[2], parts[3]]], width=288)
     model = tiny_model(model_type).to(device).train()
     own_loss, own_grads = own(model, parts, device, dtype)
-    flatten = not dry_run and SUPPORTED[model_type].flex
+    flatten = not dry_run
     if flatten:
         model.set_attn_implementation("flex_attention")
         for layer in model.model.layers:

@@ -33,7 +33,6 @@ class Family:
     transform: str | None = None  # "softcap" | "divide" | "multiply": what forward does to lm_head's output
     moe: bool = False  # a router with a load-balancing loss
     window_without_layer_types: bool = False  # every layer reads config.sliding_window (Mistral-style)
-    flex: bool = True  # transformers runs it under flex attention on GPU
 
 
 # The families tests/test_families.py proves (one tiny model each, real settings). Adding a

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.families import family_of
 from pipeline.train.loss import fuse_loss_head
 
 
@@ -148,8 +147,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def uses_flex_attention(model, device: torch.device) -> bool:
-    # flex attention has no CPU backward; dense attention per packed row is right there
-    return device.type == "cuda" and family_of(model.config).flex
+    # flex attention has no CPU backward; dense attention per packed row is right there. Every
+    # supported family runs under flex (transformers' own flag; tests/test_families.py)
+    return device.type == "cuda" and model._supports_flex_attn
 
 
 def prepare_layers(model, cfg, device: torch.device):
