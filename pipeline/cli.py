@@ -146,8 +146,8 @@ def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate
     tokenizer = base_tokenizer(tokenizer_dir)
     frame = contract_columns(frame, tokenizer, held_out, p.validate_, p.prepare.max_seq_len)
     if replay is not None:  # the replay file is trained on too: the same contract
-        replay = add_replay_columns(contract_columns(replay, tokenizer, held_out, p.validate_, p.prepare.max_seq_len),
-                                    len(frame), p.prepare.replay_share, p.prepare.seed)
+        replay = add_replay_columns(contract_columns(replay, tokenizer, held_out, p.validate_, p.prepare.max_seq_len,
+                                                     replay=True), len(frame), p.prepare.replay_share, p.prepare.seed)
     with atomic_dir(out / "data-docs") as docs:  # great-expectations Data Docs, for CI to upload
         checks = run_suite(frame, p.validate_, p.prepare.max_seq_len, replay, docs)
     passed = all(c["passed"] for c in checks)

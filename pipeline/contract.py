@@ -385,12 +385,12 @@ def replay_share(train_rows: int, replay_rows: int, share: float, seed: int) -> 
 
 
 def add_derived_columns(frame: pd.DataFrame, held_out: list[str], tokens: np.ndarray, cfg,
-                        loss_mask: LossMask, special_tokens: list[str] = ()) -> pd.DataFrame:
+                        loss_mask: LossMask, special_tokens: list[str] = (), fuzzy: bool = True) -> pd.DataFrame:
     """The columns the suite (of `cfg`, the validate section) checks besides the fields: pair keys,
     leakage, PII, secrets, control characters and `special_tokens` (`special_token_strings`) spelled
     in the text (prompt, response and, where the data has system or tool turns, context), blank
-    assistant turns, boilerplate, tokens, the loss-mask flags of `loss_mask_flags`, and
-    (validate.near_duplicate_jaccard set) fuzzy near-duplicates."""
+    assistant turns, boilerplate, tokens, the loss-mask flags of `loss_mask_flags`, and (`fuzzy`
+    and validate.near_duplicate_jaccard set) fuzzy near-duplicates."""
     prompts = normalize(frame["prompt"])
     texts = [field for field in TEXT_FIELDS if field in frame]
     derived = {
@@ -416,7 +416,7 @@ def add_derived_columns(frame: pd.DataFrame, held_out: list[str], tokens: np.nda
         derived[f"chars_{field}"] = pc.utf8_length(text).to_numpy(zero_copy_only=False)
     pairs = normalized_pairs(frame, prompts)
     derived["normalized_pair_id"], derived["pair_id"] = _pair_ids(frame, pairs)
-    if cfg.near_duplicate_jaccard is not None:
+    if fuzzy and cfg.near_duplicate_jaccard is not None:
         derived["fuzzy_duplicate"] = fuzzy_duplicates(pairs.str.replace("\x1f", " "), cfg.near_duplicate_jaccard)
     if "source" in frame:
         rows = frame.groupby("source", dropna=False)["prompt"].transform("size").to_numpy(dtype=float)
@@ -439,12 +439,15 @@ def _pair_ids(frame: pd.DataFrame, normalized: pd.Series) -> tuple[np.ndarray, n
     return near, exact
 
 
-def contract_columns(frame: pd.DataFrame, tokenizer, held_out: list[str], cfg, max_seq_len: int) -> pd.DataFrame:
+def contract_columns(frame: pd.DataFrame, tokenizer, held_out: list[str], cfg, max_seq_len: int,
+                     replay: bool = False) -> pd.DataFrame:
     """`frame` with every column its suite checks: token lengths, loss-mask flags and the derived
-    columns, the same for the training file and the replay file."""
+    columns, the same for the training file and the `replay` file (but fuzzy near-duplicates: see
+    build_suite)."""
     tokens = token_lengths_within(tokenizer, frame, max_seq_len)
     loss_mask = loss_mask_flags(tokenizer, frame, max_seq_len, tokens)
-    return add_derived_columns(frame, held_out, tokens, cfg, loss_mask, special_token_strings(tokenizer))
+    return add_derived_columns(frame, held_out, tokens, cfg, loss_mask, special_token_strings(tokenizer),
+                               fuzzy=not replay)
 
 
 def add_replay_columns(replay: pd.DataFrame, train_rows: int, share: float, seed: int) -> pd.DataFrame:
@@ -459,8 +462,9 @@ def _expect(kind, check: str, field: str | None, how_to_fix: str, **kwargs):
 
 def build_suite(cfg, max_seq_len: int, columns, replay: bool = False):
     """The training file's suite over a frame with `columns` (add_derived_columns'); `replay`: the
-    replay file's, the same checks less the row count and per-source minimums (general data mixed in
-    as a share) plus the share the mix will have."""
+    replay file's, the same checks less the row count, per-source minimums and fuzzy near-duplicates
+    (general data mixed in as a share, often templated items alike in most words; exact and
+    normalised duplicates are still refused), plus the share the mix will have."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -523,7 +527,7 @@ def build_suite(cfg, max_seq_len: int, columns, replay: bool = False):
                 "instruction template of validate.leak_ngram words or more also matches: raise validate.leak_ngram "
                 "above its length)",
                 column="leaks_eval", value_set=[False]))
-    if cfg.near_duplicate_jaccard is not None:
+    if cfg.near_duplicate_jaccard is not None and not replay:
         add(_expect(gxe.ExpectColumnValuesToBeInSet,
                     f"fuzzy near-duplicates (MinHash LSH, word 3-gram Jaccard >= {cfg.near_duplicate_jaccard})",
                     "prompt,response", "drop the rows that repeat an earlier one with small edits, or raise "

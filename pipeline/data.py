@@ -72,6 +72,7 @@ MESSAGE_FIELDS = ("role", "content", "name", "reasoning_content", "thinking", "t
 SHAREGPT_FIELDS = ("from", "value", "name", "train", "weight")
 SHAPES = ("'prompt' and 'response' (optional 'system', 'source'), 'messages' or ShareGPT 'conversations' "
           "(optional 'source', 'tools')")
+OTHER_SHAPE_FIELDS = {"messages", "conversations", "system", "tools"}  # a row with one is not a plain pair
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 FORMATS = "JSONL (.jsonl or .json, one object a line; .gz compressed) or Parquet (.parquet)"
 ROLE_ORDER = ("an optional system turn, then user and assistant turns alternating (tool turns only right after an "
@@ -222,11 +223,12 @@ def _jsonl_text(name: str, text: str | bytes | None) -> str | bytes:
 
 
 def _plain_pairs(data: bytes):
-    """The file as a pyarrow table when it is the common case, one plain {"prompt", "response"}
-    (and "source") object of non-null strings on every line, else None (the line-by-line path
-    then reads it, and names whatever is wrong). pyarrow's reader parses on every core in C++;
-    it refuses a key given twice in a row itself, and a line holding two objects or none is
-    ruled out by requiring every line to start with "{" and as many rows as lines."""
+    """The file as a pyarrow table when it is the common case: on every line one plain object of
+    non-null strings "prompt", "response" (and "source"; flat fields are ignored, as below), else
+    None (the line-by-line path then reads it, and names whatever is wrong). pyarrow's reader
+    parses on every core in C++; it refuses a key given twice in a row itself, and a line holding
+    two objects or none is ruled out by requiring every line to start with "{" and as many rows
+    as lines."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.json as pj
@@ -243,8 +245,11 @@ def _plain_pairs(data: bytes):
     except (pa.ArrowInvalid, UnicodeDecodeError):
         return None
     names = set(table.column_names)
-    if (table.num_rows != len(starts) + 1 or not set(PAIR_FIELDS) <= names or not names <= {*PAIR_FIELDS, "source"}
-            or any(not pa.types.is_string(c.type) or c.null_count for c in table.columns)):
+    texts = [table.column(n) for n in (*PAIR_FIELDS, "source") if n in names]
+    # other fields are ignored, as below; nested ones could hide a repeated key, so they go below
+    if (table.num_rows != len(starts) + 1 or not set(PAIR_FIELDS) <= names or names & OTHER_SHAPE_FIELDS
+            or any(not pa.types.is_string(c.type) or c.null_count for c in texts)
+            or any(pa.types.is_nested(c.type) for c in table.columns)):
         return None
     try:
         table.validate(full=True)  # the reader does not check that strings are UTF-8

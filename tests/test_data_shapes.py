@@ -253,3 +253,21 @@ def test_every_shape_the_readme_shows_loads(tmp_path):
     assert len(examples) >= 7
     frame = load_rows(tmp_path, *map(json.loads, examples))
     assert len(frame) == len(examples) and "tools" in frame
+
+
+def test_plain_pairs_read_by_pyarrow_equal_the_line_by_line_reading(tmp_path):
+    """A file of plain pairs is parsed by pyarrow's reader; any line that is not one (here a blank
+    line, or a nested field) sends the file through the line-by-line path: the same frame."""
+    from pipeline import data
+
+    rows = [{"prompt": f"q{i} \u2028 “é”", "response": f"a{i}", "source": "web", "id": i} for i in range(5)]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    assert data._plain_pairs(text) is not None  # the fast path takes it, raw U+2028 and all
+    fast = load_examples("t.jsonl", text)
+    careful = load_examples("t.jsonl", text.replace(b"\n", b"\n\n", 1))  # a blank line after line 1
+    assert data._plain_pairs(text.replace(b"\n", b"\n\n", 1)) is None
+    assert list(careful.index) == [1, 3, 4, 5, 6]
+    pd.testing.assert_frame_equal(fast.reset_index(drop=True), careful.reset_index(drop=True))
+    nested = text.replace(b'"id": 0', b'"id": {"a": 1}')
+    assert data._plain_pairs(nested) is None
+    pd.testing.assert_frame_equal(load_examples("t.jsonl", nested), fast)
