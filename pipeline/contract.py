@@ -1,14 +1,22 @@
 """validate: the data contract, as great-expectations suites over the training (and replay) data.
 
 The suites are built from params.yaml (validate section, plus prepare.max_seq_len and
-prepare.replay_share): volume, per-source minimums; no nulls or blank fields; character and
-token-length bounds; no exact or near-duplicate (prompt, response) pairs; no training prompt that
-appears in an eval set (exactly, or sharing an n-gram); no PII or secrets; little boilerplate; a
-replay share within the method's band. Checks that need more than one column, a tokenizer or a
+prepare.replay_share): volume, per-source minimums; no nulls or blank fields, no blank assistant
+turn; character and token-length bounds; no exact or near-duplicate (prompt, response) pairs; no
+training prompt that appears in an eval set (exactly, or sharing an n-gram); no PII, secrets,
+control characters (bidirectional overrides included) or special-token strings of the tokenizer;
+little boilerplate; a replay share within the method's band. The replay file is trained on too:
+it gets the same suite less the row count, per-source minimums and fuzzy near-duplicates.
+
+Every turn is read (pipeline/data.py builds the fields): `prompt` is the user turns, `response`
+every assistant turn with its reasoning and tool-call arguments, `context` (where the data has
+any) the system and tool turns. Checks that need more than one column, a tokenizer or a
 regular-expression scan are derived columns computed here, vectorised (pyarrow's RE2, numpy),
 that plain expectations then test: GX's own regex expectations run Python's `re` row by row, 77 s
-of a million-row run (benchmarks/contract_1m.py). Rows are indexed by line (JSONL) or row
-(Parquet) number, so every failure names file, row and field.
+of a million-row run (benchmarks/contract_1m.py). GX is handed only those numeric and flag
+columns (character counts, pair numbers): it fingerprints every column, seconds for a million
+strings. Rows are indexed by line (JSONL) or row (Parquet) number, so every failure names file,
+row and field.
 """
 
 from __future__ import annotations

@@ -346,7 +346,8 @@ def _turns(row: dict, where: str) -> list[dict]:
                 raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
         # a null becomes "" in the turns (always strings, for the tokenizer) and stays null in the
         # prompt/response columns, where the contract reports every null row at once
-        turns = [{"role": "user", "content": row["prompt"] or ""}, {"role": "assistant", "content": row["response"] or ""}]
+        turns = [{"role": "user", "content": row["prompt"] or ""},
+                 {"role": "assistant", "content": row["response"] or ""}]
         return [{"role": "system", "content": row["system"]}, *turns] if row.get("system") is not None else turns
     messages = row["messages"]
     if not isinstance(messages, list):
@@ -385,13 +386,14 @@ def _message(turn, where: str, at: str) -> dict:
         raise DataError(f"{where}: field '{at}.role': unknown role {role!r}; expected one of {list(ROLES)}")
     unknown = [k for k in turn if k not in MESSAGE_FIELDS]
     if unknown:
-        raise DataError(f"{where}: field '{at}.{unknown[0]}': not a field a message may carry ({', '.join(MESSAGE_FIELDS)}); "
-                        "rename or remove it (an unknown field is never dropped silently)")
+        raise DataError(f"{where}: field '{at}.{unknown[0]}': not a field a message may carry "
+                        f"({', '.join(MESSAGE_FIELDS)}); rename or remove it (an unknown field is never dropped silently)")
     message = {"role": role}
     calls = turn.get("tool_calls")
     if calls is not None:
         if role != "assistant":
-            raise DataError(f"{where}: field '{at}.tool_calls': only an assistant turn calls tools, this is a {role} turn")
+            raise DataError(f"{where}: field '{at}.tool_calls': only an assistant turn calls tools, "
+                            f"this is a {role} turn")
         if not isinstance(calls, list):
             raise DataError(f"{where}: field '{at}.tool_calls' must be a list of calls, got {type(calls).__name__}")
     if "content" not in turn and not calls:
@@ -422,7 +424,8 @@ def _message(turn, where: str, at: str) -> dict:
         if value is None:
             continue
         if key == "tool_call_id" and role != "tool":
-            raise DataError(f"{where}: field '{at}.tool_call_id': only a tool turn answers a call, this is a {role} turn")
+            raise DataError(f"{where}: field '{at}.tool_call_id': only a tool turn answers a call, "
+                            f"this is a {role} turn")
         if type(value) is not str:
             raise DataError(f"{where}: field '{at}.{key}' must be a string, got {type(value).__name__}")
         message[key] = value
@@ -461,7 +464,8 @@ def _text_parts(parts: list, where: str, at: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or type(part.get("text")) is not str:
             what = f"a {kind!r} part" if kind else "not a {\"type\": \"text\", \"text\": ...} part"
-            raise DataError(f"{where}: field '{at}[{j}]': {what}; only text parts are trained (drop the part, or the row)")
+            raise DataError(f"{where}: field '{at}[{j}]': {what}; only text parts are trained "
+                            "(drop the part, or the row)")
         texts.append(part["text"])
     return "".join(texts)
 
@@ -515,7 +519,8 @@ def _tools(tools, where: str) -> list[dict] | None:
     specs = []
     for k, tool in enumerate(tools):
         spec = tool.get("function", tool) if isinstance(tool, dict) else None
-        if not isinstance(spec, dict) or type(spec.get("name")) is not str or tool.get("type") not in (None, "function"):
+        named = isinstance(spec, dict) and type(spec.get("name")) is str
+        if not named or tool.get("type") not in (None, "function"):
             raise DataError(f"{where}: field 'tools[{k}]' must be a function spec "
                             "{\"type\": \"function\", \"function\": {\"name\", \"description\", \"parameters\"}}")
         specs.append({"type": "function", "function": spec})

@@ -34,8 +34,8 @@ def assistant(text, **extra):
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 NORMAL_CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": CITY}}]
 
 
 # ---- per-turn training flags
@@ -44,18 +44,22 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 def test_turn_weight_zero_not_trained_flag_kept(tmp_path):
     """A team excluded a turn from training: the flag reaches prepare as "train": False."""
     for flag in ({"weight": 0}, {"train": False}, {"weight": 0.0}):
-        frame = load_rows(tmp_path, {"messages": [user("a"), assistant("skip me", **flag), user("b"), assistant("learn")]})
+        turns = [user("a"), assistant("skip me", **flag), user("b"), assistant("learn")]
+        frame = load_rows(tmp_path, {"messages": turns})
         turns = frame["messages"].iloc[0]
         assert turns[1] == {"role": "assistant", "content": "skip me", "train": False}, flag
         assert turns[3] == {"role": "assistant", "content": "learn"}  # absent: trained
-    trained = load_rows(tmp_path, {"messages": [user("a"), assistant("b", weight=1), user("c"), assistant("d", train=True)]})
+    turns = [user("a"), assistant("b", weight=1), user("c"), assistant("d", train=True)]
+    trained = load_rows(tmp_path, {"messages": turns})
     assert all("train" not in t for t in trained["messages"].iloc[0])
 
 
 def test_sharegpt_turn_weight_zero_not_trained_flag_kept(tmp_path):
     """axolotl-style ShareGPT: weight on every turn (0 on the human turns, where it changes nothing)."""
-    row = {"conversations": [{"from": "human", "value": "a", "weight": 0}, {"from": "gpt", "value": "old", "weight": 0},
-                             {"from": "human", "value": "b", "train": False}, {"from": "gpt", "value": "new", "weight": 1}]}
+    row = {"conversations": [{"from": "human", "value": "a", "weight": 0},
+                             {"from": "gpt", "value": "old", "weight": 0},
+                             {"from": "human", "value": "b", "train": False},
+                             {"from": "gpt", "value": "new", "weight": 1}]}
     turns = load_rows(tmp_path, row)["messages"].iloc[0]
     assert turns == [user("a"), assistant("old", train=False), user("b"), assistant("new")]
 
@@ -167,14 +171,16 @@ def test_unparsable_tool_call_refused(tmp_path, bad_call, match):
     refused(tmp_path, {"messages": [user("a"), assistant("b", tool_calls=[bad_call])]}, match)
 
 
+NULL_CONTENT = r"'messages\[0\].content' must be a string, got NoneType \(null only on an assistant turn with tool_calls\)"
+
+
 @pytest.mark.parametrize("turns,match", [
     ([user("a"), {"role": "tool", "content": "r"}, assistant("b")], r"role order \['user', 'tool', 'assistant'\]"),
     ([user("a"), assistant("b"), {"role": "tool", "content": "r"}, assistant("c")], r"role order"),
     ([user("a"), assistant("", tool_calls=[CALL]), {"role": "tool", "content": "r"}],
      r"role order .* \(tool turns only right after an assistant turn with tool_calls"),
     ([user("a"), assistant("", tool_calls=[CALL]), user("b"), assistant("c")], r"role order"),
-    ([user(None), assistant("b")], r"field 'messages\[0\].content' must be a string, got NoneType \(null only on an "
-                                   r"assistant turn with tool_calls\)"),
+    ([user(None), assistant("b")], NULL_CONTENT),
     ([user("a"), {"role": "assistant", "content": None}], r"field 'messages\[1\].content' must be a string"),
     ([user("a"), {"role": "user", "content": "b", "tool_call_id": "x"}, assistant("c")],
      r"'messages\[1\].tool_call_id': only a tool turn answers a call"),
@@ -185,7 +191,8 @@ def test_tool_turns_out_of_place_refused(tmp_path, turns, match):
 
 def test_an_assistant_turn_that_only_calls_a_tool_may_end_the_row(tmp_path):
     """Teaching when to call: the row ends at the call (the tool's answer is not part of it)."""
-    turns = load_rows(tmp_path, {"messages": [user("a"), {"role": "assistant", "tool_calls": [CALL]}]})["messages"].iloc[0]
+    frame = load_rows(tmp_path, {"messages": [user("a"), {"role": "assistant", "tool_calls": [CALL]}]})
+    turns = frame["messages"].iloc[0]
     assert turns[-1] == {"role": "assistant", "content": "", "tool_calls": [NORMAL_CALL]}
 
 
@@ -217,10 +224,9 @@ def test_unknown_message_field_refused_not_dropped(tmp_path):
 def test_duplicate_json_key_refused(tmp_path):
     """json keeps the last value of a repeated key without a word; the loader names it."""
     path = tmp_path / "t.jsonl"
+    nested = '{"messages": [{"role": "user", "content": "a", "content": "b"}, {"role": "assistant", "content": "c"}]}'
     for line, key in (('{"prompt": "a", "response": "first", "response": "second"}', "response"),
-                      ('{"prompt": "a" , "response": "b", "prompt" : "c"}', "prompt"),
-                      ('{"messages": [{"role": "user", "content": "a", "content": "b"}, '
-                       '{"role": "assistant", "content": "c"}]}', "content")):
+                      ('{"prompt": "a" , "response": "b", "prompt" : "c"}', "prompt"), (nested, "content")):
         path.write_text('{"prompt": "x: y", "response": "z"}\n' + line + "\n")
         with pytest.raises(DataError, match=rf"t.jsonl:2: duplicate key '{key}' in one JSON object"):
             load_examples(path)
