@@ -83,9 +83,13 @@ def normalize(values) -> pa.Array:
     text = pa.array(values, type=pa.large_string())
     if isinstance(text, pa.ChunkedArray):  # a pandas column backed by pyarrow comes chunked
         text = text.combine_chunks()
-    text = pc.utf8_lower(pc.utf8_normalize(pc.fill_null(text, ""), "NFKC"))
-    for letter, folded in _FOLD.items():
-        text = pc.replace_substring(text, letter, folded)
+    text = pc.fill_null(text, "")
+    if pc.all(pc.string_is_ascii(text)).as_py() is not False:  # ASCII is NFKC already and folds to lower case
+        text = pc.ascii_lower(text)
+    else:
+        text = pc.utf8_lower(pc.utf8_normalize(text, "NFKC"))
+        for letter, folded in _FOLD.items():
+            text = pc.replace_substring(text, letter, folded)
     text = pc.replace_substring_regex(text, f"{_PUNCT}|{_FORMAT}", "")
     return pc.utf8_trim(pc.replace_substring_regex(text, _SPACE_RUN, " "), " ")
 

@@ -316,6 +316,8 @@ def test_normalize_is_the_plain_python_definition():
         return re.sub(r"\s+", " ", kept).strip()
 
     assert normalize(texts).to_pylist() == [python(t) for t in texts]
+    ascii_only = [t for t in texts if t is None or t.isascii()]  # the all-ASCII shortcut
+    assert len(ascii_only) >= 5 and normalize(ascii_only).to_pylist() == [python(t) for t in ascii_only]
 
 
 def test_replay_share_is_the_share_prepare_mixes():
