@@ -308,17 +308,21 @@ def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int
     plus those of the template around them, plus a margin for tokens a post-processor adds, bound
     the count. Rows whose bound exceeds `limit` are tokenized (pipeline.prepare.token_lengths, the
     count training sees), and so is a sample of the rest, which must keep to its bound, or every
-    row is tokenized."""
+    row is tokenized. Rows with more than text (reasoning, tool calls, a tools list, flags: what a
+    template renders its own way) have no such bound: they are tokenized."""
     from pipeline.prepare import token_lengths
 
-    shapes = frame["messages"].map(lambda turns: tuple(t["role"] for t in turns))
-    template = {shape: _template_bytes(tokenizer, shape) for shape in shapes.unique()}
+    shapes = frame["messages"].map(turn_shape)
+    template = {shape: _template_bytes(tokenizer, shape) if all(map(str.__instancecheck__, shape)) else limit + 1
+                for shape in shapes.unique()}  # limit + 1: above the limit, so tokenized
     # prompt and response join the user and assistant turns: their bytes, and a newline between
     contents = sum(pc.fill_null(pc.binary_length(pa.array(frame[f], type=pa.large_string())), 0).to_numpy()
                    for f in FIELDS)
     system = frame["messages"].map(lambda turns: len(turns[0]["content"].encode()) if turns[0]["role"] == "system"
                                    else 0).to_numpy()
     bound = contents + system + shapes.map(template).to_numpy() + TOKENS_OUTSIDE_TEXT
+    if "tools" in frame:
+        bound[frame["tools"].notna().to_numpy()] = limit + 1
     exact = np.flatnonzero(bound > limit)
     rest = np.flatnonzero(bound <= limit)
     checked = np.random.default_rng(seed).choice(rest, min(sample, len(rest)), replace=False)
@@ -360,7 +364,7 @@ def loss_mask_flags(tokenizer, frame: pd.DataFrame, limit: int, tokens: np.ndarr
         supervised_share[sampled] = _supervised_counts(cut, IGNORE) / np.maximum(cut.lengths, 1)
     rows_of: dict[tuple, list[int]] = {}
     for i, turns in enumerate(messages):
-        rows_of.setdefault(tuple(t["role"] for t in turns), []).append(i)
+        rows_of.setdefault(turn_shape(turns), []).append(i)
     first = {shape: rows[0] for shape, rows in rows_of.items()}
     probes = tokenize_conversations(tokenizer, [messages.iloc[i] for i in first.values()])
     specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -369,9 +373,20 @@ def loss_mask_flags(tokenizer, frame: pd.DataFrame, limit: int, tokens: np.ndarr
         ids, labels = probes.example(k)
         mask = np.asarray(labels) != IGNORE
         ends = np.flatnonzero(mask & ~np.append(mask[1:], False))  # the last token of each supervised run
-        ok = len(ends) == shape.count("assistant") and all(ids[end] in specials for end in ends)
+        assistant = [turn for turn in shape if turn == "assistant" or turn[0] == "assistant"]
+        trained = sum(turn == "assistant" or "train" not in turn for turn in assistant)
+        # one supervised run per trained turn, never more than the assistant turns (a "train": false
+        # turn is context: supervised or not by a prepare that predates the flag, never run into another)
+        ok = trained <= len(ends) <= len(assistant) and all(ids[end] in specials for end in ends)
         end_unsupervised[rows_of[shape]] = not ok
     return LossMask(nothing_left, end_unsupervised, supervised_share)
+
+
+def turn_shape(turns: list[dict]) -> tuple:
+    """What a chat template's rendering of a conversation depends on besides the text: each turn's
+    role, and for a turn with more than its content (reasoning, tool calls, a name, "train": False)
+    a tuple of the role and those keys."""
+    return tuple(t["role"] if len(t) == 2 else (t["role"], *sorted(t.keys() - {"role", "content"})) for t in turns)
 
 
 def _supervised_counts(tokenized, ignore: int) -> np.ndarray:

@@ -522,3 +522,16 @@ def test_replay_gets_the_train_files_checks_but_row_count_and_sources(tmp_path, 
     fuzzy = "fuzzy near-duplicates (MinHash LSH, word 3-gram Jaccard >= 0.8)"  # a training-file check
     assert {check for check, _ in train - replayed} == {"row count", fuzzy}
     assert replayed - train == {("replay share of the mixed training set", "replay")}
+
+
+def test_rows_with_more_than_text_are_tokenized_not_bounded(tmp_path, tokenizer):
+    """A template renders reasoning, tool calls and tools its own way: the byte bound does not hold
+    for them, so their token count is prepare's own (the others keep to their bound)."""
+    rows = multi_turn_rows(4)
+    rows[1]["messages"][1]["reasoning_content"] = "thinking " * 30
+    rows[2]["tools"] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    frame = load(tmp_path, rows)
+    lengths = token_lengths_within(tokenizer, frame, MAX_SEQ_LEN, sample=0)
+    exact = token_lengths(tokenizer, frame["messages"].tolist())
+    assert lengths[1] == exact[1] and lengths[2] == exact[2]
+    assert lengths[0] >= exact[0] and lengths[3] >= exact[3]
