@@ -432,11 +432,9 @@ def test_rtl_override_is_control_character(tmp_path, contract):
     rows = good_rows()
     rows[3]["response"] = "the total is \u202e01$ \u202cdollars"
     rows[5]["prompt"] = "isolate \u2067x\u2069 here"
-    bad = failed(contract(load(tmp_path, rows)))
     check = "control characters (other than tab and line ends; bidirectional overrides and isolates)"
-    assert bad[check]["rows"] in ([4], [6])
-    assert sorted(c["rows"][0] for c in contract(load(tmp_path, rows)) if c["check"] == check and not c["passed"]) \
-        == [4, 6]
+    flagged = {c["field"]: c["rows"] for c in contract(load(tmp_path, rows)) if c["check"] == check and not c["passed"]}
+    assert flagged == {"response": [4], "prompt": [6]}
 
 
 def test_empty_assistant_turn_in_multi_turn_fails(tmp_path, contract):
@@ -505,7 +503,7 @@ def test_replay_leak_fails(tmp_path, contract):
     assert "r.jsonl: training prompt also in an eval set" in failure_message(FILES, checks)
 
 
-def test_replay_row_truncated_to_zero_supervised_tokens_fails(tmp_path, contract):
+def test_replay_row_truncated_to_nothing_fails(tmp_path, contract):
     replay = load(tmp_path, [{"prompt": f"general fact {i}?", "response": "yes"} for i in range(10)]
                   + [{"prompt": "long context " * 200, "response": "yes"}], "r.jsonl")
     checks = contract(load(tmp_path, good_rows()), replay=replay, cfg=CFG.model_copy(update={"max_prompt_chars": 5000}))
