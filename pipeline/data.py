@@ -21,7 +21,9 @@ message is dropped without a word: a key outside this list is refused, naming it
     "reasoning_content" (both given and different: refused).
   - `tool_calls` (assistant only): OpenAI [{"type": "function", "function": {"name",
     "arguments"}}] (or bare {"name", "arguments"}); `arguments` a JSON object or a string holding
-    one, always a dict after loading; an optional `id` is kept.
+    one, always a dict after loading; an optional `id` is kept. In Parquet an object is a struct
+    holding every key of every row, null where absent: a null in arguments or tools is refused
+    there (store them as JSON strings).
   - `name` (any role) and `tool_call_id` (tool only): kept.
   - `train` (true/false) or `weight` (1/0): per-turn training. On an assistant turn, false/0
     becomes "train": False (the turn is context, not trained); true/1 is the default. On other
@@ -116,6 +118,9 @@ def load_examples(path: str | Path, text: str | bytes | None = None) -> pd.DataF
                 if row.get("tools") is not None:
                     row_tools = _tools(row["tools"], where)
                     has_tools = has_tools or row_tools is not None
+                if parquet:
+                    _refuse_struct_nulls(turns, row_tools, where, "conversations" if "conversations" in row
+                                         and "messages" not in row else "messages")
             source = row.get("source")
             if source is not None and type(source) is not str:
                 raise DataError(f"{_where(name, number, parquet)}: field 'source' must be a string, "
@@ -154,6 +159,28 @@ def _assistant_text(turn: dict) -> str:
     reasoning = turn.get("reasoning_content")
     return "\n".join([*([reasoning] if reasoning is not None else []), turn["content"], *calls]) + \
         ("\n" if reasoning is None and not calls else "")
+
+
+def _refuse_struct_nulls(turns: list[dict], tools: list[dict] | None, where: str, field: str) -> None:
+    """Parquet stores objects as structs that hold every key of every row, null where a row has
+    none: tool-call arguments or tool specs read back so gain keys nobody wrote. A null inside
+    them is refused; JSON strings keep them as written."""
+    def holds_null(value) -> bool:
+        if isinstance(value, dict):
+            return any(holds_null(v) for v in value.values())
+        if isinstance(value, list):
+            return any(holds_null(v) for v in value)
+        return value is None
+
+    why = ("holds a null: in Parquet an object becomes a struct with every key of every row (null where absent); "
+           "store it as a JSON string")
+    for i, turn in enumerate(turns):
+        for k, call in enumerate(turn.get("tool_calls", ())):
+            if holds_null(call["function"]["arguments"]):
+                raise DataError(f"{where}: field '{field}[{i}].tool_calls[{k}].function.arguments' {why}")
+    for k, tool in enumerate(tools or ()):
+        if holds_null(tool):
+            raise DataError(f"{where}: field 'tools[{k}]' {why}")
 
 
 def _where(name: str, number: int, parquet: bool) -> str:

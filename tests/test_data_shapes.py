@@ -277,3 +277,16 @@ def test_plain_pairs_read_by_pyarrow_equal_the_line_by_line_reading(tmp_path):
     nested = text.replace(b'"id": 0', b'"id": {"a": 1}')
     assert data._plain_pairs(nested) is None
     pd.testing.assert_frame_equal(load_examples("t.jsonl", nested), fast)
+
+
+def test_parquet_struct_arguments_with_nulls_refused(tmp_path):
+    """Two calls with different arguments, stored as objects: Parquet gives each the other's keys as
+    nulls. Refused, where a JSON string would have kept them as written."""
+    calls = [{"type": "function", "function": {"name": "f", "arguments": {"city": "Paris"}}},
+             {"type": "function", "function": {"name": "g", "arguments": {"day": 3}}}]
+    rows = [[user("a"), assistant("", tool_calls=[call]), {"role": "tool", "content": "r"}, assistant("b")]
+            for call in calls]
+    pd.DataFrame({"messages": rows}).to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t.parquet row 1: field 'messages\[1\].tool_calls\[0\].function.arguments' "
+                                        r"holds a null: in Parquet an object becomes a struct"):
+        load_examples(tmp_path / "t.parquet")
