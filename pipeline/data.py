@@ -237,9 +237,9 @@ def _plain_pairs(data: bytes):
         return None
     if not isinstance(first, dict) or not set(PAIR_FIELDS) <= first.keys() or first.keys() & OTHER_SHAPE_FIELDS:
         return None
+    data = data.rstrip(b" \t\r\n")  # blank lines at the end number no row
     raw = np.frombuffer(data, dtype=np.uint8)
     starts = np.flatnonzero(raw == 10) + 1
-    starts = starts[starts < len(raw)]
     if not (raw[starts] == ord("{")).all():  # a blank or indented line: the careful path numbers lines
         return None
     try:

@@ -274,6 +274,8 @@ def test_plain_pairs_read_by_pyarrow_equal_the_line_by_line_reading(tmp_path):
     assert data._plain_pairs(text.replace(b"\n", b"\n\n", 1)) is None
     assert list(careful.index) == [1, 3, 4, 5, 6]
     pd.testing.assert_frame_equal(fast.reset_index(drop=True), careful.reset_index(drop=True))
+    assert data._plain_pairs(text + b"\r\n\n") is not None  # blank lines at the end number no row
+    pd.testing.assert_frame_equal(load_examples("t.jsonl", text + b"\n \n"), fast)
     nested = text.replace(b'"id": 0', b'"id": {"a": 1}')
     assert data._plain_pairs(nested) is None
     pd.testing.assert_frame_equal(load_examples("t.jsonl", nested), fast)
