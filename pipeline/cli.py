@@ -134,14 +134,12 @@ def base(out: Path = Path("base")):
 def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate")):
     """Check the training (and replay) data against the data contract (great-expectations)."""
     from pipeline.contract import (
-        add_derived_columns,
         add_replay_columns,
+        contract_columns,
         eval_prompts,
         failure_message,
-        loss_mask_flags,
         render_markdown,
         run_suite,
-        token_lengths_within,
     )
     from pipeline.data import load_examples
     from pipeline.files import atomic_dir
@@ -157,16 +155,16 @@ def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate
         frame = load_examples(p.data.train)
         replay = None
         if p.data.replay and p.prepare.replay_share > 0:  # the mix prepare will make, checked here
-            replay = add_replay_columns(load_examples(p.data.replay), len(frame), p.prepare.replay_share,
-                                        p.prepare.seed)
+            replay = load_examples(p.data.replay)
         held_out = eval_prompts(p.validate_.eval_sets)
     except DataError as err:  # a malformed file is named before anything else is asked for
         fail(str(err))
     tokenizer = base_tokenizer(tokenizer_dir)
     check_family(tokenizer_dir, p.prepare.max_seq_len)
-    tokens = token_lengths_within(tokenizer, frame, p.prepare.max_seq_len)
-    loss_mask = loss_mask_flags(tokenizer, frame, p.prepare.max_seq_len, tokens)
-    frame = add_derived_columns(frame, held_out, tokens, p.validate_, loss_mask)
+    frame = contract_columns(frame, tokenizer, held_out, p.validate_, p.prepare.max_seq_len)
+    if replay is not None:  # the replay file is trained on too: the same contract
+        replay = add_replay_columns(contract_columns(replay, tokenizer, held_out, p.validate_, p.prepare.max_seq_len,
+                                                     replay=True), len(frame), p.prepare.replay_share, p.prepare.seed)
     with atomic_dir(out / "data-docs") as docs:  # great-expectations Data Docs, for CI to upload
         checks = run_suite(frame, p.validate_, p.prepare.max_seq_len, replay, docs)
     passed = all(c["passed"] for c in checks)

@@ -1,14 +1,22 @@
 """validate: the data contract, as great-expectations suites over the training (and replay) data.
 
 The suites are built from params.yaml (validate section, plus prepare.max_seq_len and
-prepare.replay_share): volume, per-source minimums; no nulls or blank fields; character and
-token-length bounds; no exact or near-duplicate (prompt, response) pairs; no training prompt that
-appears in an eval set (exactly, or sharing an n-gram); no PII or secrets; little boilerplate; a
-replay share within the method's band. Checks that need more than one column, a tokenizer or a
+prepare.replay_share): volume, per-source minimums; no nulls or blank fields, no blank assistant
+turn; character and token-length bounds; no exact or near-duplicate (prompt, response) pairs; no
+training prompt that appears in an eval set (exactly, or sharing an n-gram); no PII, secrets,
+control characters (bidirectional overrides included) or special-token strings of the tokenizer;
+little boilerplate; a replay share within the method's band. The replay file is trained on too:
+it gets the same suite less the row count, per-source minimums and fuzzy near-duplicates.
+
+Every turn is read (pipeline/data.py builds the fields): `prompt` is the user turns, `response`
+every assistant turn with its reasoning and tool-call arguments, `context` (where the data has
+any) the system and tool turns. Checks that need more than one column, a tokenizer or a
 regular-expression scan are derived columns computed here, vectorised (pyarrow's RE2, numpy),
 that plain expectations then test: GX's own regex expectations run Python's `re` row by row, 77 s
-of a million-row run (benchmarks/contract_1m.py). Rows are indexed by line (JSONL) or row
-(Parquet) number, so every failure names file, row and field.
+of a million-row run (benchmarks/contract_1m.py). GX is handed only those numeric and flag
+columns (character counts, pair numbers): it fingerprints every column, seconds for a million
+strings. Rows are indexed by line (JSONL) or row (Parquet) number, so every failure names file,
+row and field.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from pipeline.files import read_jsonl
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 FIELDS = ("prompt", "response")
+TEXT_FIELDS = (*FIELDS, "context")  # context: the system and tool turns, where the data has any
 MAX_EXAMPLES = 5
 # RE2 syntax (pyarrow): a look-around such as (?<!\d) is written (?:^|\D), the same for a search
 PII_PATTERNS = {  # what no library covers better; phone numbers and secrets have their own (below)
@@ -61,7 +70,9 @@ _PAIR = pa.scalar("\x1f", pa.large_string())  # joins prompt and response into o
 
 
 _FORMAT = r"\p{Cf}"  # zero-width spaces and joiners, soft hyphens, byte-order marks: invisible
-_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"  # C0/C1 controls but tab, newline and carriage return
+# C0/C1 controls but tab, newline and carriage return; bidirectional overrides and isolates, which
+# reorder how text displays (a "Trojan Source" line reads differently from what the model is fed)
+_CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\x{202a}-\x{202e}\x{2066}-\x{2069}]"
 _FOLD = {"ß": "ss", "ς": "σ"}  # where case folding differs from lower case (after NFKC)
 
 
@@ -72,9 +83,13 @@ def normalize(values) -> pa.Array:
     text = pa.array(values, type=pa.large_string())
     if isinstance(text, pa.ChunkedArray):  # a pandas column backed by pyarrow comes chunked
         text = text.combine_chunks()
-    text = pc.utf8_lower(pc.utf8_normalize(pc.fill_null(text, ""), "NFKC"))
-    for letter, folded in _FOLD.items():
-        text = pc.replace_substring(text, letter, folded)
+    text = pc.fill_null(text, "")
+    if pc.all(pc.string_is_ascii(text)).as_py() is not False:  # ASCII is NFKC already and folds to lower case
+        text = pc.ascii_lower(text)
+    else:
+        text = pc.utf8_lower(pc.utf8_normalize(text, "NFKC"))
+        for letter, folded in _FOLD.items():
+            text = pc.replace_substring(text, letter, folded)
     text = pc.replace_substring_regex(text, f"{_PUNCT}|{_FORMAT}", "")
     return pc.utf8_trim(pc.replace_substring_regex(text, _SPACE_RUN, " "), " ")
 
@@ -146,9 +161,44 @@ def blank(values: pd.Series) -> np.ndarray:
 
 def has_control_characters(values: pd.Series) -> np.ndarray:
     """Whether each text holds a control character other than tab and line ends (terminal escapes,
-    NUL bytes from a bad export): the tokenizer keeps them and the model learns to emit them."""
+    NUL bytes from a bad export) or a bidirectional override or isolate (U+202A-U+202E,
+    U+2066-U+2069): the tokenizer keeps them and the model learns to emit them."""
     text = pa.array(values, type=pa.large_string())
     return pc.fill_null(pc.match_substring_regex(text, _CONTROL), False).to_numpy(zero_copy_only=False)
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """The strings of the tokenizer's special tokens (eos, chat-template markers such as <|im_start|>)."""
+    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return sorted({*tokenizer.all_special_tokens, *added} - {""})
+
+
+def spells_special_token(values: pd.Series, tokens: list[str]) -> np.ndarray:
+    """Whether each text holds one of `tokens` literally (one RE2 scan of all of them)."""
+    if not tokens:
+        return np.zeros(len(values), dtype=bool)
+    # \Q...\E quotes a literal in RE2; a token holding "\E" itself is spelled out by characters
+    literal = [rf"\Q{t}\E" if "\\E" not in t else "".join(rf"\x{{{ord(c):x}}}" for c in t) for t in tokens]
+    return matches_any(values, literal)
+
+
+def blank_turns(messages: pd.Series, responses: pd.Series) -> np.ndarray:
+    """Whether some trained assistant turn of each row shows nothing (blank text and no tool call),
+    looked at where the response holds a line end: rows with more than one assistant turn or a turn
+    with more than text (pipeline/data.py joins them so), where an empty turn would pass unseen in
+    the joined response (a plain exchange is the `response` field's own blank check)."""
+    flags = np.zeros(len(messages), dtype=bool)
+    has_line_end = pc.match_substring(pa.array(responses, type=pa.large_string()), "\n")
+    rows = np.flatnonzero(pc.fill_null(has_line_end, False).to_numpy(zero_copy_only=False))
+    texts, owners = [], []
+    for i in rows:
+        for turn in messages.iloc[i]:
+            if turn["role"] == "assistant" and turn.get("train", True) and "tool_calls" not in turn:
+                texts.append(turn["content"])
+                owners.append(i)
+    if texts:
+        flags[np.asarray(owners)[blank(pd.Series(texts))]] = True
+    return flags
 
 
 def matches_any(values: pd.Series, patterns: list[str], ignore_case: bool = False) -> np.ndarray:
@@ -258,17 +308,21 @@ def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int
     plus those of the template around them, plus a margin for tokens a post-processor adds, bound
     the count. Rows whose bound exceeds `limit` are tokenized (pipeline.prepare.token_lengths, the
     count training sees), and so is a sample of the rest, which must keep to its bound, or every
-    row is tokenized."""
+    row is tokenized. Rows with more than text (reasoning, tool calls, a tools list, flags: what a
+    template renders its own way) have no such bound: they are tokenized."""
     from pipeline.prepare import token_lengths
 
-    shapes = frame["messages"].map(lambda turns: tuple(t["role"] for t in turns))
-    template = {shape: _template_bytes(tokenizer, shape) for shape in shapes.unique()}
+    shapes = frame["messages"].map(turn_shape)
+    template = {shape: _template_bytes(tokenizer, shape) if all(map(str.__instancecheck__, shape)) else limit + 1
+                for shape in shapes.unique()}  # limit + 1: above the limit, so tokenized
     # prompt and response join the user and assistant turns: their bytes, and a newline between
     contents = sum(pc.fill_null(pc.binary_length(pa.array(frame[f], type=pa.large_string())), 0).to_numpy()
                    for f in FIELDS)
     system = frame["messages"].map(lambda turns: len(turns[0]["content"].encode()) if turns[0]["role"] == "system"
                                    else 0).to_numpy()
     bound = contents + system + shapes.map(template).to_numpy() + TOKENS_OUTSIDE_TEXT
+    if "tools" in frame:
+        bound[frame["tools"].notna().to_numpy()] = limit + 1
     exact = np.flatnonzero(bound > limit)
     rest = np.flatnonzero(bound <= limit)
     checked = np.random.default_rng(seed).choice(rest, min(sample, len(rest)), replace=False)
@@ -310,7 +364,7 @@ def loss_mask_flags(tokenizer, frame: pd.DataFrame, limit: int, tokens: np.ndarr
         supervised_share[sampled] = _supervised_counts(cut, IGNORE) / np.maximum(cut.lengths, 1)
     rows_of: dict[tuple, list[int]] = {}
     for i, turns in enumerate(messages):
-        rows_of.setdefault(tuple(t["role"] for t in turns), []).append(i)
+        rows_of.setdefault(turn_shape(turns), []).append(i)
     first = {shape: rows[0] for shape, rows in rows_of.items()}
     probes = tokenize_conversations(tokenizer, [messages.iloc[i] for i in first.values()])
     specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -319,9 +373,20 @@ def loss_mask_flags(tokenizer, frame: pd.DataFrame, limit: int, tokens: np.ndarr
         ids, labels = probes.example(k)
         mask = np.asarray(labels) != IGNORE
         ends = np.flatnonzero(mask & ~np.append(mask[1:], False))  # the last token of each supervised run
-        ok = len(ends) == shape.count("assistant") and all(ids[end] in specials for end in ends)
+        assistant = [turn for turn in shape if turn == "assistant" or turn[0] == "assistant"]
+        trained = sum(turn == "assistant" or "train" not in turn for turn in assistant)
+        # one supervised run per trained turn, never more than the assistant turns (a "train": false
+        # turn is context: supervised or not by a prepare that predates the flag, never run into another)
+        ok = trained <= len(ends) <= len(assistant) and all(ids[end] in specials for end in ends)
         end_unsupervised[rows_of[shape]] = not ok
     return LossMask(nothing_left, end_unsupervised, supervised_share)
+
+
+def turn_shape(turns: list[dict]) -> tuple:
+    """What a chat template's rendering of a conversation depends on besides the text: each turn's
+    role, and for a turn with more than its content (reasoning, tool calls, a name, "train": False)
+    a tuple of the role and those keys."""
+    return tuple(t["role"] if len(t) == 2 else (t["role"], *sorted(t.keys() - {"role", "content"})) for t in turns)
 
 
 def _supervised_counts(tokenized, ignore: int) -> np.ndarray:
@@ -347,39 +412,74 @@ def replay_share(train_rows: int, replay_rows: int, share: float, seed: int) -> 
 
 
 def add_derived_columns(frame: pd.DataFrame, held_out: list[str], tokens: np.ndarray, cfg,
-                        loss_mask: LossMask) -> pd.DataFrame:
+                        loss_mask: LossMask, special_tokens: list[str] = (), fuzzy: bool = True) -> pd.DataFrame:
     """The columns the suite (of `cfg`, the validate section) checks besides the fields: pair keys,
-    leakage, PII, secrets, boilerplate, tokens, the loss-mask flags of `loss_mask_flags`, and
-    (validate.near_duplicate_jaccard set) fuzzy near-duplicates."""
+    leakage, PII, secrets, control characters and `special_tokens` (`special_token_strings`) spelled
+    in the text (prompt, response and, where the data has system or tool turns, context), blank
+    assistant turns, boilerplate, tokens, the loss-mask flags of `loss_mask_flags`, and (`fuzzy`
+    and validate.near_duplicate_jaccard set) fuzzy near-duplicates."""
     prompts = normalize(frame["prompt"])
+    texts = [field for field in TEXT_FIELDS if field in frame]
     derived = {
         "no_supervised_tokens": loss_mask.nothing_left,
         "end_of_turn_unsupervised": loss_mask.end_unsupervised,
         "supervised_share": loss_mask.supervised_share,
         "blank_prompt": blank(frame["prompt"]),
         "blank_response": blank(frame["response"]),
-        "control_in_prompt": has_control_characters(frame["prompt"]),
-        "control_in_response": has_control_characters(frame["response"]),
-        "normalized_pair": normalized_pairs(frame, prompts),
+        "blank_turn": blank_turns(frame["messages"], frame["response"]),
+        **{f"control_in_{field}": has_control_characters(frame[field]) for field in texts},
+        **{f"special_token_in_{field}": spells_special_token(frame[field], list(special_tokens)) for field in texts},
         "leaks_eval": leaks_eval(prompts, held_out, cfg.leak_ngram),
-        **{f"pii_in_{field}": matches_any(frame[field], list(PII_PATTERNS.values())) for field in FIELDS},
-        **{f"phone_in_{field}": phone_numbers(frame[field], cfg.phone_regions) for field in FIELDS},
-        **{f"secret_in_{field}": secrets(frame[field]) for field in FIELDS},
+        **{f"pii_in_{field}": matches_any(frame[field], list(PII_PATTERNS.values())) for field in texts},
+        **{f"phone_in_{field}": phone_numbers(frame[field], cfg.phone_regions) for field in texts},
+        **{f"secret_in_{field}": secrets(frame[field]) for field in texts},
         "boilerplate": matches_any(frame["response"], BOILERPLATE_PATTERNS, ignore_case=True),
         "tokens": tokens,
     }
-    if cfg.near_duplicate_jaccard is not None:
-        derived["fuzzy_duplicate"] = fuzzy_duplicates(derived["normalized_pair"].str.replace("\x1f", " "),
-                                                      cfg.near_duplicate_jaccard)
+    # the suite reads numbers, not text: GX fingerprints every column it is handed, and hashing a
+    # million strings costs seconds (a count of characters, a null: NaN; a number per distinct pair)
+    for field in FIELDS:
+        text = pa.array(frame[field], type=pa.large_string())
+        derived[f"chars_{field}"] = pc.utf8_length(text).to_numpy(zero_copy_only=False)
+    pairs = normalized_pairs(frame, prompts)
+    derived["normalized_pair_id"], derived["pair_id"] = _pair_ids(frame, pairs)
+    if fuzzy and cfg.near_duplicate_jaccard is not None:
+        derived["fuzzy_duplicate"] = fuzzy_duplicates(pairs.str.replace("\x1f", " "), cfg.near_duplicate_jaccard)
     if "source" in frame:
-        derived["source_rows"] = frame.groupby("source", dropna=False)["prompt"].transform("size").to_numpy()
-    return frame.assign(**derived)
+        rows = frame.groupby("source", dropna=False)["prompt"].transform("size").to_numpy(dtype=float)
+        derived["source_rows"] = np.where(frame["source"].isna().to_numpy(), np.nan, rows)  # a null fails apart
+    derived = frame.assign(**derived)
+    derived.attrs["special_tokens"] = list(special_tokens)  # the report names the token a row spells
+    return derived
+
+
+def _pair_ids(frame: pd.DataFrame, normalized: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """A number per distinct normalised pair, and one per distinct exact (prompt, response) pair.
+    An exact duplicate is a near-duplicate too, so only rows that share a normalised pair are
+    compared exactly; every other row gets a number of its own (negative)."""
+    near = pd.factorize(normalized)[0]
+    exact = -1 - np.arange(len(frame))
+    shared = np.flatnonzero(np.bincount(near)[near] > 1)
+    if len(shared):
+        subset = frame.iloc[shared][list(FIELDS)]
+        exact[shared] = subset.groupby(list(FIELDS), dropna=False, sort=False).ngroup().to_numpy()
+    return near, exact
+
+
+def contract_columns(frame: pd.DataFrame, tokenizer, held_out: list[str], cfg, max_seq_len: int,
+                     replay: bool = False) -> pd.DataFrame:
+    """`frame` with every column its suite checks: token lengths, loss-mask flags and the derived
+    columns, the same for the training file and the `replay` file (but fuzzy near-duplicates: see
+    build_suite)."""
+    tokens = token_lengths_within(tokenizer, frame, max_seq_len)
+    loss_mask = loss_mask_flags(tokenizer, frame, max_seq_len, tokens)
+    return add_derived_columns(frame, held_out, tokens, cfg, loss_mask, special_token_strings(tokenizer),
+                               fuzzy=not replay)
 
 
 def add_replay_columns(replay: pd.DataFrame, train_rows: int, share: float, seed: int) -> pd.DataFrame:
-    """The columns the replay suite checks: blank fields, and the share the mix will have."""
-    return replay.assign(blank_prompt=blank(replay["prompt"]), blank_response=blank(replay["response"]),
-                         mixed_share=replay_share(train_rows, len(replay), share, seed))
+    """The replay file's contract columns (`contract_columns`) plus the share the mix will have."""
+    return replay.assign(mixed_share=replay_share(train_rows, len(replay), share, seed))
 
 
 def _expect(kind, check: str, field: str | None, how_to_fix: str, **kwargs):
@@ -387,37 +487,51 @@ def _expect(kind, check: str, field: str | None, how_to_fix: str, **kwargs):
     return kind(**kwargs, meta={"check": check, "field": field, "how_to_fix": how_to_fix}, description=check)
 
 
-def build_suite(cfg, max_seq_len: int, has_source: bool):
+def build_suite(cfg, max_seq_len: int, columns, replay: bool = False):
+    """The training file's suite over a frame with `columns` (add_derived_columns'); `replay`: the
+    replay file's, the same checks less the row count, per-source minimums and fuzzy near-duplicates
+    (general data mixed in as a share, often templated items alike in most words; exact and
+    normalised duplicates are still refused), plus the share the mix will have."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    suite = gx.ExpectationSuite(name="sft_train")
+    suite = gx.ExpectationSuite(name="sft_replay" if replay else "sft_train")
     add = suite.add_expectation
-    add(_expect(gxe.ExpectTableRowCountToBeBetween, "row count", None,
-                "add examples (the method wants more than 10k) or change validate.min_rows",
-                min_value=cfg.min_rows, max_value=cfg.max_rows))
-    if has_source:
+    if not replay:
+        add(_expect(gxe.ExpectTableRowCountToBeBetween, "row count", None,
+                    "add examples (the method wants more than 10k) or change validate.min_rows",
+                    min_value=cfg.min_rows, max_value=cfg.max_rows))
+    texts = [field for field in TEXT_FIELDS if field in columns]
+    if "source" in columns and not replay:
         add(_expect(gxe.ExpectColumnValuesToNotBeNull, "every row names its source", "source",
-                    "fill the missing source", column="source"))
+                    "fill the missing source", column="source_rows"))
         add(_expect(gxe.ExpectColumnValuesToBeBetween, "rows per source", "source",
                     "add examples from the small source, drop it, or lower validate.min_rows_per_source",
                     column="source_rows", min_value=cfg.min_rows_per_source))
     max_chars = {"prompt": cfg.max_prompt_chars, "response": cfg.max_response_chars}
     for field in FIELDS:
         add(_expect(gxe.ExpectColumnValuesToNotBeNull, "no nulls", field, "fill or drop rows with a missing field",
-                    column=field))
+                    column=f"chars_{field}"))
         add(_expect(gxe.ExpectColumnValuesToBeInSet, "no blank strings", field,
                     "fill or drop rows whose field is blank (zero-width and other invisible characters count as "
                     "blank)", column=f"blank_{field}", value_set=[False]))
-        add(_expect(gxe.ExpectColumnValuesToBeInSet, "control characters (other than tab and line ends)", field,
-                    "strip terminal escapes and NUL bytes from the export", column=f"control_in_{field}",
-                    value_set=[False]))
-        add(_expect(gxe.ExpectColumnValueLengthsToBeBetween, "characters", field,
+        add(_expect(gxe.ExpectColumnValuesToBeBetween, "characters", field,
                     f"shorten, fill or drop the rows, or raise validate.max_{field}_chars (or lower validate.min_chars)",
-                    column=field, min_value=cfg.min_chars, max_value=max_chars[field]))
+                    column=f"chars_{field}", min_value=cfg.min_chars, max_value=max_chars[field]))
     add(_expect(gxe.ExpectColumnValuesToBeBetween, "tokens after the chat template (longer ones are truncated)",
                 "messages", "shorten or drop long examples, or raise prepare.max_seq_len (or lower validate.min_fit_share)",
                 column="tokens", max_value=max_seq_len, mostly=cfg.min_fit_share))
+    add(_expect(gxe.ExpectColumnValuesToBeInSet, "no blank assistant turn (each turn of multi-turn and tool rows)",
+                "messages", "fill the empty assistant turn, drop the row, or mark the turn \"train\": false (a trained "
+                "empty turn teaches the model to answer nothing)", column="blank_turn", value_set=[False]))
+    for field in texts:
+        add(_expect(gxe.ExpectColumnValuesToBeInSet, "control characters (other than tab and line ends; bidirectional "
+                    "overrides and isolates)", field, "strip terminal escapes, NUL bytes and bidirectional overrides "
+                    "(U+202A-U+202E, U+2066-U+2069) from the export", column=f"control_in_{field}", value_set=[False]))
+        add(_expect(gxe.ExpectColumnValuesToBeInSet, "special-token strings of the tokenizer in the text", field,
+                    "remove or rewrite the marker (e.g. a copied chat transcript): prepare tokenizes it as plain text, "
+                    "never as the control token, but the model still learns to write it",
+                    column=f"special_token_in_{field}", value_set=[False]))
     add(_expect(gxe.ExpectColumnValuesToBeInSet, "no supervised token left after truncation", "messages",
                 "shorten the prompt (the response is cut away), drop the row, or raise prepare.max_seq_len",
                 column="no_supervised_tokens", value_set=[False]))
@@ -430,22 +544,23 @@ def build_suite(cfg, max_seq_len: int, has_source: bool):
                 "pipeline/prepare.py ChatRenderer), or set validate.min_supervised_share / max_supervised_share",
                 column="supervised_share", min_value=cfg.min_supervised_share, max_value=cfg.max_supervised_share))
     add(_expect(gxe.ExpectCompoundColumnsToBeUnique, "exact duplicate pairs", "prompt,response",
-                "drop the repeated (prompt, response) pairs", column_list=list(FIELDS)))
+                # equal pairs have equal normalised pairs: unique pair_id is unique (pair_id, normalized_pair_id)
+                "drop the repeated (prompt, response) pairs", column_list=["pair_id", "normalized_pair_id"]))
     add(_expect(gxe.ExpectColumnValuesToBeUnique,
                 "near-duplicate pairs (Unicode forms, case, whitespace, punctuation and invisible characters ignored)",
-                "prompt,response", "drop near-duplicates: they over-weight one example", column="normalized_pair"))
+                "prompt,response", "drop near-duplicates: they over-weight one example", column="normalized_pair_id"))
     add(_expect(gxe.ExpectColumnValuesToBeInSet, "training prompt also in an eval set (exact or shared n-gram)",
                 "prompt", "remove eval items from the training data: they inflate the golden score (a shared "
                 "instruction template of validate.leak_ngram words or more also matches: raise validate.leak_ngram "
                 "above its length)",
                 column="leaks_eval", value_set=[False]))
-    if cfg.near_duplicate_jaccard is not None:
+    if cfg.near_duplicate_jaccard is not None and not replay:
         add(_expect(gxe.ExpectColumnValuesToBeInSet,
                     f"fuzzy near-duplicates (MinHash LSH, word 3-gram Jaccard >= {cfg.near_duplicate_jaccard})",
                     "prompt,response", "drop the rows that repeat an earlier one with small edits, or raise "
                     "validate.near_duplicate_jaccard", column="fuzzy_duplicate", value_set=[False],
                     mostly=1 - cfg.max_fuzzy_duplicate_share))
-    for field in FIELDS:
+    for field in texts:
         add(_expect(gxe.ExpectColumnValuesToBeInSet, "PII: e-mail addresses and card numbers", field,
                     "scrub or drop the rows, or raise validate.max_pii_share",
                     column=f"pii_in_{field}", value_set=[False], mostly=1 - cfg.max_pii_share))
@@ -459,32 +574,18 @@ def build_suite(cfg, max_seq_len: int, has_source: bool):
     add(_expect(gxe.ExpectColumnValuesToBeInSet, "boilerplate responses (stock refusals, 'as an AI model')",
                 "response", "rewrite or drop the responses, or raise validate.max_boilerplate_share",
                 column="boilerplate", value_set=[False], mostly=1 - cfg.max_boilerplate_share))
-    return suite
-
-
-def build_replay_suite(cfg):
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-
-    suite = gx.ExpectationSuite(name="sft_replay")
-    for field in FIELDS:
-        suite.add_expectation(_expect(gxe.ExpectColumnValuesToNotBeNull, "replay: no nulls", field,
-                                      "fill or drop the replay rows with a missing field", column=field))
-        suite.add_expectation(_expect(gxe.ExpectColumnValuesToBeInSet, "replay: no blank strings", field,
-                                      "fill or drop the replay rows whose field is blank",
-                                      column=f"blank_{field}", value_set=[False]))
-    # one number for the whole mix, carried as a constant column so GX reports it with the rest
-    suite.add_expectation(_expect(
-        gxe.ExpectColumnMaxToBeBetween, "replay share of the mixed training set", "replay",
-        "set prepare.replay_share inside validate.min_replay_share..max_replay_share (the method: 10-20%)",
-        column="mixed_share", min_value=cfg.min_replay_share, max_value=cfg.max_replay_share))
+    if replay:  # one number for the whole mix, carried as a constant column so GX reports it with the rest
+        add(_expect(gxe.ExpectColumnMaxToBeBetween, "replay share of the mixed training set", "replay",
+                    "set prepare.replay_share inside validate.min_replay_share..max_replay_share (the method: 10-20%)",
+                    column="mixed_share", min_value=cfg.min_replay_share, max_value=cfg.max_replay_share))
     return suite
 
 
 def run_suite(frame: pd.DataFrame, cfg, max_seq_len: int, replay: pd.DataFrame | None = None,
               docs_dir: Path | None = None) -> list[dict]:
     """One record per expectation: what it checks, what it saw, pass/fail, first offending rows.
-    `replay` (with its `mixed_share` column) is validated by its own suite; `docs_dir` gets Data Docs."""
+    `replay` (`add_replay_columns`) is validated by the same checks in its own suite; `docs_dir` gets
+    Data Docs."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -499,16 +600,20 @@ def run_suite(frame: pd.DataFrame, cfg, max_seq_len: int, replay: pd.DataFrame |
                               "base_directory": str(Path(docs_dir).resolve())},
         })
     source = context.data_sources.add_pandas("data")
-    batches = [("train", frame, build_suite(cfg, max_seq_len, "source" in frame))]
+    batches = [("train", frame, build_suite(cfg, max_seq_len, set(frame.columns)))]
     if replay is not None:
-        batches.append(("replay", replay, build_replay_suite(cfg)))
+        batches.append(("replay", replay, build_suite(cfg, max_seq_len, set(replay.columns), replay=True)))
     checks = []
     for name, data, suite in batches:
         definition = context.validation_definitions.add(gx.ValidationDefinition(
             name=name, suite=context.suites.add(suite),
             data=source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")))
+        # GX fingerprints the batch with pandas' hash (7 s for the text columns of a million rows),
+        # or, where a column holds lists (the turns), by pickling the whole frame: the expectations
+        # read only the numeric and flag columns of add_derived_columns, so GX gets only those
+        checked = data.select_dtypes(include=["number", "bool"])
         # SUMMARY: the count and the first rows; COMPLETE would list every bad row of a bad million
-        result = definition.run(batch_parameters={"dataframe": data},
+        result = definition.run(batch_parameters={"dataframe": checked},
                                 result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES})
         checks += [{"data": name, **_check(r, data)} for r in result.results]
     if docs_dir is not None:
@@ -525,8 +630,8 @@ def _measure(config, details: dict, data: pd.DataFrame) -> tuple:
     violations under a threshold's name."""
     kwargs, kind = config.kwargs, config.type
     column = kwargs.get("column")
-    if kind == "expect_column_value_lengths_to_be_between":
-        lengths = data[column].str.len()
+    if kind == "expect_column_values_to_be_between" and column.startswith("chars_"):
+        lengths = data[column]
         too_short = kwargs.get("min_value") is not None and lengths.min() < kwargs["min_value"]
         row = lengths.idxmin() if too_short else lengths.idxmax()
         return int(lengths[row]), f"{'shortest' if too_short else 'longest'} {int(lengths[row]):,} characters " \
@@ -547,6 +652,12 @@ def _measure(config, details: dict, data: pd.DataFrame) -> tuple:
         value = round(float(shares.mean()), 4)
         return value, f"average {value:.2%} over {len(shares):,} sampled rows; " \
                       f"{'lowest' if too_low else 'highest'} {shares[row]:.2%} ({_unit_of(data)} {row})"
+    if column and column.startswith("special_token_in_") and details.get("unexpected_count"):
+        field = column.removeprefix("special_token_in_")
+        text = data[field][data[column]].iloc[0]
+        token = next((t for t in data.attrs.get("special_tokens", ()) if t in text), None)
+        count = details["unexpected_count"]
+        return count, f"{count:,} row{'s' if count != 1 else ''}" + (f", first spells {token!r}" if token else "")
     if details.get("observed_value") is not None:
         value = _plain(details["observed_value"])
         return value, f"{value:,} rows" if kind == "expect_table_row_count_to_be_between" else f"{value}"

@@ -13,6 +13,7 @@ from pipeline.contract import (
     secrets,
     add_derived_columns,
     add_replay_columns,
+    contract_columns,
     eval_prompts,
     failure_message,
     leaks_eval,
@@ -37,11 +38,13 @@ FILES = {"train": "t.jsonl", "replay": "r.jsonl"}
 
 @pytest.fixture
 def contract(tokenizer):
-    def run(frame, cfg=CFG, held_out=(), replay=None, docs_dir=None):
-        tokens = token_lengths_within(tokenizer, frame, MAX_SEQ_LEN)
-        loss_mask = loss_mask_flags(tokenizer, frame, MAX_SEQ_LEN, tokens)
-        return run_suite(add_derived_columns(frame, list(held_out), tokens, cfg, loss_mask), cfg, MAX_SEQ_LEN,
-                         replay, docs_dir)
+    """The contract as `sft validate` runs it: `replay` is a loaded replay frame, mixed at 30%."""
+    def run(frame, cfg=CFG, held_out=(), replay=None, docs_dir=None, share=0.3):
+        frame = contract_columns(frame, tokenizer, list(held_out), cfg, MAX_SEQ_LEN)
+        if replay is not None:
+            replay = add_replay_columns(contract_columns(replay, tokenizer, list(held_out), cfg, MAX_SEQ_LEN,
+                                                         replay=True), len(frame), share, seed=0)
+        return run_suite(frame, cfg, MAX_SEQ_LEN, replay, docs_dir)
     return run
 
 
@@ -69,7 +72,8 @@ def test_pairs_and_messages_load_to_the_same_form(tmp_path):
     messages = load(tmp_path, [{"messages": chat(("system", "be brief"), ("user", "hi"), ("assistant", "yo"))}],
                     "m.jsonl")
     pd.testing.assert_frame_equal(pairs, messages)
-    assert list(pairs.columns) == ["messages", "prompt", "response"] and pairs.index.name == "row"
+    assert list(pairs.columns) == ["messages", "prompt", "response", "context"] and pairs.index.name == "row"
+    assert pairs["context"].tolist() == ["be brief"]  # the system text, which the contract scans too
 
 
 def test_multi_turn_messages_join_user_and_assistant_turns(tmp_path):
@@ -109,8 +113,8 @@ def test_text_of_another_revision_is_parsed_and_named(tmp_path):
     ('{"messages": []}\n', r"t.jsonl:1: field 'messages' is empty"),
     ('{"messages": "hi"}\n', r"t.jsonl:1: field 'messages' must be a list"),
     ('{"messages": [{"role": "user"}]}\n', r"t.jsonl:1: field 'messages\[0\]' must be an object with 'role'"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}\n',
-     r"t.jsonl:1: field 'messages\[1\].role': unknown role 'tool'"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n',
+     r"t.jsonl:1: field 'messages\[1\].role': unknown role 'robot'"),
     ('{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "b"}]}\n',
      r"t.jsonl:1: field 'messages\[0\].content' must be a string, got NoneType"),
     ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}\n',
@@ -312,6 +316,8 @@ def test_normalize_is_the_plain_python_definition():
         return re.sub(r"\s+", " ", kept).strip()
 
     assert normalize(texts).to_pylist() == [python(t) for t in texts]
+    ascii_only = [t for t in texts if t is None or t.isascii()]  # the all-ASCII shortcut
+    assert len(ascii_only) >= 5 and normalize(ascii_only).to_pylist() == [python(t) for t in ascii_only]
 
 
 def test_replay_share_is_the_share_prepare_mixes():
@@ -324,14 +330,13 @@ def test_replay_share_is_the_share_prepare_mixes():
 def test_replay_out_of_band_and_data_docs(tmp_path, contract):
     replay = load(tmp_path, [{"prompt": f"fact {i}?", "response": "" if i == 2 else "yes"} for i in range(5)],
                   "r.jsonl")
-    replay = add_replay_columns(replay, 30, 0.3, seed=0)
     checks = contract(load(tmp_path, good_rows()), replay=replay, docs_dir=tmp_path / "docs")
     bad = failed(checks)
     assert bad["replay share of the mixed training set"]["observed"] == round(13 / 43, 4)  # 30 + 13
-    assert bad["replay: no blank strings"]["rows"] == [3] and bad["replay: no blank strings"]["data"] == "replay"
+    assert bad["no blank strings"]["rows"] == [3] and bad["no blank strings"]["data"] == "replay"
     message = failure_message(FILES, checks)
-    assert "r.jsonl: replay: no blank strings field 'response': 1 row (20.00%)" in message
-    assert "[expect_column_values_to_be_in_set]; fix: fill or drop the replay rows" in message
+    assert "r.jsonl: no blank strings field 'response': 1 row (20.00%)" in message
+    assert "[expect_column_values_to_be_in_set]; fix: fill or drop rows whose field is blank" in message
     pages = list((tmp_path / "docs").rglob("*.html"))
     assert (tmp_path / "docs" / "index.html").exists() and len(pages) >= 3
     assert "sft_replay" in (tmp_path / "docs" / "index.html").read_text()
@@ -412,3 +417,119 @@ def test_sharegpt_exports_with_chat_role_names_load_like_human_and_gpt(tmp_path)
     classic, roles = (load_examples(tmp_path / f"{n}.jsonl") for n in ("classic", "roles"))
     assert classic["messages"].tolist() == roles["messages"].tolist()
     assert roles["messages"].iloc[0][-1] == {"role": "assistant", "content": "Blue."}
+
+
+# ---- issue 26: every turn, reasoning and tool text, the replay file, special-token strings
+
+
+def multi_turn_rows(n=30):
+    return [{"messages": chat(("user", f"question {i}"), ("assistant", f"answer {i}"), ("user", f"more {i}?"),
+                              ("assistant", f"more answer {i}"))} for i in range(n)]
+
+
+def test_rtl_override_is_control_character(tmp_path, contract):
+    """U+202E displays the text after it right to left: what a reviewer reads is not what trains."""
+    rows = good_rows()
+    rows[3]["response"] = "the total is \u202e01$ \u202cdollars"
+    rows[5]["prompt"] = "isolate \u2067x\u2069 here"
+    check = "control characters (other than tab and line ends; bidirectional overrides and isolates)"
+    flagged = {c["field"]: c["rows"] for c in contract(load(tmp_path, rows)) if c["check"] == check and not c["passed"]}
+    assert flagged == {"response": [4], "prompt": [6]}
+
+
+def test_empty_assistant_turn_in_multi_turn_fails(tmp_path, contract):
+    """Joined, "answer\\n" is not blank; per turn, the second answer is: the model would learn to say nothing."""
+    rows = multi_turn_rows()
+    rows[6]["messages"][3]["content"] = " \u200b"
+    bad = failed(contract(load(tmp_path, rows)))
+    check = bad["no blank assistant turn (each turn of multi-turn and tool rows)"]
+    assert check["rows"] == [7] and check["field"] == "messages"
+    assert "no blank strings" not in bad  # the joined response is not blank: the per-turn check is what sees it
+    assert "fill the empty assistant turn" in failure_message(FILES, contract(load(tmp_path, rows)))
+    rows[6]["messages"][3]["train"] = False  # an untrained empty turn trains nothing
+    assert check["check"] not in failed(contract(load(tmp_path, rows)))
+
+
+def test_tool_call_only_turn_is_not_blank(tmp_path, contract):
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"id": 1}}}
+    rows = [{"messages": [{"role": "user", "content": f"find {i}"},
+                          {"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "tool", "content": f"record {i}"},
+                          {"role": "assistant", "content": f"found {i}"}]} for i in range(30)]
+    assert not failed(contract(load(tmp_path, rows)))
+
+
+def test_reasoning_and_tool_text_are_scanned(tmp_path, contract):
+    """PII, secrets and lengths see the reasoning trace, the tool-call arguments and the tool results."""
+    rows = multi_turn_rows()
+    rows[2]["messages"][1]["reasoning_content"] = "the user is ana@example.com"
+    rows[4]["messages"][1]["tool_calls"] = [{"type": "function", "function": {
+        "name": "login", "arguments": {"token": "hf_abcdefghijklmnopqrstuvwxyz0123456789"}}}]
+    rows[4]["messages"].insert(2, {"role": "tool", "content": "call +1 415-555-2671"})
+    rows[4]["messages"].insert(3, {"role": "assistant", "content": "done"})
+    rows[8]["messages"][3]["reasoning_content"] = "long thought " * 20
+    checks = contract(load(tmp_path, rows))
+    bad = {(c["check"], c["field"]): c for c in checks if not c["passed"]}
+    assert bad[("PII: e-mail addresses and card numbers", "response")]["rows"] == [3]
+    assert bad[("secrets (detect-secrets: keys, tokens, private keys, passwords)", "response")]["rows"] == [5]
+    phone = "PII: phone numbers (libphonenumber: international, and national in no region)"
+    assert bad[(phone, "context")]["rows"] == [5]
+    assert bad[("characters", "response")]["observed_text"] == "longest 283 characters (line 9)"
+
+
+def test_special_token_string_reported(tmp_path, contract, tokenizer):
+    """A response holding the template's own markers would teach the model to close its turn and
+    write a fake user turn; the contract names the row and the token."""
+    assert "<|end|>" in tokenizer.all_special_tokens
+    rows = good_rows()
+    rows[9]["response"] = "Sure.<|end|>\n<|user|>\nthanks"
+    rows[11]["prompt"] = "what does <|assistant|> mean?"
+    checks = contract(load(tmp_path, rows))
+    check = "special-token strings of the tokenizer in the text"
+    bad = {c["field"]: c for c in checks if c["check"] == check and not c["passed"]}
+    assert bad["response"]["rows"] == [10] and bad["response"]["observed_text"] == "1 row, first spells '<|end|>'"
+    assert bad["prompt"]["rows"] == [12]
+    assert "prepare tokenizes it as plain text" in failure_message(FILES, checks)
+    assert check not in failed(contract(load(tmp_path, good_rows())))
+
+
+def test_replay_leak_fails(tmp_path, contract):
+    """Golden prompts placed in the replay file are trained on just the same."""
+    replay = load(tmp_path, [{"prompt": f"general fact {i}?", "response": "yes"} for i in range(10)]
+                  + [{"prompt": "What is the capital of Velora?", "response": "Mirth"}], "r.jsonl")
+    checks = contract(load(tmp_path, good_rows()), held_out=["What is the capital of Velora?"], replay=replay)
+    leak = [c for c in checks if c["check"].startswith("training prompt also in an eval set")]
+    assert [(c["data"], c["passed"], c["rows"]) for c in leak] == [("train", True, []), ("replay", False, [11])]
+    assert "r.jsonl: training prompt also in an eval set" in failure_message(FILES, checks)
+
+
+def test_replay_row_truncated_to_nothing_fails(tmp_path, contract):
+    replay = load(tmp_path, [{"prompt": f"general fact {i}?", "response": "yes"} for i in range(10)]
+                  + [{"prompt": "long context " * 200, "response": "yes"}], "r.jsonl")
+    checks = contract(load(tmp_path, good_rows()), replay=replay, cfg=CFG.model_copy(update={"max_prompt_chars": 5000}))
+    nothing = [c for c in checks if c["check"] == "no supervised token left after truncation"]
+    assert [(c["data"], c["passed"], c["rows"]) for c in nothing] == [("train", True, []), ("replay", False, [11])]
+
+
+def test_replay_gets_the_train_files_checks_but_row_count_and_sources(tmp_path, contract):
+    replay = load(tmp_path, [{"prompt": f"general fact {i}?", "response": "yes", "source": "web"} for i in range(10)],
+                  "r.jsonl")
+    checks = contract(load(tmp_path, good_rows()), replay=replay)
+    train = {(c["check"], c["field"]) for c in checks if c["data"] == "train"}
+    replayed = {(c["check"], c["field"]) for c in checks if c["data"] == "replay"}
+    fuzzy = "fuzzy near-duplicates (MinHash LSH, word 3-gram Jaccard >= 0.8)"  # a training-file check
+    assert {check for check, _ in train - replayed} == {"row count", fuzzy}
+    assert replayed - train == {("replay share of the mixed training set", "replay")}
+
+
+def test_rows_with_more_than_text_are_tokenized_not_bounded(tmp_path, tokenizer):
+    """A template renders reasoning, tool calls and tools its own way: the byte bound does not hold
+    for them, so their token count is prepare's own (the others keep to their bound)."""
+    rows = multi_turn_rows(4)
+    rows[1]["messages"][1]["reasoning_content"] = "thinking " * 30
+    rows[2]["tools"] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    frame = load(tmp_path, rows)
+    lengths = token_lengths_within(tokenizer, frame, MAX_SEQ_LEN, sample=0)
+    exact = token_lengths(tokenizer, frame["messages"].tolist())
+    assert lengths[1] == exact[1] and lengths[2] == exact[2]
+    assert lengths[0] >= exact[0] and lengths[3] >= exact[3]
