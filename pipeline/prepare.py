@@ -246,8 +246,10 @@ class ChatRenderer:
     change what it renders, so the join is exact for every conversation of the sequence, in any
     order. Templates that read contents (Qwen3 looks for `</think>`) render by jinja.
 
-    Control-token strings inside the data (`<|end|>` in an answer) are wrapped in transformers'
-    markers (`apply_chat_template(..., sanitize_control_tokens=True)`): they are encoded as text."""
+    Special-token strings inside the data (`<|end|>` in an answer) are wrapped in transformers'
+    markers, as `apply_chat_template(..., sanitize_control_tokens=True)` does: they are encoded as
+    text. Added tokens that are not special (Qwen's `<think>`) are left to the template, which may
+    parse them out of a content."""
 
     PROBE_CHECKS = 2  # probe sets a learned layout must reproduce through jinja
 
@@ -257,7 +259,10 @@ class ChatRenderer:
         self.template = tokenizer.get_chat_template()
         self.lib = _library()
         control = tokenizer._get_control_tokens(self.template)
-        self.control_re, _ = self.lib._get_control_token_patterns(tuple(control))
+        # special tokens in the data are encoded as text; other added tokens (Qwen's <think>) stay tokens:
+        # templates parse them out of contents, which markers around them would break
+        specials = tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+        self.control_re, _ = self.lib._get_control_token_patterns(specials)
         literal = self.lib._get_template_literal_text(self.template)
         named = {str(t) for t in tokenizer.special_tokens_map.values() if isinstance(t, str)}
         # the tokens a turn body can end with: the template's own control tokens and the named specials
