@@ -263,6 +263,7 @@ class ChatRenderer:
         # templates parse them out of contents, which markers around them would break
         specials = tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
         self.control_re, _ = self.lib._get_control_token_patterns(specials)
+        self._first_chars = {t[0] for t in specials if t} | {self.lib._CONTROL_TOKEN_START, self.lib._CONTROL_TOKEN_END}
         literal = self.lib._get_template_literal_text(self.template)
         named = {str(t) for t in tokenizer.special_tokens_map.values() if isinstance(t, str)}
         # the tokens a turn body can end with: the template's own control tokens and the named specials
@@ -305,15 +306,19 @@ class ChatRenderer:
         stripped = body.rstrip()
         return len(stripped) if self._ends_with_token(stripped) else len(body)
 
-    def _shape(self, messages: list[dict]) -> tuple:
-        return tuple((m["role"], *(f for f in ("content", "reasoning_content") if f in m)) for m in messages)
+    @staticmethod
+    def _shape(messages: list[dict]) -> tuple:
+        """Each message's role and fields: what decides a rendering's layout (see `_layout`)."""
+        return tuple((m["role"], "content" in m, "reasoning_content" in m,
+                      "tool_calls" in m or "name" in m or "tool_call_id" in m) for m in messages)
 
-    def _layout(self, messages: list[dict], generation_prompt: bool):
+    def _layout(self, messages: list[dict], generation_prompt: bool, shape: tuple | None = None):
         """The rendering of this role sequence as literal segments around printed fields, or None
         where the template does more with a field than print it (then jinja renders it)."""
-        key = (self._shape(messages), generation_prompt)
+        key = (self._shape(messages) if shape is None else shape, generation_prompt)
         if key not in self._layouts:
-            self._layouts[key] = self._learn(messages, generation_prompt)
+            tools = any(s[3] for s in key[0])  # tool calls carry JSON the template formats: always jinja
+            self._layouts[key] = None if tools else self._learn(messages, generation_prompt)
         return self._layouts[key]
 
     def _probes(self, messages: list[dict], tag: int, log: _Reads | None):
@@ -368,9 +373,8 @@ class ChatRenderer:
             parts += (value.strip() if trim else value, after)
         return "".join(parts)
 
-    def _render(self, messages: list[dict], tools, generation_prompt: bool, row: int) -> str:
-        layout = None if tools or any(k in m for m in messages for k in ("tool_calls", "name", "tool_call_id")) \
-            else self._layout(messages, generation_prompt)
+    def _render(self, messages: list[dict], tools, generation_prompt: bool, row: int, shape=None) -> str:
+        layout = None if tools else self._layout(messages, generation_prompt, shape)
         if layout is not None:
             return self._join(layout, messages)
         try:
@@ -380,24 +384,23 @@ class ChatRenderer:
 
     # -- what a template cannot render
 
-    def _check_capable(self, messages: list[dict], tools, row: int) -> None:
-        """Refuse reasoning or tools the template drops, once per conversation shape: probe markers in
-        place of the reasoning and the tool arguments must appear where the template renders the turn."""
-        key = (self._shape(messages), tuple(bool(m.get("tool_calls")) for m in messages), bool(tools))
-        if key in self._capable:
+    def _check_capable(self, messages: list[dict], tools, row: int, shape: tuple) -> None:
+        """Refuse reasoning or tools the template drops, once per conversation shape: a probe marker in
+        place of the reasoning, and each tool's name, must appear where the template renders the turn."""
+        key = (shape, bool(tools))
+        if key in self._capable or not (tools or any(s[2] or s[3] for s in shape)):
             return
         probe = [dict(m) for m in messages]
         for i, m in enumerate(probe):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or not ("reasoning_content" in m or m.get("tool_calls")):
                 continue
-            turn = self._render(probe[:i + 1], tools, False, row)[len(self._render(probe[:i], tools, True, row)):]
             if "reasoning_content" in m:
-                m["reasoning_content"] = f"\ue000reasoning{i}\ue001"
-                upto = self._render(probe[:i + 1], tools, False, row)
-                if m["reasoning_content"] not in upto[len(self._render(probe[:i], tools, True, row)):]:
-                    raise TemplateError(row, f"assistant turn {i} has reasoning_content but the chat template "
-                                             "does not render reasoning (it has no place for it): use a template "
-                                             "that renders reasoning, or drop the reasoning from the data")
+                m["reasoning_content"] = f"\ue000reasoning{i}\ue001"  # a marker no template writes
+            turn = self._render(probe[:i + 1], tools, False, row)[len(self._render(probe[:i], tools, True, row)):]
+            if "reasoning_content" in m and m["reasoning_content"] not in turn:
+                raise TemplateError(row, f"assistant turn {i} has reasoning_content but the chat template does not "
+                                         "render reasoning (it has no place for it): use a template that renders "
+                                         "reasoning, or drop the reasoning from the data")
             for k, call in enumerate(m.get("tool_calls") or []):
                 name = call.get("function", call).get("name", "")
                 if name and name not in turn:
@@ -418,19 +421,20 @@ class ChatRenderer:
         marked = self._mark(messages, tools)
         if marked is not None:
             messages, tools = marked
-        self._check_capable(messages, tools, row)
-        full = self._render(messages, tools, False, row)
+        shape = self._shape(messages)
+        self._check_capable(messages, tools, row, shape)
+        full = self._render(messages, tools, False, row, shape)
         in_full, own = [], []
         for i, message in enumerate(raw):
             if not _trained(message):
                 continue
-            prompt = self._render(messages[:i], tools, True, row)
-            upto = full if i == len(messages) - 1 else self._render(messages[:i + 1], tools, False, row)
+            prompt = self._render(messages[:i], tools, True, row, shape[:i])
+            upto = full if i == len(messages) - 1 else self._render(messages[:i + 1], tools, False, row, shape[:i + 1])
             if not upto.startswith(prompt):
                 at = len(os.path.commonprefix([prompt, upto]))
-                raise TemplateError(row, f"the chat template renders the prompt of assistant turn {i} (the turns before "
-                                         "it and the generation prompt) otherwise once the turn follows: the prompt "
-                                         f"reads {prompt[max(0, at - 40):at + 40]!r}, with the turn "
+                raise TemplateError(row, f"the chat template renders the prompt of assistant turn {i} (the turns "
+                                         "before it and the generation prompt) otherwise once the turn follows: "
+                                         f"the prompt reads {prompt[max(0, at - 40):at + 40]!r}, with the turn "
                                          f"{upto[max(0, at - 40):at + 40]!r}; training would show a prompt that "
                                          "inference never renders (DeepSeek-R1 distills open a think block in the "
                                          "prompt and drop it from the turn; Mistral Nemo prints the system message "
@@ -462,10 +466,12 @@ class ChatRenderer:
         """Messages and tools with control-token strings wrapped in transformers' markers, or None when
         no string holds one (the common case: nothing to do)."""
         strings = [m.get(f) for m in messages for f in ("content", "reasoning_content")] + \
-                  [json.dumps(m["tool_calls"]) for m in messages if m.get("tool_calls")] + \
-                  ([json.dumps(tools)] if tools else [])
+                  [json.dumps(m["tool_calls"], ensure_ascii=False) for m in messages if m.get("tool_calls")] + \
+                  ([json.dumps(tools, ensure_ascii=False)] if tools else [])
         start, end = self.lib._CONTROL_TOKEN_START, self.lib._CONTROL_TOKEN_END
-        if not any(isinstance(s, str) and (self.control_re.search(s) or start in s or end in s) for s in strings):
+        # a cheap test first: a string without the first character of any special token holds none
+        if not any(isinstance(s, str) and any(c in s for c in self._first_chars) and
+                   (self.control_re.search(s) or start in s or end in s) for s in strings):
             return None
         return (self.lib.mark_control_tokens(messages, self.control_re),
                 self.lib.mark_control_tokens(tools, self.control_re) if tools else tools)

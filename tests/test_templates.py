@@ -222,7 +222,8 @@ def test_history_turns_policy_for_reasoning_dropped_in_history():
                      "<think>\nSix times seven.\n</think>\n\n42<|im_end|>"]
     # the first turn's own example has no later turn; the whole conversation's holds the first turn unsupervised
     assert "One more six" not in tokenizer.decode(own.example(1)[0])
-    context = tokenize_conversations(tokenizer, [conversation], workers=1, options=TemplateOptions(history="context_only"))
+    context = tokenize_conversations(tokenizer, [conversation], workers=1,
+                                     options=TemplateOptions(history="context_only"))
     assert len(context) == 1 and supervised_text(tokenizer, *context.example(0)) == texts[0]
     with pytest.raises(TemplateError, match="prepare.history_turns"):
         tokenize_conversations(tokenizer, [conversation], workers=1, options=TemplateOptions(history="refuse"))
