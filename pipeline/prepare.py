@@ -1,8 +1,10 @@
 """prepare: replay mix, chat template, tokenization, loss masks, packing or length buckets.
 
 Every conversation becomes exactly the token ids `tokenizer.apply_chat_template` gives for it
-(tests/test_prepare.py checks the parity); each assistant turn (its content and the end-of-turn
-token after it) carries loss, everything else is IGNORE.
+(special-token strings inside the data encoded as text); each trained assistant turn carries loss
+on what the model generates after the prompt inference renders for it: the template's preamble,
+reasoning, tool calls and text, up to and including the turn's end token (see ChatRenderer;
+tests/test_templates.py checks 14 families' published templates). Everything else is IGNORE.
 
 Packed rows hold whole examples, each row filled as full as a subset-sum allows (`pack_bins`).
 Position ids restart at 0 for every
@@ -10,9 +12,10 @@ example; the model turns those restarts into a block-diagonal causal mask, so no
 attends to another one packed beside it (see tests/test_prepare.py for the parity check).
 Unpacked rows (`prepare.pack: false`) hold one example each, ordered into length buckets.
 
-Speed (benchmarks/prepare_200k.py): the chat template is rendered once per role sequence and
-reused as text segments, the Rust tokenizer encodes in batches on every core, and ids travel as
-flat numpy arrays with offsets, never as one Python list per example.
+Speed (benchmarks/prepare_200k.py): where a template is proven to only print contents, each
+rendering is a join of segments learned once per role sequence (jinja otherwise), the Rust
+tokenizer encodes in batches on every core, and ids travel as flat numpy arrays with offsets,
+never as one Python list per example.
 """
 
 from __future__ import annotations
@@ -886,7 +889,7 @@ def prepare(tokenizer, train: list[dict], replay: list[dict], max_len: int, repl
             pack: bool = True, bucket_rows: int = 256, options: TemplateOptions | None = None) -> Packed:
     """Rows (prompt/response or messages) -> packed (or length-bucketed) training rows."""
     tokenized = tokenize_conversations(tokenizer, [as_conversation(r) for r in train + replay], options=options)
-    train_part = tokenized.select(np.flatnonzero(tokenized.rows < len(train)))
-    replay_part = tokenized.select(np.flatnonzero(tokenized.rows >= len(train))) if replay else None
+    train_part = tokenized.select(tokenized.of_rows(range(len(train))))
+    replay_part = tokenized.select(tokenized.of_rows(range(len(train), len(train) + len(replay)))) if replay else None
     return prepare_tokenized(train_part, replay_part, max_len, replay_share, seed, tokenizer.pad_token_id,
                              pack, bucket_rows)

@@ -229,6 +229,15 @@ def test_history_turns_policy_for_reasoning_dropped_in_history():
         tokenize_conversations(tokenizer, [conversation], workers=1, options=TemplateOptions(history="refuse"))
 
 
+def test_tools_a_template_cannot_render_are_refused():
+    """A row's tools list where the template has no place for tool definitions: refused, not dropped."""
+    conversation = {"messages": [user("Hi"), assistant("Hello.")], "tools": TOOLS}
+    with pytest.raises(TemplateError, match="no place for tool definitions"):
+        tokenize_conversations(family_tokenizer("gemma3"), [conversation], workers=1)
+    ids, labels = tokenize_conversations(family_tokenizer("qwen2.5"), [conversation], workers=1).example(0)
+    assert "get_weather" in family_tokenizer("qwen2.5").decode(ids)
+
+
 def test_untrained_turn_carries_no_loss():
     tokenizer = family_tokenizer("llama3.3")
     ids, labels = tokenize_conversations(tokenizer, [CONVERSATIONS["untrained_turn"]], workers=1).example(0)
