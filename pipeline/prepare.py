@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -103,6 +104,7 @@ def as_conversation(row: dict):
 HISTORY_CHOICES = ("own_example", "context_only", "refuse")
 # fields of a message the chat template sees; `train` (no loss on the turn) is ours
 TEMPLATE_FIELDS = ("role", "content", "reasoning_content", "tool_calls", "name", "tool_call_id")
+_TEMPLATE_KEYS = frozenset(TEMPLATE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ def as_chat(item) -> tuple[list[dict], list | None]:
 def _for_template(message: dict) -> dict:
     """The message as chat templates read it: reasoning under `reasoning_content` (transformers also
     passes it as `thinking`, which gpt-oss reads), no keys of ours, no None values."""
+    if message.keys() <= _TEMPLATE_KEYS and None not in message.values():  # the common case: as it is
+        return message
     message = dict(message)
     if message.get("reasoning_content") is None and message.get("thinking") is not None:
         message["reasoning_content"] = message["thinking"]
@@ -266,12 +270,15 @@ class ChatRenderer:
         # templates parse them out of contents, which markers around them would break
         specials = tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
         self.control_re, _ = self.lib._get_control_token_patterns(specials)
-        self._first_chars = {t[0] for t in specials if t} | {self.lib._CONTROL_TOKEN_START, self.lib._CONTROL_TOKEN_END}
+        markers = f"[{self.lib._CONTROL_TOKEN_START}{self.lib._CONTROL_TOKEN_END}]"
+        self._in_data_re = re.compile(f"{self.control_re.pattern}|{markers}")  # what _mark must handle
+        # the characters one of those starts with: a text holding none of them needs no regex
+        self._first_chars = tuple({t[0] for t in specials if t} | set(markers[1:-1]))
         literal = self.lib._get_template_literal_text(self.template)
         named = {str(t) for t in tokenizer.special_tokens_map.values() if isinstance(t, str)}
         # the tokens a turn body can end with: the template's own control tokens and the named specials
-        self.end_tokens = sorted({t for t in control if not t.isspace() and (t in literal or t in named)},
-                                 key=len, reverse=True)
+        self.end_tokens = tuple(sorted({t for t in control if not t.isspace() and (t in literal or t in named)},
+                                       key=len, reverse=True))
         self.closing = self._closing_suffix()
         self._layouts: dict = {}
         self._capable: set = set()
@@ -299,8 +306,9 @@ class ChatRenderer:
         return at_end[cut:] if cut else ""
 
     def _ends_with_token(self, text: str) -> bool:
-        return any(text.endswith(t) and not text[:-len(t)].endswith(self.lib._CONTROL_TOKEN_START)
-                   for t in self.end_tokens)
+        """Whether `text` ends with one of the template's end tokens (one of the data's, marked, does not count)."""
+        return text.endswith(self.end_tokens) and any(
+            text.endswith(t) and not text[:-len(t)].endswith(self.lib._CONTROL_TOKEN_START) for t in self.end_tokens)
 
     def _turn_length(self, turn: str) -> int:
         """Characters of a turn's rendering (at the end of a conversation) the model generates: up to
@@ -471,10 +479,8 @@ class ChatRenderer:
         strings = [m.get(f) for m in messages for f in ("content", "reasoning_content")] + \
                   [json.dumps(m["tool_calls"], ensure_ascii=False) for m in messages if m.get("tool_calls")] + \
                   ([json.dumps(tools, ensure_ascii=False)] if tools else [])
-        start, end = self.lib._CONTROL_TOKEN_START, self.lib._CONTROL_TOKEN_END
-        # a cheap test first: a string without the first character of any special token holds none
-        if not any(isinstance(s, str) and any(c in s for c in self._first_chars) and
-                   (self.control_re.search(s) or start in s or end in s) for s in strings):
+        text = "\0".join(s for s in strings if isinstance(s, str))
+        if not any(c in text for c in self._first_chars) or not self._in_data_re.search(text):
             return None
         return (self.lib.mark_control_tokens(messages, self.control_re),
                 self.lib.mark_control_tokens(tools, self.control_re) if tools else tools)
