@@ -458,8 +458,8 @@ class ChatRenderer:
             if not full.startswith(prompt):
                 at = len(os.path.commonprefix([prompt, full]))
                 raise TemplateError(row, f"the chat template moves or drops content of the turns before assistant "
-                                         f"turn {i} once later turns follow (Mistral Nemo prints the system message "
-                                         f"only in the last user turn): the prompt at inference reads "
+                                         f"turn {i} once later turns follow (e.g. a system message printed only in "
+                                         "the last user turn): the prompt at inference reads "
                                          f"{prompt[max(0, at - 40):at + 40]!r}, the whole conversation "
                                          f"{full[max(0, at - 40):at + 40]!r}; no example shows the model both: "
                                          "split the conversation, or drop the system message")
@@ -477,8 +477,8 @@ class ChatRenderer:
         """Messages and tools with control-token strings wrapped in transformers' markers, or None when
         no string holds one (the common case: nothing to do)."""
         strings = [m.get(f) for m in messages for f in ("content", "reasoning_content")] + \
-                  [json.dumps(m["tool_calls"], ensure_ascii=False) for m in messages if m.get("tool_calls")] + \
-                  ([json.dumps(tools, ensure_ascii=False)] if tools else [])
+                  [json.dumps(m["tool_calls"], ensure_ascii=False, default=str) for m in messages
+                   if m.get("tool_calls")] + ([json.dumps(tools, ensure_ascii=False, default=str)] if tools else [])
         text = "\0".join(s for s in strings if isinstance(s, str))
         if not any(c in text for c in self._first_chars) or not self._in_data_re.search(text):
             return None

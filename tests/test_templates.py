@@ -271,6 +271,22 @@ def test_evaluation_prompt_is_the_training_prompt(family):
         assert ids[:first] == tokenizer.encode(prompt, add_special_tokens=False)
 
 
+def test_lm_eval_prompts_take_the_template_kwargs(tiny_model_dir):
+    """Evaluation passes prepare's template kwargs to lm-eval (chat_template_args): with Qwen3's
+    enable_thinking off, lm-eval's prompt is training's; without them, the parity check refuses."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.evaluate import check_parity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # only the tokenizer renders prompts
+    tokenizer, options = family_tokenizer("qwen3"), TemplateOptions({"enable_thinking": False})
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, chat_template_args=dict(options.kwargs))
+    check_parity(lm, tokenizer, template=options)
+    with pytest.raises(ValueError, match="train/eval mismatch"):
+        check_parity(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1), tokenizer, template=options)
+
+
 def test_fast_path_only_where_the_template_only_prints_contents(tokenizer):
     """Joins of cached segments serve a role sequence only when probe strings show the template does
     nothing with a content but print (or trim) it."""
