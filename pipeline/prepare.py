@@ -168,7 +168,9 @@ def _for_template(message: dict) -> dict:
 
 
 def _trained(message: dict) -> bool:
-    return message["role"] == "assistant" and message.get("train", True) is not False
+    """An assistant turn carries loss unless the data says not (`train: false`; `weight: 0` as well,
+    should a row reach prepare without pipeline/data.py's normalisation)."""
+    return message["role"] == "assistant" and message.get("train", True) is not False and message.get("weight", 1) != 0
 
 
 def _library():

@@ -240,8 +240,10 @@ def test_tools_a_template_cannot_render_are_refused():
 
 def test_untrained_turn_carries_no_loss():
     tokenizer = family_tokenizer("llama3.3")
-    ids, labels = tokenize_conversations(tokenizer, [CONVERSATIONS["untrained_turn"]], workers=1).example(0)
-    assert supervised_text(tokenizer, ids, labels) == "dog<|eot_id|>"
+    weighted = [user("Repeat: cat"), assistant("cat", weight=0), user("Now: dog"), assistant("dog", weight=1)]
+    tokenized = tokenize_conversations(tokenizer, [CONVERSATIONS["untrained_turn"], weighted], workers=1)
+    assert [supervised_text(tokenizer, *tokenized.example(k)) for k in (0, 1)] == ["dog<|eot_id|>"] * 2
+    assert "cat" in tokenizer.decode(tokenized.example(0)[0])  # the untrained turn stays as context
 
 
 @pytest.mark.parametrize("family", ["qwen2.5", "llama3.3", "phi-3.5", "gpt-oss", "mistral-small-3.2", "chatml"])
