@@ -271,3 +271,15 @@ def test_forked_workers_give_the_same_arrays(tokenizer, monkeypatch):
     alone, forked = (tokenize_conversations(tokenizer, conversations, workers=w) for w in (1, 2))
     for name in ("ids", "labels", "offsets"):
         assert np.array_equal(getattr(alone, name), getattr(forked, name))
+
+
+def test_a_rows_tools_travel_with_its_messages():
+    """pandas fills a row without tools with None (or NaN): such a row is its plain messages."""
+    from pipeline.prepare import as_conversation
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assert as_conversation({"messages": messages, "tools": tools}) == {"messages": messages, "tools": tools}
+    for absent in (None, float("nan"), []):
+        assert as_conversation({"messages": messages, "tools": absent}) == messages
+    assert as_conversation({"prompt": "Hi", "response": "Hello."}) == messages
