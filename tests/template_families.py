@@ -5,7 +5,7 @@ publishes it (tests/fixtures/templates, sources in SOURCES.md)."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,7 +21,6 @@ class Family:
     bos: str | None = None
     eos: str | None = None
     added: tuple[str, ...] = ()  # added tokens that are not special (Qwen's <think>, <tool_call>)
-    kwargs: dict = field(default_factory=dict)
 
 
 QWEN = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
