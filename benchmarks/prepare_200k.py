@@ -103,7 +103,7 @@ def main(n: int) -> None:
     start = time.perf_counter()
     renderer = ChatRenderer(tokenizer)
     for c in conversations:
-        renderer.render(c)
+        renderer.examples(c)
     render_only = time.perf_counter() - start
 
     results = {}

@@ -185,7 +185,7 @@ def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")
     import numpy as np
 
     from pipeline.data import load_examples
-    from pipeline.prepare import prepare_tokenized, tokenize_file
+    from pipeline.prepare import TemplateError, TemplateOptions, as_conversation, prepare_tokenized, tokenize_file
 
     p = params()
     inputs = data_inputs(p)
@@ -203,13 +203,19 @@ def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")
         fail(f"{contract_file}: the data contract did not pass; fix the data (validate/contract.md says how), "
              "then run `sft validate`")
     tokenizer = base_tokenizer(tokenizer_dir)
-    def load(path):
-        return load_examples(path)["messages"].tolist()
+    def load(path):  # each row's conversation, its tools included
+        return [as_conversation(row) for row in load_examples(path).to_dict("records")]
 
-    try:  # an unchanged file with the same tokenizer is read from the cache, never tokenized again
-        (train, train_hit), *replay = [tokenize_file(tokenizer, path, load) for path in inputs]
-    except DataError as err:
-        fail(str(err))
+    template = TemplateOptions.from_config(p.prepare)
+    tokenized = []
+    for path in inputs:  # an unchanged file with the same tokenizer is read from the cache, never tokenized again
+        try:
+            tokenized.append(tokenize_file(tokenizer, path, load, options=template))
+        except DataError as err:
+            fail(str(err))
+        except TemplateError as err:
+            fail(f"{path}: data row {err.row + 1}: {err.reason}")
+    (train, train_hit), *replay = tokenized
     packed = prepare_tokenized(train, replay[0][0] if replay else None, p.prepare.max_seq_len,
                                p.prepare.replay_share, p.prepare.seed, tokenizer.pad_token_id,
                                p.prepare.pack, p.prepare.bucket_rows)
@@ -354,6 +360,7 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
 
     from pipeline.evaluate import (base_cache_dir, cache_base_results, cached_base_results, evaluate_models,
                                    from_rank_zero, init_data_parallel, launcher, suite_fingerprint, summary)
+    from pipeline.prepare import TemplateOptions
     from pipeline.train.checkpoint import list_checkpoints
     from pipeline.train.strategies import close
 
@@ -379,20 +386,25 @@ def evaluate(model: str = typer.Option("checkpoints", help="'base': the full sui
     started = time.perf_counter()
     # prompts must reach the model exactly as prepare rendered them with the base tokenizer
     training_tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    template = TemplateOptions.from_config(p.prepare)  # and with prepare's chat-template kwargs
     try:
         if model == "base":
-            key = suite_fingerprint(p.evaluate, json.loads((base_dir / "meta.json").read_text())["sha256"])
+            base_sha = json.loads((base_dir / "meta.json").read_text())["sha256"]
+            # other template kwargs render other prompts: a cached base result is only for the same ones
+            key = suite_fingerprint(p.evaluate, base_sha + (f" {json.dumps(dict(template.kwargs), sort_keys=True)}"
+                                                            if template.kwargs else ""))
             # rank 0 looks: a cache entry written meanwhile by another job must not split the ranks
             results = cached_base_results(p.evaluate, key) if runtime.is_main else None
             if from_rank_zero(results is not None):
                 say(f"base results from the cache ({base_cache_dir(p.evaluate)}/{key[:12]}…): same weights, tasks "
                     "and data")
             else:
-                results = evaluate_models({"base": base_dir}, p.evaluate, say, training_tokenizer)
+                results = evaluate_models({"base": base_dir}, p.evaluate, say, training_tokenizer, template=template)
                 if runtime.is_main:
                     cache_base_results(p.evaluate, key, results)
         elif model == "checkpoints":
-            results = evaluate_models(kept, p.evaluate, say, training_tokenizer, p.evaluate.per_checkpoint)
+            results = evaluate_models(kept, p.evaluate, say, training_tokenizer, p.evaluate.per_checkpoint,
+                                      template=template)
         elif model == "lora":
             results = _lora_results(p, kept, training_tokenizer, say)
         else:
@@ -412,14 +424,16 @@ def _lora_results(p, kept: dict[str, Path], training_tokenizer, say=typer.echo) 
     """evaluate.per_checkpoint on every LoRA checkpoint, then the rest of the suite on the best by the
     policy's select_by: the baseline full SFT is compared with."""
     from pipeline.evaluate import evaluate_models, from_rank_zero, is_main, summary
+    from pipeline.prepare import TemplateOptions
     from pipeline.gate import load_policy, ranked
 
-    results = evaluate_models(kept, p.evaluate, say, training_tokenizer, p.evaluate.per_checkpoint)
+    template = TemplateOptions.from_config(p.prepare)
+    results = evaluate_models(kept, p.evaluate, say, training_tokenizer, p.evaluate.per_checkpoint, template=template)
     select_by = load_policy(p.gate.policy, set(p.evaluate.metrics)).select_by
     best = from_rank_zero(ranked(summary(results), select_by)[0] if is_main() else None)  # rank 0 holds the results
     rest = [m for m in p.evaluate.metrics if m not in p.evaluate.per_checkpoint]
     say(f"full suite on the best LoRA checkpoint by {select_by}: {best}")
-    suite = evaluate_models({best: kept[best]}, p.evaluate, say, training_tokenizer, rest)[best]
+    suite = evaluate_models({best: kept[best]}, p.evaluate, say, training_tokenizer, rest, template=template)[best]
     if is_main():
         results[best].update(suite)
     return results
@@ -429,6 +443,7 @@ def _full_suite_in_gate_order(p, kept: dict[str, Path], evaluations: Path, train
     """The full suite on the best checkpoint by golden that can still pass, then the next, until
     one passes the whole policy (usually the first): the gate stage then decides on these files."""
     from pipeline.evaluate import evaluate_in_order
+    from pipeline.prepare import TemplateOptions
     from pipeline.gate import check_candidate, load_policy, suite_order
 
     policy = load_policy(p.gate.policy, set(p.evaluate.metrics))
@@ -449,7 +464,8 @@ def _full_suite_in_gate_order(p, kept: dict[str, Path], evaluations: Path, train
 
     order = suite_order(policy, base_scores, golden)
     say(f"full suite, in the gate's order: {', '.join(order)}")
-    return evaluate_in_order({name: kept[name] for name in order}, p.evaluate, passes, say, training_tokenizer)
+    return evaluate_in_order({name: kept[name] for name in order}, p.evaluate, passes, say, training_tokenizer,
+                             template=TemplateOptions.from_config(p.prepare))
 
 
 @app.command()

@@ -8,7 +8,7 @@ says, in params.yaml, that it knowingly leaves them (`train.override_method_rang
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -103,6 +103,13 @@ class PrepareConfig(Section):
     # (a few batches), so a batch trimmed to its longest row carries little padding
     pack: bool = True
     bucket_rows: int = Field(256, ge=1)
+    # extra chat-template variables, the same for prepare, the contract and lm-eval's prompts
+    # (e.g. Qwen3: {enable_thinking: false}); see pipeline/prepare.py TemplateOptions
+    chat_template_kwargs: dict[str, Any] = {}
+    # an assistant turn the template renders differently once later turns follow (Qwen3, gpt-oss drop
+    # earlier reasoning): own_example trains it alone with the history the model sees at inference;
+    # context_only keeps it as context without loss; refuse stops with the row
+    history_turns: Literal["own_example", "context_only", "refuse"] = "own_example"
 
 
 class TrainConfig(Section):

@@ -30,12 +30,13 @@ import yaml
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def check_parity(lm, training_tokenizer, prompt: str = "Say hello.") -> None:
+def check_parity(lm, training_tokenizer, prompt: str = "Say hello.", template=None) -> None:
     """Refuse to evaluate when lm-eval would show the model a prompt other than training did
-    (`training_tokenizer` is the one prepare used: the base model's)."""
+    (`training_tokenizer` is the one prepare used: the base model's; `template` the TemplateOptions
+    prepare used, whose kwargs lm-eval passes to the chat template as `chat_template_args`)."""
     from pipeline.prepare import IGNORE, tokenize_pair
 
-    ids, labels = tokenize_pair(training_tokenizer, prompt, "hello")
+    ids, labels = tokenize_pair(training_tokenizer, prompt, "hello", template)
     trained = ids[:next(i for i, label in enumerate(labels) if label != IGNORE)]  # up to the first supervised token
     evaluated = lm.tok_encode(lm.apply_chat_template([{"role": "user", "content": prompt}]))
     if evaluated != trained:
@@ -128,25 +129,27 @@ def tasks_index(include_path: str, tasks: set[str]):
     return local if tasks <= set(local.all_tasks) else task_manager(include_path, registry=True)
 
 
-def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: list[str] | None = None
-              ) -> dict[str, dict]:
+def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: list[str] | None = None,
+              template=None) -> dict[str, dict]:
     """{metric name: {"task", "metric", "score", "n", "items": {item id: score}}} for one model,
     on the metrics `names` (default: all of evaluate.metrics). Under torchrun every rank evaluates
     its share and rank 0 alone gets the results (None elsewhere)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from pipeline.prepare import freeze_template_clock
+    from pipeline.prepare import TemplateOptions, freeze_template_clock
 
     freeze_template_clock()  # lm-eval renders chat prompts on the same day as prepare did
+    template = template or TemplateOptions()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that we pass a model object: we mean to
     backend = data_parallel_lm() if _world()[1] > 1 else HFLM
+    # chat prompts take prepare's template kwargs (prepare.chat_template_kwargs), as training did
     lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
-                 max_gen_toks=cfg.max_gen_toks, device=str(model.device))
+                 max_gen_toks=cfg.max_gen_toks, device=str(model.device), chat_template_args=dict(template.kwargs))
     wanted = {name: spec for name, spec in cfg.metrics.items() if names is None or name in names}
     manager = tasks_index(str(Path(cfg.include_path).resolve()), {spec.task for spec in wanted.values()})
     if any(spec.chat for spec in wanted.values()):
-        check_parity(lm, training_tokenizer or tokenizer)
+        check_parity(lm, training_tokenizer or tokenizer, template=template)
     out: dict[str, dict] = {}
     for chat in (True, False):
         group = {name: spec for name, spec in wanted.items() if spec.chat == chat}
@@ -204,23 +207,23 @@ def load_model(path: Path):
 
 
 def evaluate_models(paths: dict[str, Path], cfg, log=print, training_tokenizer=None,
-                    names: list[str] | None = None) -> dict[str, dict]:
+                    names: list[str] | None = None, template=None) -> dict[str, dict]:
     """{model name: run_tasks(...)} for each named model folder."""
     results = {}
     for name, path in paths.items():
         log(f"evaluating {name} ({path})")
         model, tokenizer = load_model(path)
-        results[name] = run_tasks(model, tokenizer, cfg, log, training_tokenizer, names)
+        results[name] = run_tasks(model, tokenizer, cfg, log, training_tokenizer, names, template)
     return results
 
 
 def evaluate_in_order(paths: dict[str, Path], cfg, accept: Callable[[str, dict], bool], log=print,
-                      training_tokenizer=None) -> dict[str, dict]:
+                      training_tokenizer=None, template=None) -> dict[str, dict]:
     """The full suite on each model in the given order (the gate's preference), stopping after
     the first one `accept(name, results)` takes: a passing checkpoint is evaluated once."""
     results = {}
     for name, path in paths.items():
-        results.update(evaluate_models({name: path}, cfg, log, training_tokenizer))
+        results.update(evaluate_models({name: path}, cfg, log, training_tokenizer, template=template))
         if from_rank_zero(accept(name, results[name]) if is_main() else None):  # rank 0 holds the results
             break
     return results

@@ -45,7 +45,9 @@ def random_conversations(n: int, seed: int = 0) -> list[list[dict]]:
 
 
 def chat_template_ids(tokenizer, conversation) -> list[int]:
-    return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+    """apply_chat_template's ids, special-token strings in the contents encoded as text (prepare's rule)."""
+    return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                         sanitize_control_tokens=True)["input_ids"]
 
 
 @pytest.mark.parametrize("template", [None, TRIMMING, CONTENT_AWARE], ids=["demo", "trimming", "content-aware"])
@@ -88,16 +90,47 @@ def test_loss_only_on_response_and_end_of_turn(tokenizer):
 def test_renderer_joins_segments_and_falls_back_to_jinja(tokenizer):
     renderer = ChatRenderer(tokenizer)
     conversation = [{"role": "user", "content": " a "}, {"role": "assistant", "content": "b\n"}]
-    text, spans = renderer.render(conversation)
-    assert text == tokenizer.apply_chat_template(conversation, tokenize=False)
-    assert [text[s:e] for s, e in spans] == ["b\n<|end|>"]
-    assert renderer._shapes[("user", "assistant")] is not None  # the fast path
+    [example] = renderer.examples(conversation)
+    assert example.text == tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert [example.text[s:e] for s, e in example.spans] == ["b\n<|end|>"]
+    assert renderer._layout(conversation, False) is not None  # the fast path
     aware = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|end|>",
                             chat_template=CONTENT_AWARE)
     renderer = ChatRenderer(aware)
     for content in ("ab", "abcdefgh"):
-        renderer.render([{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}])
-    assert renderer._shapes[("user", "assistant")] is None  # a template that reads contents: jinja only
+        [example] = renderer.examples([{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}])
+        assert example.text == aware.apply_chat_template([{"role": "user", "content": content},
+                                                          {"role": "assistant", "content": "ok"}], tokenize=False)
+    assert renderer._layout(conversation, False) is None  # a template that reads contents: jinja only
+
+
+DEMO_PIN = "08a4cb4a8fcb3c5e55a54299f952bf7b54baba69c162129c4fadabaf92e46bb1"
+
+
+def test_demo_tokens_and_labels_unchanged(tokenizer):
+    """The demo's figures rest on these arrays: ids, labels and offsets of 400 demo rows and 100
+    multi-turn conversations hash as they did before the span was defined from the renderings
+    (DEMO_PIN was computed with the previous prepare, on main, before any change)."""
+    import hashlib
+
+    from pipeline.demo import make_sft_data
+    from pipeline.prepare import as_conversation
+
+    data = make_sft_data(0, train_rows=2000)
+    rows = data["train"][:300] + data["replay"][:100]
+    conversations = [as_conversation(r) for r in rows]
+    for k in range(100):
+        turns = [{"role": "system", "content": "Be brief."}] if k % 3 == 0 else []
+        for j in range(1 + k % 3):
+            row = rows[(k + j) % 300]
+            turns += [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+        conversations.append(turns)
+    tokenized = tokenize_conversations(tokenizer, conversations, workers=1)
+    digest = hashlib.sha256()
+    for array in (tokenized.ids.astype(np.int32), tokenized.labels.astype(np.int32),
+                  tokenized.offsets.astype(np.int64)):
+        digest.update(array.tobytes())
+    assert len(tokenized) == 500 and digest.hexdigest() == DEMO_PIN
 
 
 def test_cache_hit_is_identical_and_a_changed_file_misses(tokenizer, tmp_path, monkeypatch):
@@ -238,3 +271,15 @@ def test_forked_workers_give_the_same_arrays(tokenizer, monkeypatch):
     alone, forked = (tokenize_conversations(tokenizer, conversations, workers=w) for w in (1, 2))
     for name in ("ids", "labels", "offsets"):
         assert np.array_equal(getattr(alone, name), getattr(forked, name))
+
+
+def test_a_rows_tools_travel_with_its_messages():
+    """pandas fills a row without tools with None (or NaN): such a row is its plain messages."""
+    from pipeline.prepare import as_conversation
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assert as_conversation({"messages": messages, "tools": tools}) == {"messages": messages, "tools": tools}
+    for absent in (None, float("nan"), []):
+        assert as_conversation({"messages": messages, "tools": absent}) == messages
+    assert as_conversation({"prompt": "Hi", "response": "Hello."}) == messages
