@@ -143,6 +143,7 @@ def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate
     )
     from pipeline.data import load_examples
     from pipeline.files import atomic_dir
+    from pipeline.prepare import TemplateError, TemplateOptions
 
     p = params()
     files = {"train": p.data.train, "replay": p.data.replay}
@@ -161,10 +162,21 @@ def validate(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("validate
         fail(str(err))
     tokenizer = base_tokenizer(tokenizer_dir)
     check_family(tokenizer_dir, p.prepare.max_seq_len)
-    frame = contract_columns(frame, tokenizer, held_out, p.validate_, p.prepare.max_seq_len)
-    if replay is not None:  # the replay file is trained on too: the same contract
-        replay = add_replay_columns(contract_columns(replay, tokenizer, held_out, p.validate_, p.prepare.max_seq_len,
-                                                     replay=True), len(frame), p.prepare.replay_share, p.prepare.seed)
+    template = TemplateOptions.from_config(p.prepare)
+    for name, data in (("train", frame), ("replay", replay)):
+        if data is None:
+            continue
+        try:  # the replay file is trained on too: the same contract
+            checked = contract_columns(data, tokenizer, held_out, p.validate_, p.prepare.max_seq_len,
+                                       replay=name == "replay", options=template)
+        except TemplateError as err:  # what the chat template cannot render, named before any report
+            row = data.index[err.row]
+            where = f"{files[name]} row {row}" if data.attrs.get("parquet") else f"{files[name]}:{row}"
+            fail(f"{where}: field 'messages': {err.reason}")
+        if name == "train":
+            frame = checked
+        else:
+            replay = add_replay_columns(checked, len(frame), p.prepare.replay_share, p.prepare.seed)
     with atomic_dir(out / "data-docs") as docs:  # great-expectations Data Docs, for CI to upload
         checks = run_suite(frame, p.validate_, p.prepare.max_seq_len, replay, docs)
     passed = all(c["passed"] for c in checks)

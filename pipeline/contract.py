@@ -299,7 +299,31 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return shared / (len(a) + len(b) - shared)
 
 
-def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int = 2000, seed: int = 0) -> np.ndarray:
+def _conversations(frame: pd.DataFrame, positions) -> list:
+    """Rows at these positions as prepare renders them: their messages, with their tools."""
+    from pipeline.prepare import as_conversation
+
+    tools = frame["tools"] if "tools" in frame else None
+    return [as_conversation({"messages": frame["messages"].iat[i],
+                             "tools": tools.iat[i] if tools is not None else None}) for i in positions]
+
+
+def _tokenize(tokenizer, frame: pd.DataFrame, positions, options, lengths_only: bool = False):
+    """prepare's tokenization of the rows at `positions`; a row the template cannot render raises
+    TemplateError with its position in `frame` (the caller names file and line)."""
+    from pipeline.prepare import TemplateError, token_lengths, tokenize_conversations
+
+    positions = np.asarray(positions, dtype=np.int64)
+    try:
+        if lengths_only:
+            return token_lengths(tokenizer, _conversations(frame, positions), options=options)
+        return tokenize_conversations(tokenizer, _conversations(frame, positions), options=options)
+    except TemplateError as err:
+        raise TemplateError(int(positions[err.row]), err.reason) from None
+
+
+def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int = 2000, seed: int = 0,
+                         options=None) -> np.ndarray:
     """Each example's tokens after the chat template where it could exceed `limit`; elsewhere an
     upper bound that is <= `limit`. So `result > limit` is exactly the examples training truncates.
 
@@ -310,10 +334,8 @@ def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int
     count training sees), and so is a sample of the rest, which must keep to its bound, or every
     row is tokenized. Rows with more than text (reasoning, tool calls, a tools list, flags: what a
     template renders its own way) have no such bound: they are tokenized."""
-    from pipeline.prepare import token_lengths
-
     shapes = frame["messages"].map(turn_shape)
-    template = {shape: _template_bytes(tokenizer, shape) if all(map(str.__instancecheck__, shape)) else limit + 1
+    template = {shape: _template_bytes(tokenizer, shape, options) if all(map(str.__instancecheck__, shape)) else limit + 1
                 for shape in shapes.unique()}  # limit + 1: above the limit, so tokenized
     # prompt and response join the user and assistant turns: their bytes, and a newline between
     contents = sum(pc.fill_null(pc.binary_length(pa.array(frame[f], type=pa.large_string())), 0).to_numpy()
@@ -327,9 +349,9 @@ def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int
     rest = np.flatnonzero(bound <= limit)
     checked = np.random.default_rng(seed).choice(rest, min(sample, len(rest)), replace=False)
     rows = np.concatenate([exact, checked])
-    lengths = token_lengths(tokenizer, frame["messages"].iloc[rows].tolist())
+    lengths = _tokenize(tokenizer, frame, rows, options, lengths_only=True)
     if (lengths[len(exact):] > bound[checked]).any():  # this tokenizer breaks the premise: count every row
-        return np.asarray(token_lengths(tokenizer, frame["messages"].tolist()))
+        return np.asarray(_tokenize(tokenizer, frame, range(len(frame)), options, lengths_only=True))
     bound[rows] = lengths
     return bound
 
@@ -342,42 +364,59 @@ class LossMask(NamedTuple):
 
 
 def loss_mask_flags(tokenizer, frame: pd.DataFrame, limit: int, tokens: np.ndarray, sample: int = 2000,
-                    seed: int = 0) -> LossMask:
-    """Per row, from prepare's own tokenization and masks. `nothing_left` is decided on the rows
-    training truncates (`tokens > limit`; the others keep every token); `end_unsupervised` on the
-    first example of each role sequence, since the chat template decides it the same way for every
-    row of that sequence; `supervised_share` on a seeded sample of `sample` rows (the share is an
-    average: a sample measures it to about a percentage point). A model trained on the first learns
-    nothing from those rows; on the second, never to stop; with a tiny share, little per token paid."""
-    from pipeline.prepare import IGNORE, tokenize_conversations
+                    seed: int = 0, options=None) -> LossMask:
+    """Per row, from prepare's own tokenization and masks (a row may make more than one example: a
+    template that renders a trained turn differently once later turns follow). `nothing_left` is
+    decided on the rows training truncates (`tokens > limit`; the others keep every token);
+    `end_unsupervised` on the first row of each role sequence, since the chat template decides it the
+    same way for every row of that sequence; `supervised_share` on a seeded sample of `sample` rows
+    (the share is an average: a sample measures it to about a percentage point). A model trained on
+    the first learns nothing from those rows; on the second, never to stop; with a tiny share, little
+    per token paid."""
+    from pipeline.prepare import IGNORE, TemplateOptions
 
+    options = options or TemplateOptions()
     messages = frame["messages"]
+
+    def per_row(positions):  # (supervised tokens, tokens) of each row's examples after truncation
+        tokenized = _tokenize(tokenizer, frame, positions, options)
+        cut = tokenized.select(range(len(tokenized)), limit)
+        supervised, total = np.zeros(len(positions)), np.zeros(len(positions))
+        np.add.at(supervised, cut.rows, _supervised_counts(cut, IGNORE))
+        np.add.at(total, cut.rows, cut.lengths)
+        return supervised, total
+
     nothing_left = np.zeros(len(frame), dtype=bool)
     truncated = np.flatnonzero(tokens > limit)
     if len(truncated):
-        cut = tokenize_conversations(tokenizer, messages.iloc[truncated].tolist()).select(range(len(truncated)), limit)
-        nothing_left[truncated] = _supervised_counts(cut, IGNORE) == 0
+        nothing_left[truncated] = per_row(truncated)[0] == 0
     supervised_share = np.full(len(frame), np.nan)
     sampled = np.sort(np.random.default_rng(seed).choice(len(frame), min(sample, len(frame)), replace=False))
     if len(sampled):
-        cut = tokenize_conversations(tokenizer, messages.iloc[sampled].tolist()).select(range(len(sampled)), limit)
-        supervised_share[sampled] = _supervised_counts(cut, IGNORE) / np.maximum(cut.lengths, 1)
+        supervised, total = per_row(sampled)
+        supervised_share[sampled] = supervised / np.maximum(total, 1)
     rows_of: dict[tuple, list[int]] = {}
     for i, turns in enumerate(messages):
         rows_of.setdefault(turn_shape(turns), []).append(i)
     first = {shape: rows[0] for shape, rows in rows_of.items()}
-    probes = tokenize_conversations(tokenizer, [messages.iloc[i] for i in first.values()])
+    probes = _tokenize(tokenizer, frame, list(first.values()), options)
     specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     end_unsupervised = np.zeros(len(frame), dtype=bool)
     for k, shape in enumerate(first):
-        ids, labels = probes.example(k)
-        mask = np.asarray(labels) != IGNORE
-        ends = np.flatnonzero(mask & ~np.append(mask[1:], False))  # the last token of each supervised run
+        ends, ids_at_ends = 0, []
+        for example in probes.of_rows([k]):
+            ids, labels = probes.example(int(example))
+            mask = np.asarray(labels) != IGNORE
+            last = np.flatnonzero(mask & ~np.append(mask[1:], False))  # the last token of each supervised run
+            ends += len(last)
+            ids_at_ends += [ids[i] for i in last]
         assistant = [turn for turn in shape if turn == "assistant" or turn[0] == "assistant"]
         trained = sum(turn == "assistant" or "train" not in turn for turn in assistant)
-        # one supervised run per trained turn, never more than the assistant turns (a "train": false
-        # turn is context: supervised or not by a prepare that predates the flag, never run into another)
-        ok = trained <= len(ends) <= len(assistant) and all(ids[end] in specials for end in ends)
+        # one supervised run per trained turn (prepare.history_turns: context_only leaves turns the template
+        # renders otherwise in history without one), never more than the assistant turns, each ending on
+        # the turn's end token
+        fewest = 1 if options.history == "context_only" else trained
+        ok = fewest <= ends <= len(assistant) and all(i in specials for i in ids_at_ends)
         end_unsupervised[rows_of[shape]] = not ok
     return LossMask(nothing_left, end_unsupervised, supervised_share)
 
@@ -394,12 +433,13 @@ def _supervised_counts(tokenized, ignore: int) -> np.ndarray:
     return np.where(tokenized.lengths > 0, counts, 0)  # reduceat repeats the next value for an empty span
 
 
-def _template_bytes(tokenizer, roles: tuple[str, ...]) -> int:
+def _template_bytes(tokenizer, roles: tuple[str, ...], options=None) -> int:
     """Bytes the chat template adds around the contents of a conversation with these roles."""
     from pipeline.prepare import freeze_template_clock
 
     freeze_template_clock()
-    text = tokenizer.apply_chat_template([{"role": r, "content": "x"} for r in roles], tokenize=False)
+    kwargs = options.kwargs if options is not None else {}
+    text = tokenizer.apply_chat_template([{"role": r, "content": "x"} for r in roles], tokenize=False, **kwargs)
     return len(text.encode()) - len(roles)
 
 
@@ -467,12 +507,14 @@ def _pair_ids(frame: pd.DataFrame, normalized: pd.Series) -> tuple[np.ndarray, n
 
 
 def contract_columns(frame: pd.DataFrame, tokenizer, held_out: list[str], cfg, max_seq_len: int,
-                     replay: bool = False) -> pd.DataFrame:
+                     replay: bool = False, options=None) -> pd.DataFrame:
     """`frame` with every column its suite checks: token lengths, loss-mask flags and the derived
     columns, the same for the training file and the `replay` file (but fuzzy near-duplicates: see
-    build_suite)."""
-    tokens = token_lengths_within(tokenizer, frame, max_seq_len)
-    loss_mask = loss_mask_flags(tokenizer, frame, max_seq_len, tokens)
+    build_suite). `options`: prepare's TemplateOptions (template kwargs, history policy), so the
+    contract tokenizes as training will. A row the template cannot render raises TemplateError with
+    its position in `frame`."""
+    tokens = token_lengths_within(tokenizer, frame, max_seq_len, options=options)
+    loss_mask = loss_mask_flags(tokenizer, frame, max_seq_len, tokens, options=options)
     return add_derived_columns(frame, held_out, tokens, cfg, loss_mask, special_token_strings(tokenizer),
                                fuzzy=not replay)
 

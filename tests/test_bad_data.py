@@ -30,8 +30,17 @@ def base_dir(tmp_path_factory, tokenizer):
 
 
 def run_validate(folder: Path, tmp_path: Path, base_dir: Path):
-    shutil.copytree(folder, tmp_path / "data", ignore=shutil.ignore_patterns("expected.txt", "params.yaml"))
-    shutil.copytree(base_dir, tmp_path / "tokenizer")  # validate reads the tokenizer/ stage, never base/
+    """`sft validate` on a fixture folder, with the demo's tokenizer, or the real template family its
+    `tokenizer.txt` names (data with reasoning or tools needs a template that renders them)."""
+    shutil.copytree(folder, tmp_path / "data", ignore=shutil.ignore_patterns("expected.txt", "params.yaml",
+                                                                             "tokenizer.txt"))
+    family = folder / "tokenizer.txt"
+    if family.exists():
+        from tests.template_families import family_tokenizer
+
+        family_tokenizer(family.read_text().strip()).save_pretrained(tmp_path / "tokenizer")
+    else:  # validate reads the tokenizer/ stage, never base/
+        shutil.copytree(base_dir, tmp_path / "tokenizer")
     params = {k: dict(v) for k, v in PARAMS.items()}
     own = folder / "params.yaml"
     for section, values in (yaml.safe_load(own.read_text()) if own.exists() else {}).items():

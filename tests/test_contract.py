@@ -27,7 +27,7 @@ from pipeline.contract import (
 )
 from pipeline.data import load_examples
 from pipeline.files import DataError
-from pipeline.prepare import mix_replay, token_lengths
+from pipeline.prepare import as_conversation, mix_replay, token_lengths
 
 from .conftest import write_jsonl
 
@@ -39,10 +39,10 @@ FILES = {"train": "t.jsonl", "replay": "r.jsonl"}
 @pytest.fixture
 def contract(tokenizer):
     """The contract as `sft validate` runs it: `replay` is a loaded replay frame, mixed at 30%."""
-    def run(frame, cfg=CFG, held_out=(), replay=None, docs_dir=None, share=0.3):
-        frame = contract_columns(frame, tokenizer, list(held_out), cfg, MAX_SEQ_LEN)
+    def run(frame, cfg=CFG, held_out=(), replay=None, docs_dir=None, share=0.3, tok=tokenizer):
+        frame = contract_columns(frame, tok, list(held_out), cfg, MAX_SEQ_LEN)
         if replay is not None:
-            replay = add_replay_columns(contract_columns(replay, tokenizer, list(held_out), cfg, MAX_SEQ_LEN,
+            replay = add_replay_columns(contract_columns(replay, tok, list(held_out), cfg, MAX_SEQ_LEN,
                                                          replay=True), len(frame), share, seed=0)
         return run_suite(frame, cfg, MAX_SEQ_LEN, replay, docs_dir)
     return run
@@ -422,6 +422,12 @@ def test_sharegpt_exports_with_chat_role_names_load_like_human_and_gpt(tmp_path)
 # ---- issue 26: every turn, reasoning and tool text, the replay file, special-token strings
 
 
+def qwen3():
+    from tests.template_families import family_tokenizer
+
+    return family_tokenizer("qwen3")
+
+
 def multi_turn_rows(n=30):
     return [{"messages": chat(("user", f"question {i}"), ("assistant", f"answer {i}"), ("user", f"more {i}?"),
                               ("assistant", f"more answer {i}"))} for i in range(n)]
@@ -456,7 +462,7 @@ def test_tool_call_only_turn_is_not_blank(tmp_path, contract):
                           {"role": "assistant", "content": None, "tool_calls": [call]},
                           {"role": "tool", "content": f"record {i}"},
                           {"role": "assistant", "content": f"found {i}"}]} for i in range(30)]
-    assert not failed(contract(load(tmp_path, rows)))
+    assert not failed(contract(load(tmp_path, rows), tok=qwen3()))  # a template that renders tool calls
 
 
 def test_reasoning_and_tool_text_are_scanned(tmp_path, contract):
@@ -468,7 +474,7 @@ def test_reasoning_and_tool_text_are_scanned(tmp_path, contract):
     rows[4]["messages"].insert(2, {"role": "tool", "content": "call +1 415-555-2671"})
     rows[4]["messages"].insert(3, {"role": "assistant", "content": "done"})
     rows[8]["messages"][3]["reasoning_content"] = "long thought " * 20
-    checks = contract(load(tmp_path, rows))
+    checks = contract(load(tmp_path, rows), tok=qwen3())  # a template that renders reasoning and tools
     bad = {(c["check"], c["field"]): c for c in checks if not c["passed"]}
     assert bad[("PII: e-mail addresses and card numbers", "response")]["rows"] == [3]
     assert bad[("secrets (detect-secrets: keys, tokens, private keys, passwords)", "response")]["rows"] == [5]
@@ -529,7 +535,50 @@ def test_rows_with_more_than_text_are_tokenized_not_bounded(tmp_path, tokenizer)
     rows[1]["messages"][1]["reasoning_content"] = "thinking " * 30
     rows[2]["tools"] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
     frame = load(tmp_path, rows)
+    tokenizer = qwen3()  # a template that renders reasoning and tools
     lengths = token_lengths_within(tokenizer, frame, MAX_SEQ_LEN, sample=0)
-    exact = token_lengths(tokenizer, frame["messages"].tolist())
+    exact = token_lengths(tokenizer, [as_conversation(row) for row in frame.to_dict("records")])
     assert lengths[1] == exact[1] and lengths[2] == exact[2]
     assert lengths[0] >= exact[0] and lengths[3] >= exact[3]
+
+
+def test_loss_mask_checks_follow_rows_that_make_several_examples(tmp_path):
+    """Qwen3 drops reasoning from earlier turns, so prepare trains each such turn as its own example
+    (prepare.history_turns: own_example): the contract aggregates a row's examples, tokenizes with
+    the template options training uses, and finds every trained turn's end token supervised; with
+    context_only the earlier turns stay context and the rows still pass."""
+    from pipeline.prepare import TemplateOptions, token_lengths
+    from tests.template_families import family_tokenizer
+
+    qwen3 = family_tokenizer("qwen3")
+    turn = {"role": "assistant", "reasoning_content": "Think it through.", "content": "Four."}
+    rows = [{"messages": [{"role": "user", "content": f"2+2, case {i}?"}, turn,
+                          {"role": "user", "content": "And 3+3?"}, {**turn, "content": "Six."}]} for i in range(6)]
+    frame = load(tmp_path, rows)
+    for options in (TemplateOptions(), TemplateOptions(history="context_only")):
+        tokens = token_lengths_within(qwen3, frame, 512, options=options)
+        assert (tokens == token_lengths(qwen3, frame["messages"].tolist(), options=options)).all()
+        flags = loss_mask_flags(qwen3, frame, 512, tokens, options=options)
+        assert not flags.end_unsupervised.any() and not flags.nothing_left.any()
+        assert (flags.supervised_share > 0).all()
+
+
+def test_validate_names_the_line_a_template_cannot_render(tmp_path, monkeypatch, tokenizer):
+    """The demo's template has no place for reasoning: `sft validate` names file, line and field."""
+    from typer.testing import CliRunner
+
+    from pipeline import cli
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    rows = [json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(12)]
+    rows[4] = json.dumps({"messages": [{"role": "user", "content": "2+2?"},
+                                       {"role": "assistant", "reasoning_content": "Add.", "content": "4"}]})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/train.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "params.yaml").write_text("data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n"
+                                          "  min_replay_share: 0\n")
+    result = CliRunner().invoke(cli.app, ["validate"])
+    assert result.exit_code == 1
+    assert "data/train.jsonl:5: field 'messages':" in result.output and "reasoning" in result.output, result.output
+    assert not (tmp_path / "validate").exists()
