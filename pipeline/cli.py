@@ -225,8 +225,10 @@ def prepare(tokenizer_dir: Path = Path("tokenizer"), out: Path = Path("prepare")
             tokenized.append(tokenize_file(tokenizer, path, load, options=template))
         except DataError as err:
             fail(str(err))
-        except TemplateError as err:
-            fail(f"{path}: data row {err.row + 1}: {err.reason}")
+        except TemplateError as err:  # named as sft validate names it: file and line (Parquet: row)
+            frame = load_examples(path)
+            row = frame.index[err.row]
+            fail(f"{path} row {row}: {err.reason}" if frame.attrs.get("parquet") else f"{path}:{row}: {err.reason}")
     (train, train_hit), *replay = tokenized
     packed = prepare_tokenized(train, replay[0][0] if replay else None, p.prepare.max_seq_len,
                                p.prepare.replay_share, p.prepare.seed, tokenizer.pad_token_id,

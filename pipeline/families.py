@@ -114,6 +114,12 @@ def check_model(config, max_seq_len: int, where: str = "base") -> Family:
     if isinstance(config, dict):
         config = text_config(config)
     family = family_of(config, where)
+    dropout = _get(config, "attention_dropout") or 0.0
+    if dropout > 0:
+        raise UnsupportedModel(
+            f"{where}: attention_dropout {dropout}: flex attention (the GPU path) runs no attention dropout, so "
+            "training would crash or differ from what tests/test_families.py proves; use a checkpoint whose "
+            "config.json sets attention_dropout: 0.0")
     positions = _get(config, "max_position_embeddings")
     if positions and max_seq_len > positions:
         raise UnsupportedModel(
@@ -183,8 +189,9 @@ class Router:
     The logits are recorded by hooks on the modules the model itself records them from (its
     `_can_record_outputs["router_logits"]`), not through `output_router_logits=True`: the model's
     forward would then compute the loss itself from `attention_mask`, which here holds the engine's
-    own masks, not a padding mask. Recording is on only inside `recording()`, so a layer recomputed
-    in backward (activation checkpointing) adds nothing."""
+    own masks, not a padding mask. The hooks always record (no branch inside a compiled layer); the
+    loss takes the first logits of each `recording()`, one a MoE layer, so a layer recomputed in
+    backward (activation checkpointing) adds nothing to it."""
 
     def __init__(self, model, coef: float):
         import sys
@@ -196,26 +203,28 @@ class Router:
         self.balance = next(m.load_balancing_loss_func for m in modules if hasattr(m, "load_balancing_loss_func"))
         spec = next(m._can_record_outputs["router_logits"] for m in model.modules()
                     if "router_logits" in (getattr(m, "_can_record_outputs", None) or {}))
+        routers = [m for name, m in model.named_modules() if isinstance(m, spec.target_class)
+                   and (not spec.layer_name or name.endswith(spec.layer_name))]
+        if not routers:
+            raise UnsupportedModel(f"{model.config.model_type}: no router modules to take the load-balancing loss "
+                                   "from; set train.router_aux_loss_coef: 0 to train without it")
         self.logits: list = []
-        self.active = False
+        self.forward_logits: list = []
 
         def grab(module, args, output):
-            if self.active:
-                self.logits.append(output[spec.index] if isinstance(output, (tuple, list)) else output)
+            self.logits.append(output[spec.index] if isinstance(output, (tuple, list)) else output)
 
-        self.hooks = [m.register_forward_hook(grab) for m in model.modules() if isinstance(m, spec.target_class)]
+        self.hooks = [m.register_forward_hook(grab) for m in routers]
 
     @contextmanager
     def recording(self):
-        self.logits, self.active = [], True
-        try:
-            yield
-        finally:
-            self.active = False
+        self.logits = []
+        yield
+        self.forward_logits = self.logits[:len(self.hooks)]
 
     def loss(self, real):
         """`real`: [rows, length] True on the tokens of examples (the padding is not routed)."""
-        return self.balance(tuple(self.logits), self.num_experts, self.top_k, real)
+        return self.balance(tuple(self.forward_logits), self.num_experts, self.top_k, real)
 
     def remove(self) -> None:
         for hook in self.hooks:

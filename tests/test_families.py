@@ -233,3 +233,23 @@ def test_gpu_family_check_dry_run(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["ok"] and row["family"] == "gemma2" and row["loss_rel_error"] < 1e-6
     assert "| gemma2 | fp32 | dense |" in done.stdout
+
+
+def test_attention_dropout_is_refused_by_name():
+    """Flex attention (the GPU path) runs no attention dropout, and the matrix proves the engine
+    without it: a checkpoint that trains with it is refused, not crashed on its first GPU step."""
+    with pytest.raises(UnsupportedModel, match="attention_dropout 0.1"):
+        check_model({"model_type": "starcoder2", "attention_dropout": 0.1, "max_position_embeddings": 16384}, 4096)
+
+
+def test_router_loss_ignores_layers_recomputed_in_backward():
+    """With activation checkpointing every MoE layer runs again in backward: the router loss is the
+    forward's alone, and the gradients equal those without checkpointing."""
+    model = tiny_model("qwen3_moe", router_aux_loss_coef=0.0)
+    total, aux, grads = engine_loss_and_gradients(model, coef=0.5)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    total_ckpt, aux_ckpt, grads_ckpt = engine_loss_and_gradients(model, coef=0.5)
+    torch.testing.assert_close(aux_ckpt, aux, rtol=1e-6, atol=0)
+    torch.testing.assert_close(total_ckpt, total, rtol=1e-6, atol=0)
+    assert_same_gradients(grads_ckpt, grads)
