@@ -538,89 +538,107 @@ def build_suite(cfg, max_seq_len: int, columns, replay: bool = False):
     import great_expectations.expectations as gxe
 
     suite = gx.ExpectationSuite(name="sft_replay" if replay else "sft_train")
-    add = suite.add_expectation
-    if not replay:
-        add(_expect(gxe.ExpectTableRowCountToBeBetween, "row count", None,
-                    "add examples (the method wants more than 10k) or change validate.min_rows",
-                    min_value=cfg.min_rows, max_value=cfg.max_rows))
     texts = [field for field in TEXT_FIELDS if field in columns]
+    for expectation in (*_volume(gxe, cfg, columns, replay), *_rows(gxe, cfg, max_seq_len, texts),
+                        *_duplicates_and_leaks(gxe, cfg, replay), *_privacy(gxe, cfg, texts, replay)):
+        suite.add_expectation(expectation)
+    return suite
+
+
+def _volume(gxe, cfg, columns, replay: bool):
+    """Row counts: the whole file, and per source."""
+    if not replay:
+        yield _expect(gxe.ExpectTableRowCountToBeBetween, "row count", None,
+                    "add examples (the method wants more than 10k) or change validate.min_rows",
+                    min_value=cfg.min_rows, max_value=cfg.max_rows)
     if "source" in columns and not replay:
-        add(_expect(gxe.ExpectColumnValuesToNotBeNull, "every row names its source", "source",
-                    "fill the missing source", column="source_rows"))
-        add(_expect(gxe.ExpectColumnValuesToBeBetween, "rows per source", "source",
+        yield _expect(gxe.ExpectColumnValuesToNotBeNull, "every row names its source", "source",
+                    "fill the missing source", column="source_rows")
+        yield _expect(gxe.ExpectColumnValuesToBeBetween, "rows per source", "source",
                     "add examples from the small source, drop it, or lower validate.min_rows_per_source",
-                    column="source_rows", min_value=cfg.min_rows_per_source))
+                    column="source_rows", min_value=cfg.min_rows_per_source)
+
+
+def _rows(gxe, cfg, max_seq_len: int, texts: list[str]):
+    """Each row: nulls, blanks, lengths in characters and tokens, control characters, the loss mask."""
     max_chars = {"prompt": cfg.max_prompt_chars, "response": cfg.max_response_chars}
     for field in FIELDS:
-        add(_expect(gxe.ExpectColumnValuesToNotBeNull, "no nulls", field, "fill or drop rows with a missing field",
-                    column=f"chars_{field}"))
-        add(_expect(gxe.ExpectColumnValuesToBeInSet, "no blank strings", field,
+        yield _expect(gxe.ExpectColumnValuesToNotBeNull, "no nulls", field, "fill or drop rows with a missing field",
+                    column=f"chars_{field}")
+        yield _expect(gxe.ExpectColumnValuesToBeInSet, "no blank strings", field,
                     "fill or drop rows whose field is blank (zero-width and other invisible characters count as "
-                    "blank)", column=f"blank_{field}", value_set=[False]))
-        add(_expect(gxe.ExpectColumnValuesToBeBetween, "characters", field,
+                    "blank)", column=f"blank_{field}", value_set=[False])
+        yield _expect(gxe.ExpectColumnValuesToBeBetween, "characters", field,
                     f"shorten, fill or drop the rows, or raise validate.max_{field}_chars (or lower validate.min_chars)",
-                    column=f"chars_{field}", min_value=cfg.min_chars, max_value=max_chars[field]))
-    add(_expect(gxe.ExpectColumnValuesToBeBetween, "tokens after the chat template (longer ones are truncated)",
+                    column=f"chars_{field}", min_value=cfg.min_chars, max_value=max_chars[field])
+    yield _expect(gxe.ExpectColumnValuesToBeBetween, "tokens after the chat template (longer ones are truncated)",
                 "messages", "shorten or drop long examples, or raise prepare.max_seq_len (or lower validate.min_fit_share)",
-                column="tokens", max_value=max_seq_len, mostly=cfg.min_fit_share))
-    add(_expect(gxe.ExpectColumnValuesToBeInSet, "no blank assistant turn (each turn of multi-turn and tool rows)",
+                column="tokens", max_value=max_seq_len, mostly=cfg.min_fit_share)
+    yield _expect(gxe.ExpectColumnValuesToBeInSet, "no blank assistant turn (each turn of multi-turn and tool rows)",
                 "messages", "fill the empty assistant turn, drop the row, or mark the turn \"train\": false (a trained "
-                "empty turn teaches the model to answer nothing)", column="blank_turn", value_set=[False]))
+                "empty turn teaches the model to answer nothing)", column="blank_turn", value_set=[False])
     for field in texts:
-        add(_expect(gxe.ExpectColumnValuesToBeInSet, "control characters (other than tab and line ends; bidirectional "
+        yield _expect(gxe.ExpectColumnValuesToBeInSet, "control characters (other than tab and line ends; bidirectional "
                     "overrides and isolates)", field, "strip terminal escapes, NUL bytes and bidirectional overrides "
-                    "(U+202A-U+202E, U+2066-U+2069) from the export", column=f"control_in_{field}", value_set=[False]))
-        add(_expect(gxe.ExpectColumnValuesToBeInSet, "special-token strings of the tokenizer in the text", field,
+                    "(U+202A-U+202E, U+2066-U+2069) from the export", column=f"control_in_{field}", value_set=[False])
+        yield _expect(gxe.ExpectColumnValuesToBeInSet, "special-token strings of the tokenizer in the text", field,
                     "remove or rewrite the marker (e.g. a copied chat transcript): prepare tokenizes it as plain text, "
                     "never as the control token, but the model still learns to write it",
-                    column=f"special_token_in_{field}", value_set=[False]))
-    add(_expect(gxe.ExpectColumnValuesToBeInSet, "no supervised token left after truncation", "messages",
+                    column=f"special_token_in_{field}", value_set=[False])
+    yield _expect(gxe.ExpectColumnValuesToBeInSet, "no supervised token left after truncation", "messages",
                 "shorten the prompt (the response is cut away), drop the row, or raise prepare.max_seq_len",
-                column="no_supervised_tokens", value_set=[False]))
-    add(_expect(gxe.ExpectColumnValuesToBeInSet, "end-of-turn token of every assistant turn supervised", "messages",
+                column="no_supervised_tokens", value_set=[False])
+    yield _expect(gxe.ExpectColumnValuesToBeInSet, "end-of-turn token of every assistant turn supervised", "messages",
                 "use a chat template that ends each assistant turn with the eos or another special token "
                 "(the model must learn to stop); see pipeline/prepare.py ChatRenderer",
-                column="end_of_turn_unsupervised", value_set=[False]))
-    add(_expect(gxe.ExpectColumnMeanToBeBetween, "share of tokens that carry loss (sampled rows)", "messages",
+                column="end_of_turn_unsupervised", value_set=[False])
+    yield _expect(gxe.ExpectColumnMeanToBeBetween, "share of tokens that carry loss (sampled rows)", "messages",
                 "longer responses or shorter prompts; check the template marks every assistant turn (see "
                 "pipeline/prepare.py ChatRenderer), or set validate.min_supervised_share / max_supervised_share",
-                column="supervised_share", min_value=cfg.min_supervised_share, max_value=cfg.max_supervised_share))
-    add(_expect(gxe.ExpectCompoundColumnsToBeUnique, "exact duplicate pairs", "prompt,response",
+                column="supervised_share", min_value=cfg.min_supervised_share, max_value=cfg.max_supervised_share)
+
+
+def _duplicates_and_leaks(gxe, cfg, replay: bool):
+    """Exact, normalised and fuzzy duplicates; eval items in the training data."""
+    yield _expect(gxe.ExpectCompoundColumnsToBeUnique, "exact duplicate pairs", "prompt,response",
                 # equal pairs have equal normalised pairs: unique pair_id is unique (pair_id, normalized_pair_id)
-                "drop the repeated (prompt, response) pairs", column_list=["pair_id", "normalized_pair_id"]))
-    add(_expect(gxe.ExpectColumnValuesToBeUnique,
+                "drop the repeated (prompt, response) pairs", column_list=["pair_id", "normalized_pair_id"])
+    yield _expect(gxe.ExpectColumnValuesToBeUnique,
                 "near-duplicate pairs (Unicode forms, case, whitespace, punctuation and invisible characters ignored)",
-                "prompt,response", "drop near-duplicates: they over-weight one example", column="normalized_pair_id"))
-    add(_expect(gxe.ExpectColumnValuesToBeInSet, "training prompt also in an eval set (exact or shared n-gram)",
+                "prompt,response", "drop near-duplicates: they over-weight one example", column="normalized_pair_id")
+    yield _expect(gxe.ExpectColumnValuesToBeInSet, "training prompt also in an eval set (exact or shared n-gram)",
                 "prompt", "remove eval items from the training data: they inflate the golden score (a shared "
                 "instruction template of validate.leak_ngram words or more also matches: raise validate.leak_ngram "
                 "above its length)",
-                column="leaks_eval", value_set=[False]))
+                column="leaks_eval", value_set=[False])
     if cfg.near_duplicate_jaccard is not None and not replay:
-        add(_expect(gxe.ExpectColumnValuesToBeInSet,
+        yield _expect(gxe.ExpectColumnValuesToBeInSet,
                     f"fuzzy near-duplicates (MinHash LSH, word 3-gram Jaccard >= {cfg.near_duplicate_jaccard})",
                     "prompt,response", "drop the rows that repeat an earlier one with small edits, or raise "
                     "validate.near_duplicate_jaccard", column="fuzzy_duplicate", value_set=[False],
-                    mostly=1 - cfg.max_fuzzy_duplicate_share))
+                    mostly=1 - cfg.max_fuzzy_duplicate_share)
+
+
+def _privacy(gxe, cfg, texts: list[str], replay: bool):
+    """PII and secrets per text field, boilerplate, and (replay) the share of the mix."""
     for field in texts:
-        add(_expect(gxe.ExpectColumnValuesToBeInSet, "PII: e-mail addresses and card numbers", field,
+        yield _expect(gxe.ExpectColumnValuesToBeInSet, "PII: e-mail addresses and card numbers", field,
                     "scrub or drop the rows, or raise validate.max_pii_share",
-                    column=f"pii_in_{field}", value_set=[False], mostly=1 - cfg.max_pii_share))
-        add(_expect(gxe.ExpectColumnValuesToBeInSet, "PII: phone numbers (libphonenumber: international, and "
+                    column=f"pii_in_{field}", value_set=[False], mostly=1 - cfg.max_pii_share)
+        yield _expect(gxe.ExpectColumnValuesToBeInSet, "PII: phone numbers (libphonenumber: international, and "
                     f"national in {', '.join(cfg.phone_regions) or 'no region'})", field,
                     "scrub or drop the rows, or raise validate.max_pii_share (validate.phone_regions: national formats)",
-                    column=f"phone_in_{field}", value_set=[False], mostly=1 - cfg.max_pii_share))
-        add(_expect(gxe.ExpectColumnValuesToBeInSet, "secrets (detect-secrets: keys, tokens, private keys, passwords)",
+                    column=f"phone_in_{field}", value_set=[False], mostly=1 - cfg.max_pii_share)
+        yield _expect(gxe.ExpectColumnValuesToBeInSet, "secrets (detect-secrets: keys, tokens, private keys, passwords)",
                     field, "remove the credential (and rotate it), drop the rows, or raise validate.max_secret_share",
-                    column=f"secret_in_{field}", value_set=[False], mostly=1 - cfg.max_secret_share))
-    add(_expect(gxe.ExpectColumnValuesToBeInSet, "boilerplate responses (stock refusals, 'as an AI model')",
+                    column=f"secret_in_{field}", value_set=[False], mostly=1 - cfg.max_secret_share)
+    yield _expect(gxe.ExpectColumnValuesToBeInSet, "boilerplate responses (stock refusals, 'as an AI model')",
                 "response", "rewrite or drop the responses, or raise validate.max_boilerplate_share",
-                column="boilerplate", value_set=[False], mostly=1 - cfg.max_boilerplate_share))
+                column="boilerplate", value_set=[False], mostly=1 - cfg.max_boilerplate_share)
     if replay:  # one number for the whole mix, carried as a constant column so GX reports it with the rest
-        add(_expect(gxe.ExpectColumnMaxToBeBetween, "replay share of the mixed training set", "replay",
+        yield _expect(gxe.ExpectColumnMaxToBeBetween, "replay share of the mixed training set", "replay",
                     "set prepare.replay_share inside validate.min_replay_share..max_replay_share (the method: 10-20%)",
-                    column="mixed_share", min_value=cfg.min_replay_share, max_value=cfg.max_replay_share))
-    return suite
+                    column="mixed_share", min_value=cfg.min_replay_share, max_value=cfg.max_replay_share)
 
 
 def run_suite(frame: pd.DataFrame, cfg, max_seq_len: int, replay: pd.DataFrame | None = None,

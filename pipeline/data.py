@@ -95,58 +95,72 @@ def load_examples(path: str | Path, text: str | bytes | None = None) -> pd.DataF
         if table is not None:
             return _pairs_frame(table)
     rows = _parquet_rows(name, text) if parquet else _jsonl_rows(name, text)
+    columns, numbers = _columns(rows, name, parquet)
+    if not numbers:
+        raise DataError(f"{name}: empty file (no rows)")
+    frame = pd.DataFrame(columns, index=pd.Index(numbers, name="row"))
+    frame.attrs["parquet"] = parquet  # reports say "row N" of a Parquet file, "line N" of JSONL
+    return frame
+
+
+def _columns(rows, name: str, parquet: bool) -> tuple[dict, list[int]]:
+    """The frame's columns (context, tools and source only where some row has them) and line numbers."""
     numbers, messages, prompts, responses, sources, contexts, tools = [], [], [], [], [], [], []
-    has_source = has_context = has_tools = False
     gc.disable()  # millions of small dicts: the cyclic collector would rescan them over and over
     try:
         for number, row in rows:
             prompt, response = row.get("prompt"), row.get("response")
-            context = row_tools = None
             if (type(prompt) is str and type(response) is str and "messages" not in row and "system" not in row
                     and "tools" not in row):
                 # the common case, a plain pair of strings: nothing to check (a million rows a few seconds)
                 turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+                context = row_tools = None
             else:
-                where = _where(name, number, parquet)
-                turns = _turns(row, where)
-                if "messages" in row or "conversations" in row:
-                    prompt = "\n".join(t["content"] for t in turns if t["role"] == "user")
-                    response = "\n".join(_assistant_text(t) for t in turns if t["role"] == "assistant")
-                if turns[0]["role"] == "system" or len(turns) > 3:
-                    context = "\n".join(t["content"] for t in turns if t["role"] in ("system", "tool")) or None
-                    has_context = has_context or context is not None
-                if row.get("tools") is not None:
-                    row_tools = _tools(row["tools"], where)
-                    has_tools = has_tools or row_tools is not None
-                if parquet:
-                    _refuse_struct_nulls(turns, row_tools, where, "conversations" if "conversations" in row
-                                         and "messages" not in row else "messages")
+                turns, prompt, response, context, row_tools = _structured(row, _where(name, number, parquet),
+                                                                          parquet)
             source = row.get("source")
             if source is not None and type(source) is not str:
                 raise DataError(f"{_where(name, number, parquet)}: field 'source' must be a string, "
                                 f"got {type(source).__name__}")
-            has_source = has_source or "source" in row
             numbers.append(number)
             messages.append(turns)
             prompts.append(prompt)  # a null stays null, for the contract's not-null expectation
             responses.append(response)
-            sources.append(source)
+            sources.append(source if "source" in row else _NO_SOURCE)
             contexts.append(context)
             tools.append(row_tools)
     finally:
         gc.enable()
-    if not numbers:
-        raise DataError(f"{name}: empty file (no rows)")
     columns = {"messages": messages, "prompt": prompts, "response": responses}
-    if has_context:
+    if any(c is not None for c in contexts):
         columns["context"] = [c or "" for c in contexts]
-    if has_tools:
+    if any(t is not None for t in tools):
         columns["tools"] = tools
-    if has_source:
-        columns["source"] = sources
-    frame = pd.DataFrame(columns, index=pd.Index(numbers, name="row"))
-    frame.attrs["parquet"] = parquet  # reports say "row N" of a Parquet file, "line N" of JSONL
-    return frame
+    if any(s is not _NO_SOURCE for s in sources):
+        columns["source"] = [None if s is _NO_SOURCE else s for s in sources]
+    return columns, numbers
+
+
+_NO_SOURCE = object()  # a row without the key, told apart from `"source": null`
+
+
+def _structured(row: dict, where: str, parquet: bool) -> tuple:
+    """A row with messages, ShareGPT turns, a system prompt or tools: (turns, prompt, response, context,
+    tools), the prompt and response the joined user and assistant text the contract reads."""
+    prompt, response = row.get("prompt"), row.get("response")
+    context = row_tools = None
+    turns = _turns(row, where)
+    if "messages" in row or "conversations" in row:
+        prompt = "\n".join(t["content"] for t in turns if t["role"] == "user")
+        response = "\n".join(_assistant_text(t) for t in turns if t["role"] == "assistant")
+    if turns[0]["role"] == "system" or len(turns) > 3:
+        context = "\n".join(t["content"] for t in turns if t["role"] in ("system", "tool")) or None
+    if row.get("tools") is not None:
+        row_tools = _tools(row["tools"], where)
+    if parquet:
+        _refuse_struct_nulls(turns, row_tools, where, "conversations" if "conversations" in row
+                             and "messages" not in row else "messages")
+    return turns, prompt, response, context, row_tools
 
 
 def _assistant_text(turn: dict) -> str:
