@@ -20,8 +20,9 @@ except ImportError:  # fsdp2 only
 
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.lora import load_with_adapters
-from pipeline.train.loop import peak_resident_mib
-from pipeline.train.strategies import close, init_runtime, load_model, shard
+from pipeline.dist import Strategy, close, init_runtime
+from pipeline.train.metrics import peak_resident_mib
+from pipeline.train.strategies import load_model, shard
 
 
 
@@ -29,7 +30,7 @@ def main(base_dir: str, out: str, strategy: str) -> None:
     torch.set_num_threads(1)
     strategy, _, adapters = strategy.partition("+")  # fsdp2+lora: `sft lora`'s loading
     cfg = TrainConfig(strategy=strategy, device="cpu", export_dtype="float32")
-    runtime = init_runtime(strategy, "cpu")
+    runtime = init_runtime(Strategy.of(strategy), "cpu")
     before = peak_resident_mib()
     if adapters:
         model, weights = load_with_adapters(Path(base_dir), cfg, LoraConfig(), runtime)

@@ -217,7 +217,7 @@ def test_two_processes_give_the_same_per_item_results_as_one(tiny_model_dir, tmp
 
 
 def test_evaluate_runs_once_per_gpu_of_the_node(monkeypatch):
-    from pipeline.evaluate import launcher
+    from pipeline.dist import data_parallel_command as launcher
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     command = launcher(["evaluate", "--model", "base"], {"SKYPILOT_NUM_NODES": "2"})

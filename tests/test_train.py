@@ -7,8 +7,8 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.prepare import IGNORE, prepare
 from pipeline.train.checkpoint import list_checkpoints, rotate, weights_sha256
+from pipeline.dist import Strategy, init_runtime
 from pipeline.train.loop import cosine_with_warmup, train
-from pipeline.train.strategies import init_runtime
 
 
 def tiny_packed(tokenizer, n=64):
@@ -79,15 +79,14 @@ def test_cosine_schedule_with_warmup():
 def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_model_dir, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.train.checkpoint import load_train_state
-    from pipeline.train.loop import fingerprint
+    from pipeline.train.resume import fingerprint, load_train_state
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cfg = TrainConfig(lr=1e-3, epochs=1, micro_batch_size=4, override_method_ranges=True, device="cpu")
     packed = tiny_packed(tokenizer, 48)
     meta = {"data_sha256": "abc"}
     cfg = cfg.model_copy(update={"epochs": 2})
-    runtime = init_runtime("single", "cpu")
+    runtime = init_runtime(Strategy.of("single"), "cpu")
 
     def stop_after_epoch_one(record, total):
         if record["step"] == total // 2 + 2:
@@ -126,7 +125,7 @@ def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_mod
 def test_unpacked_batches_are_trimmed_and_loss_targets_never_cross_examples():
     import torch
 
-    from pipeline.train.loop import loss_targets, trim_padding
+    from pipeline.train.batches import loss_targets, trim_padding
 
     labels = torch.full((2, 64), IGNORE)
     labels[0, 5:10] = 7  # row 0 ends at 10, row 1 at 20: the batch needs 20 columns, rounded up to 24
@@ -149,7 +148,7 @@ def test_unpacked_batches_are_trimmed_and_loss_targets_never_cross_examples():
 def test_step_flops_count_the_head_only_where_logits_are_computed_and_attention_per_key():
     from transformers import LlamaConfig
 
-    from pipeline.train.loop import StepFlops
+    from pipeline.train.metrics import StepFlops
 
     config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
@@ -169,7 +168,8 @@ def test_fsdp2_on_one_rank_runs_the_single_path(tiny_model_dir):
     """fsdp2 with one process shards nothing: it measured about 19% slower than the single path."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.train.strategies import Runtime, shard
+    from pipeline.dist import Runtime
+    from pipeline.train.strategies import shard
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     sharded = shard(model, TrainConfig(strategy="fsdp2", device="cpu"), Runtime(0, 1, torch.device("cpu")))
