@@ -175,3 +175,29 @@ def test_fsdp2_on_one_rank_runs_the_single_path(tiny_model_dir):
     sharded = shard(model, TrainConfig(strategy="fsdp2", device="cpu"), Runtime(0, 1, torch.device("cpu")))
     assert not sharded.fsdp and not any(hasattr(p, "to_local") for p in sharded.model.parameters())
     assert sharded.local_numel() == sum(p.numel() for p in model.parameters())
+
+
+def test_the_caller_chooses_what_trains_and_what_each_checkpoint_exports(tiny_model_dir, tokenizer, tmp_path):
+    """train() knows nothing of adapters: `trainable` limits the update to the parameters named, and
+    `export` (LoRA's merge, in `sft lora`) decides each epoch's checkpoint, called once per epoch."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = [p for name, p in model.named_parameters() if "norm" in name]
+    calls = []
+
+    def halved(trained, state):  # what the checkpoint holds: the caller's choice, e.g. merged adapters
+        calls.append((trained is model, state))
+        return trained, {k: v / 2 for k, v in trained.state_dict().items()}
+
+    cfg = TrainConfig(lr=1e-2, epochs=2, keep_last=2, micro_batch_size=4, override_method_ranges=True, device="cpu",
+                      export_dtype="float32")
+    train(model, tokenizer, tiny_packed(tokenizer, 16), cfg, tmp_path, {}, trainable=norms, export=halved)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("norm" in k for k in moved), f"only the trainable parameters move, not {sorted(moved)[:3]}"
+    assert calls == [(True, None), (True, None)], "one export per epoch, of the trained model (unsharded: no state)"
+    exported = load_file(list_checkpoints(tmp_path)[-1] / "model.safetensors")
+    assert torch.equal(exported["model.norm.weight"], after["model.norm.weight"] / 2)

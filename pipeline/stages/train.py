@@ -19,12 +19,12 @@ from pipeline.files import write_json
 from pipeline.paths import Paths
 from pipeline.stages import StageError
 
-RUNS = ("train", "lora")
+STAGES = ("train", "lora")
 
 
 @dataclass(frozen=True)
 class TrainSummary:
-    metrics: dict  # what <run>/metrics.json holds
+    metrics: dict  # what <stage>/metrics.json holds
     seconds: float  # unrounded, as the message prints it
     final_loss: float
     kept: list[str]  # the checkpoints kept, oldest first
@@ -33,22 +33,23 @@ class TrainSummary:
     def message(self) -> str:
         resumed = self.metrics["resumed_from_step"]
         note = f" (resumed from step {resumed})" if resumed else ""
-        return (f"trained {self.metrics['steps']} steps{note} in {self.seconds:.0f}s, final loss {self.final_loss:.4f}; "
-                f"kept {', '.join(self.kept)}")
+        return (f"trained {self.metrics['steps']} steps{note} in {self.seconds:.0f}s, "
+                f"final loss {self.final_loss:.4f}; kept {', '.join(self.kept)}")
 
 
-def run(params, paths: Paths, run: str = "train", argv: list[str] | None = None,
+def run(params, paths: Paths, stage: str = "train", argv: list[str] | None = None,
         say: Callable[[str], None] = print) -> TrainSummary | None:
-    """Train into `paths.<run>` (checkpoints/, state/, live/, metrics.json); None on every rank but 0.
+    """Run `stage` ('train' or 'lora') into `paths.<stage>` (checkpoints/, state/, live/, metrics.json);
+    None on every rank but 0.
     `argv`: this command's own arguments, re-run under torchrun when the strategy needs one process
     per GPU (None: never relaunch)."""
     from pipeline.dist import Strategy, close, init_runtime, relaunch_under_torchrun, training_command
     from pipeline.trackers import check_trackers
 
-    if run not in RUNS:
-        raise StageError(f"run must be one of {', '.join(RUNS)}, not {run!r}")
-    out = getattr(paths, run)
-    cfg, adapters = (params.train, None) if run == "train" else (params.lora.training(params.train), params.lora)
+    if stage not in STAGES:
+        raise StageError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+    out = getattr(paths, stage)
+    cfg, adapters = (params.train, None) if stage == "train" else (params.lora.training(params.train), params.lora)
     if adapters is not None and cfg.strategy != params.train.strategy and "WORLD_SIZE" not in os.environ:
         say(f"lora: train.strategy={params.train.strategy}; the baseline shards its frozen base with {cfg.strategy}")
     check_family(paths.base, params.prepare.max_seq_len)  # before any process group or GPU hour
@@ -80,7 +81,8 @@ def run(params, paths: Paths, run: str = "train", argv: list[str] | None = None,
     write_json(out / "metrics.json", metrics)
     from pipeline.train.checkpoint import list_checkpoints
 
-    return TrainSummary(metrics, result.seconds, result.final_loss, [c.name for c in list_checkpoints(out / "checkpoints")])
+    kept = [c.name for c in list_checkpoints(out / "checkpoints")]
+    return TrainSummary(metrics, result.seconds, result.final_loss, kept)
 
 
 def load(base_dir: Path, cfg, adapters, runtime, meta: dict, say) -> tuple:
@@ -156,7 +158,8 @@ class ProgressReport:
     def __call__(self, record: dict, total: int) -> None:
         if self.bar is None:
             self.open(total)
-        self.bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+        self.bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                             refresh=False)
         self.bar.update(1)
         self.live.step = record["step"]
         metrics = {f"train/{name}": value for name, value in record.items()

@@ -50,8 +50,8 @@ class Resume:
             position = {k: trainer[k] for k in position}
         elif self.state_dir:  # a fresh run: nothing from another configuration may survive
             # emptied, not removed: either may be a link into a bucket; every node clears its own view
-            stale = ([Path(out_dir)] if runtime.is_main else []) + ([Path(self.state_dir)] if runtime.is_node_main else [])
-            for folder in stale:
+            stale = [Path(out_dir)] if runtime.is_main else []
+            for folder in stale + ([Path(self.state_dir)] if runtime.is_node_main else []):
                 clear_train_state(folder)
         runtime.barrier()
         return position

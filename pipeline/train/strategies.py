@@ -7,9 +7,10 @@
 - zero3 / zero3_offload: DeepSpeed ZeRO-3 (the same sharding, DeepSpeed's engine), the
   offload variant keeping optimizer state and parameters in CPU memory between uses.
 
-`Strategy` (pipeline/dist.py) says which; the loop sees one interface, `Sharded`: forward through `.model`, then `backward`, `step`,
-`full_state_dict` (consolidated weights for the epoch export) and `save`/`load` (sharded
-resume state: torch.distributed.checkpoint, or DeepSpeed's own format).
+`Strategy` (pipeline/dist.py) says which. The loop sees one interface, `Sharded`: forward
+through `.model`, then `backward`, `step`, `full_state_dict` (consolidated weights for the epoch
+export) and `save`/`load` (sharded resume state: torch.distributed.checkpoint, or DeepSpeed's
+own format).
 
 On GPU every strategy uses flex attention over padding-free rows (examples never attend to
 each other, at block-sparse cost) and compiles each decoder layer (`train.compile`). Everywhere
