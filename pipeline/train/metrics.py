@@ -88,9 +88,8 @@ class StepRecorder:
         for record in self.history if self.progress else ():
             self.progress(record, self.total_steps)
 
-    def add(self, record: dict) -> int:
+    def add(self, record: dict) -> None:
         self.pending.append(record)
-        return len(self.pending)
 
     @property
     def seconds(self) -> float:
