@@ -19,7 +19,7 @@ except ImportError:  # fsdp2 only
     pass
 
 from pipeline.config import LoraConfig, TrainConfig
-from pipeline.lora import load_with_adapters
+from pipeline.lora import load_with_adapters, training_hooks
 from pipeline.dist import Strategy, close, init_runtime
 from pipeline.train.metrics import peak_resident_mib
 from pipeline.train.strategies import load_model, shard
@@ -37,7 +37,8 @@ def main(base_dir: str, out: str, strategy: str) -> None:
     else:
         model, weights = load_model(Path(base_dir), cfg, runtime)
     full_numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    sharded = shard(model, cfg, runtime, weights)  # fsdp2 fills its shards here
+    plain = training_hooks(model)["plain"] if adapters else None  # the causal LM inside peft's wrapper
+    sharded = shard(model, cfg, runtime, weights, plain)  # fsdp2 fills its shards here
     after = peak_resident_mib()
     state = sharded.full_state_dict()  # a collective: rank 0 gets every weight back
     if runtime.is_main:
