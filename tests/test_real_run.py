@@ -351,3 +351,36 @@ def test_torchrun_command_spans_the_nodes_skypilot_describes_and_names_a_missing
     assert training_command(Strategy.of("fsdp2"), ["train"], {**env, "WORLD_SIZE": "16"}) is None, "already under torchrun"
     with pytest.raises(RuntimeError, match="SKYPILOT_NODE_RANK not set"):
         training_command(Strategy.of("zero3"), ["train"], {k: v for k, v in env.items() if k != "SKYPILOT_NODE_RANK"})
+
+
+class Relaunched(Exception):
+    """Stands in for os.execv: the process would become torchrun here."""
+
+
+def test_sft_train_and_evaluate_relaunch_themselves_under_torchrun(tmp_path, monkeypatch):
+    """`dvc repro` runs plain `sft train` / `sft evaluate`: a sharded strategy (or several GPUs for
+    evaluation) replaces the process by torchrun running the same command, said first, before any
+    model is loaded or process group joined."""
+    def execv(path, argv):
+        raise Relaunched(argv)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SKYPILOT_NUM_GPUS_PER_NODE", "2")
+    (tmp_path / "params.yaml").write_text("train:\n  strategy: fsdp2\n")
+    for command in (["train", "--out", "elsewhere"], ["lora"]):
+        monkeypatch.setattr(sys, "argv", ["sft", *command])  # what torchrun must run again
+        result = runner.invoke(cli.app, command)
+        assert isinstance(result.exception, Relaunched), result.output
+        relaunched = result.exception.args[0]
+        assert relaunched[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        assert relaunched[-len(command) - 2:] == ["-m", "pipeline.cli", *command]
+        assert f"train.strategy=fsdp2: {relaunched[0]} -m torch.distributed.run" in result.output
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(sys, "argv", ["sft", "evaluate", "--model", "base"])
+    result = runner.invoke(cli.app, ["evaluate", "--model", "base"])
+    assert isinstance(result.exception, Relaunched), result.output
+    assert result.exception.args[0][-5:] == ["-m", "pipeline.cli", "evaluate", "--model", "base"]
+    assert "evaluating data-parallel: " in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"], "nothing written before the relaunch"
