@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.plan import GPUS, SHAPES, Shape, memory_per_gpu  # noqa: E402
 from pipeline.prepare import IGNORE, pack_examples  # noqa: E402
-from pipeline.train.loop import PEAK_BF16_FLOPS, StepFlops  # noqa: E402
+from pipeline.train.metrics import PEAK_BF16_FLOPS, StepFlops  # noqa: E402
 
 TOKENS_PER_STEP = 8192
 SEQ_LEN = 2048
@@ -127,20 +127,21 @@ def run_engine(config, examples, device, steps: int, out: Path, strategy: str = 
 
     from pipeline.config import TrainConfig
     from pipeline.train.loop import train
-    from pipeline.train.strategies import Runtime, close, deepspeed_config, init_runtime
+    from pipeline.dist import Runtime, Strategy, close, init_runtime
+    from pipeline.train.strategies import deepspeed_config
 
     rows_per_step = tokens_per_step // SEQ_LEN
     cfg = TrainConfig(lr=2e-5, warmup_ratio=0.02, weight_decay=0.1, epochs=1, micro_batch_size=rows_per_step,
                       strategy=strategy, device=device.type, compile=device.type == "cuda",
                       activation_checkpointing=checkpointing, log_every_steps=log_every_steps)
-    if strategy != "single":  # one process of a torchrun job: the path multi-GPU nodes take, on one card
+    if Strategy.of(strategy).sharded:  # one process of a torchrun job: the path multi-GPU nodes take, on one card
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                           LOCAL_WORLD_SIZE="1")
-        runtime = init_runtime(strategy, device.type)
+        runtime = init_runtime(Strategy.of(strategy), device.type)
     else:
         runtime = Runtime(0, 1, device)
     torch.manual_seed(0)
-    if strategy.startswith("zero3"):  # partitioned (and offloaded) as it is created, as load_model does
+    if Strategy.of(strategy).deepspeed:  # partitioned (and offloaded) as it is created, as load_model does
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -160,7 +161,7 @@ def run_engine(config, examples, device, steps: int, out: Path, strategy: str = 
                        runtime=runtime)
     finally:
         close(runtime)
-        if strategy != "single":
+        if Strategy.of(strategy).sharded:
             import torch.distributed as dist
 
             if dist.is_initialized():

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.train.loop import loss_targets, token_loss_sum  # noqa: E402
+from pipeline.train.batches import loss_targets  # noqa: E402
+from pipeline.train.loop import token_loss_sum  # noqa: E402
 from pipeline.train.loss import fuse_loss_head  # noqa: E402
 from tests.family_models import FAMILIES, examples, pack, tiny_model  # noqa: E402
 

@@ -10,9 +10,10 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from pipeline.config import load_params
-from pipeline.lora import add_adapters
+from pipeline.dist import Strategy, init_runtime
+from pipeline.lora import add_adapters, training_hooks
 from pipeline.train.loop import train
-from pipeline.train.strategies import init_runtime, load_model
+from pipeline.train.strategies import load_model
 
 
 def main() -> None:
@@ -25,13 +26,14 @@ def main() -> None:
     for dora in (True, False):
         cfg = p.lora.training(p.train).model_copy(update={"epochs": 1})
         adapters = p.lora.model_copy(update={"dora": dora})
-        runtime = init_runtime("single", "cpu")
+        runtime = init_runtime(Strategy.of("single"), "cpu")
         model, weights = load_model(Path("base"), cfg, runtime)
         model = add_adapters(model, adapters)
         out = Path(tempfile.mkdtemp())
         wall, cpu = time.perf_counter(), time.process_time()
         result = train(model, tokenizer, packed, cfg, out / "checkpoints", {"adapters": adapters.model_dump()},
-                       lambda record, total: None, runtime, state_dir=out / "state", weights=weights)
+                       lambda record, total: None, runtime, state_dir=out / "state", weights=weights,
+                       **training_hooks(model))
         print(f"| {dora} | {result.steps} | {time.perf_counter() - wall:.1f} | {time.process_time() - cpu:.1f} | "
               f"{result.final_loss:.3f} |", flush=True)
 

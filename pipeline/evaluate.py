@@ -9,7 +9,7 @@ When each runs: the full suite on the base model (cached by the base weights' ha
 the gate's order of preference until one passes (`evaluate_in_order`): usually exactly one.
 
 On every GPU of the node: `sft evaluate` re-runs itself under torchrun, one process per GPU
-(`launcher`), and lm-eval's HF backend shards each task's requests by rank and gathers the samples
+(pipeline/dist.py's `data_parallel_command`), and lm-eval's HF backend shards each task's requests by rank and gathers the samples
 on rank 0 (`data_parallel_lm`), with the same tasks, chat template and generation settings.
 """
 
@@ -43,52 +43,6 @@ def check_parity(lm, training_tokenizer, prompt: str = "Say hello.", template=No
         raise ValueError("train/eval mismatch: lm-eval renders the chat prompt differently from prepare "
                          f"(training ids {trained[:12]}..., evaluation ids {evaluated[:12]}...); "
                          "check the tokenizer's chat template and BOS handling")
-
-
-def launcher(argv: list[str], env) -> list[str] | None:
-    """The torchrun command that re-runs `sft <argv>` once per GPU of this node, or None on one
-    device or under a launcher already. Evaluation stays on one node: node 0 runs it."""
-    import sys
-
-    import torch
-
-    gpus = torch.cuda.device_count()
-    if "WORLD_SIZE" in env or gpus < 2:
-        return None
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-            "-m", "pipeline.cli", *argv]
-
-
-def init_data_parallel(timeout_minutes: int = 60):
-    """This process's Runtime: under torchrun a rank of the process group on its own GPU, whose
-    timeout bounds a wait in a collective (the slowest rank's share of a long generative task);
-    alone, rank 0 of 1. Leave with pipeline.train.strategies.close."""
-    from pipeline.train.strategies import Runtime, join_process_group, pick_device
-
-    if "WORLD_SIZE" not in os.environ:
-        return Runtime(0, 1, pick_device("auto"))
-    return join_process_group("auto", timeout_minutes)
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
-def is_main() -> bool:
-    return _world()[0] == 0
-
-
-def from_rank_zero(value):
-    """Rank 0's value on every rank: a decision all processes take together (which checkpoint next)."""
-    import torch.distributed as dist
-
-    if _world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @functools.cache
@@ -137,12 +91,13 @@ def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from pipeline.dist import is_main, world
     from pipeline.prepare import TemplateOptions, freeze_template_clock
 
     freeze_template_clock()  # lm-eval renders chat prompts on the same day as prepare did
     template = template or TemplateOptions()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that we pass a model object: we mean to
-    backend = data_parallel_lm() if _world()[1] > 1 else HFLM
+    backend = data_parallel_lm() if world()[1] > 1 else HFLM
     # chat prompts take prepare's template kwargs (prepare.chat_template_kwargs), as training did
     lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
                  max_gen_toks=cfg.max_gen_toks, device=str(model.device), chat_template_args=dict(template.kwargs))
@@ -221,6 +176,8 @@ def evaluate_in_order(paths: dict[str, Path], cfg, accept: Callable[[str, dict],
                       training_tokenizer=None, template=None) -> dict[str, dict]:
     """The full suite on each model in the given order (the gate's preference), stopping after
     the first one `accept(name, results)` takes: a passing checkpoint is evaluated once."""
+    from pipeline.dist import from_rank_zero, is_main
+
     results = {}
     for name, path in paths.items():
         results.update(evaluate_models({name: path}, cfg, log, training_tokenizer, template=template))

@@ -41,10 +41,11 @@ def load_with_adapters(base_dir: Path, train_cfg, cfg, runtime):
     every rank builds the wrapped model on the meta device and rank 0 alone loads the base in fp32
     and draws the adapters, whose full state `Sharded` broadcasts into each rank's shards: no rank
     but the first holds a full copy (a 70B base is 280 GB in fp32). One process loads it whole."""
-    from pipeline.train.strategies import empty_model, load_model, unsharded
+    from pipeline.dist import Strategy
+    from pipeline.train.strategies import empty_model, load_model
 
     one_process = train_cfg.model_copy(update={"strategy": "single"})
-    if train_cfg.strategy == "single" or unsharded(train_cfg, runtime):
+    if Strategy.of(train_cfg.strategy).one_process(runtime.world_size):
         model, _ = load_model(base_dir, one_process, runtime)
         return add_adapters(model, cfg), None
     model = add_adapters(empty_model(base_dir), cfg)
@@ -88,6 +89,14 @@ def merged(model, state: dict | None = None):
     if config.tie_word_embeddings:
         plain.tie_weights()
     return plain, {k: v for k, v in plain.state_dict().items()}
+
+
+def training_hooks(model) -> dict:
+    """What pipeline.train.loop.train needs to know of an adapted model, as its keyword arguments:
+    only the adapters train, each epoch's checkpoint is the merged model, and the causal LM inside
+    the wrapper is the one whose layers, config and output layer the engine works on."""
+    return {"trainable": [p for p in model.parameters() if p.requires_grad], "export": merged,
+            "plain": model.get_base_model()}
 
 
 def is_adapted(model) -> bool:

@@ -10,10 +10,11 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline.config import LoraConfig, TrainConfig
-from pipeline.lora import load_with_adapters
+from pipeline.dist import Strategy, close, init_runtime
+from pipeline.lora import load_with_adapters, training_hooks
 from pipeline.prepare import prepare
 from pipeline.train.loop import train
-from pipeline.train.strategies import close, init_runtime, load_model
+from pipeline.train.strategies import load_model
 
 
 def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int = 1, kill_at_step: int = 0,
@@ -33,15 +34,16 @@ def main(model_dir: str, out: str, strategy: str, grad_accum: int, epochs: int =
         if record["step"] == kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    runtime = init_runtime(strategy, "cpu")
+    runtime = init_runtime(Strategy.of(strategy), "cpu")
     if adapters:  # `sft lora`'s path: the frozen base and the adapters, loaded and sharded as for full SFT
         model, weights = load_with_adapters(Path(model_dir), cfg, LoraConfig(rank=4, alpha=8, lr=2e-3,
                                                                             override_method_ranges=True), runtime)
     else:
         model, weights = load_model(Path(model_dir), cfg, runtime)  # the production path: no full copy past rank 0
+    hooks = training_hooks(model) if adapters else {}
     full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     result = train(model, tokenizer, arrays, cfg, Path(out) / "checkpoints", {"data_sha256": "fixed"}, crash,
-                   runtime=runtime, state_dir=Path(out) / "state", weights=weights)
+                   runtime=runtime, state_dir=Path(out) / "state", weights=weights, **hooks)
     local = result.local_numel
     report = {"rank": runtime.rank, "world_size": runtime.world_size, "full_numel": full, "local_numel": local,
               "losses": [h["loss"] for h in result.history], "steps": [h["step"] for h in result.history],

@@ -19,9 +19,10 @@ except ImportError:  # fsdp2 only
     pass
 
 from pipeline.config import LoraConfig, TrainConfig
-from pipeline.lora import load_with_adapters
-from pipeline.train.loop import peak_resident_mib
-from pipeline.train.strategies import close, init_runtime, load_model, shard
+from pipeline.lora import load_with_adapters, training_hooks
+from pipeline.dist import Strategy, close, init_runtime
+from pipeline.train.metrics import peak_resident_mib
+from pipeline.train.strategies import load_model, shard
 
 
 
@@ -29,14 +30,15 @@ def main(base_dir: str, out: str, strategy: str) -> None:
     torch.set_num_threads(1)
     strategy, _, adapters = strategy.partition("+")  # fsdp2+lora: `sft lora`'s loading
     cfg = TrainConfig(strategy=strategy, device="cpu", export_dtype="float32")
-    runtime = init_runtime(strategy, "cpu")
+    runtime = init_runtime(Strategy.of(strategy), "cpu")
     before = peak_resident_mib()
     if adapters:
         model, weights = load_with_adapters(Path(base_dir), cfg, LoraConfig(), runtime)
     else:
         model, weights = load_model(Path(base_dir), cfg, runtime)
     full_numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    sharded = shard(model, cfg, runtime, weights)  # fsdp2 fills its shards here
+    plain = training_hooks(model)["plain"] if adapters else None  # the causal LM inside peft's wrapper
+    sharded = shard(model, cfg, runtime, weights, plain)  # fsdp2 fills its shards here
     after = peak_resident_mib()
     state = sharded.full_state_dict()  # a collective: rank 0 gets every weight back
     if runtime.is_main:

@@ -8,9 +8,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import TrainConfig
-from pipeline.train.loop import loss_targets, peak_resident_mib, token_loss_sum
+from pipeline.dist import Runtime
+from pipeline.train.batches import loss_targets
+from pipeline.train.loop import token_loss_sum
+from pipeline.train.metrics import peak_resident_mib
 from pipeline.train.loss import fuse_loss_head
-from pipeline.train.strategies import Runtime, shard
+from pipeline.train.strategies import shard
 
 
 def main(shape: str, rows: int, seq: int, checkpointing: int) -> None:

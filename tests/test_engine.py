@@ -77,7 +77,8 @@ def test_fused_head_keeps_the_tied_weight_and_the_checkpoint_keys(tiny_model_dir
 def test_clip_folded_into_fused_adamw_equals_clip_then_step(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.train.strategies import Runtime, shard
+    from pipeline.dist import Runtime
+    from pipeline.train.strategies import shard
 
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=0.05, device="cpu", override_method_ranges=True)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -201,7 +201,7 @@ def test_two_processes_give_the_same_per_item_results_as_one(tiny_model_dir, tmp
                 "-m", "pipeline.cli"]
     for launch, out in ((sft, "one"), (torchrun, "two")):
         for model in ("base", "checkpoints", "chosen"):
-            done = subprocess.run([*launch, "evaluate", "--model", model, "--out", out], cwd=tmp_path,
+            done = subprocess.run([*launch, "evaluate", "--model", model, "--evaluate", out], cwd=tmp_path,
                                   capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for name in ("base", "checkpoints", "suite"):
@@ -217,7 +217,7 @@ def test_two_processes_give_the_same_per_item_results_as_one(tiny_model_dir, tmp
 
 
 def test_evaluate_runs_once_per_gpu_of_the_node(monkeypatch):
-    from pipeline.evaluate import launcher
+    from pipeline.dist import data_parallel_command as launcher
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     command = launcher(["evaluate", "--model", "base"], {"SKYPILOT_NUM_NODES": "2"})

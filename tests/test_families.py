@@ -13,7 +13,8 @@ import torch
 from pipeline.families import SUPPORTED, UnsupportedModel, check_model, family_of
 from pipeline.families import router as family_router
 from pipeline.train.attention import flex_masks, layer_kinds
-from pipeline.train.loop import loss_targets, real_tokens, token_loss_sum
+from pipeline.train.batches import loss_targets, real_tokens
+from pipeline.train.loop import token_loss_sum
 from pipeline.train.loss import LinearCrossEntropy, OutputTransform, fuse_loss_head
 from tests.family_models import FAMILIES, examples, pack, tiny_model
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, LoraConfig, TrainConfig, parse_params
 from pipeline.gate import Policy, Rule, VersusLora, decide, decision_record, render_decision
-from pipeline.lora import add_adapters, checkpoint_path, merged
+from pipeline.lora import add_adapters, checkpoint_path, merged, training_hooks
 from pipeline.train.checkpoint import list_checkpoints
 from pipeline.train.loop import train
 from tests.test_train import tiny_packed
@@ -29,7 +29,8 @@ def test_lora_trains_only_the_adapters_and_exports_the_merged_model(tiny_model_d
     assert any("mlp.down_proj.lora_A" in k for k in adapters), "adapters on the MLP too (all linear layers)"
     assert any(".lora_magnitude_vector" in k for k in adapters), "DoRA by default"
     cfg = TrainConfig(lr=1e-2, epochs=2, micro_batch_size=4, override_method_ranges=True, device="cpu")
-    result = train(model, tokenizer, tiny_packed(tokenizer), cfg, tmp_path, {"data_sha256": "abc"})
+    result = train(model, tokenizer, tiny_packed(tokenizer), cfg, tmp_path, {"data_sha256": "abc"},
+                   **training_hooks(model))
 
     after = model.state_dict()
     assert all(torch.equal(base[k], after[k]) for k in base), "the base weights are bit-identical"

@@ -189,7 +189,7 @@ def test_export_is_bf16_sharded_and_every_file_hashed(tiny_model_dir, tokenizer,
 def test_finished_run_clears_a_state_folder_that_is_a_bucket_link(tmp_path):
     """train/state is a symlink into the bucket mount on the cluster: rmtree on a link fails, and with
     ignore_errors the stale state made a relaunched finished job "resume at the end"."""
-    from pipeline.train.checkpoint import clear_train_state
+    from pipeline.train.resume import clear_train_state
 
     bucket = tmp_path / "bucket/state"
     (bucket / "step-00000004/shards").mkdir(parents=True)
@@ -338,16 +338,49 @@ def test_chat_template_date_is_fixed_so_training_tokens_do_not_depend_on_the_day
 
 
 def test_torchrun_command_spans_the_nodes_skypilot_describes_and_names_a_missing_variable():
-    from pipeline.train.strategies import torchrun_command
+    from pipeline.dist import Strategy, training_command
 
     env = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6",
            "SKYPILOT_NUM_GPUS_PER_NODE": "8", "MASTER_PORT": "29511"}
-    command = torchrun_command("fsdp2", ["train"], env)
+    command = training_command(Strategy.of("fsdp2"), ["train"], env)
     flags = dict(zip(command[3::2], command[4::2]))
     assert flags["--nproc-per-node"] == "8" and flags["--nnodes"] == "2" and flags["--node-rank"] == "1"
     assert flags["--master-addr"] == "10.0.0.5" and flags["--master-port"] == "29511"
     assert command[-3:] == ["-m", "pipeline.cli", "train"]
-    assert "--standalone" in torchrun_command("fsdp2", ["train"], {"SKYPILOT_NUM_GPUS_PER_NODE": "2"})
-    assert torchrun_command("fsdp2", ["train"], {**env, "WORLD_SIZE": "16"}) is None, "already under torchrun"
+    assert "--standalone" in training_command(Strategy.of("fsdp2"), ["train"], {"SKYPILOT_NUM_GPUS_PER_NODE": "2"})
+    assert training_command(Strategy.of("fsdp2"), ["train"], {**env, "WORLD_SIZE": "16"}) is None, "already under torchrun"
     with pytest.raises(RuntimeError, match="SKYPILOT_NODE_RANK not set"):
-        torchrun_command("zero3", ["train"], {k: v for k, v in env.items() if k != "SKYPILOT_NODE_RANK"})
+        training_command(Strategy.of("zero3"), ["train"], {k: v for k, v in env.items() if k != "SKYPILOT_NODE_RANK"})
+
+
+class Relaunched(Exception):
+    """Stands in for os.execv: the process would become torchrun here."""
+
+
+def test_sft_train_and_evaluate_relaunch_themselves_under_torchrun(tmp_path, monkeypatch):
+    """`dvc repro` runs plain `sft train` / `sft evaluate`: a sharded strategy (or several GPUs for
+    evaluation) replaces the process by torchrun running the same command, said first, before any
+    model is loaded or process group joined."""
+    def execv(path, argv):
+        raise Relaunched(argv)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SKYPILOT_NUM_GPUS_PER_NODE", "2")
+    (tmp_path / "params.yaml").write_text("train:\n  strategy: fsdp2\n")
+    for command in (["train", "--train", "elsewhere"], ["lora"]):
+        monkeypatch.setattr(sys, "argv", ["sft", *command])  # what torchrun must run again
+        result = runner.invoke(cli.app, command)
+        assert isinstance(result.exception, Relaunched), result.output
+        relaunched = result.exception.args[0]
+        assert relaunched[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        assert relaunched[-len(command) - 2:] == ["-m", "pipeline.cli", *command]
+        assert f"train.strategy=fsdp2: {relaunched[0]} -m torch.distributed.run" in result.output
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(sys, "argv", ["sft", "evaluate", "--model", "base"])
+    result = runner.invoke(cli.app, ["evaluate", "--model", "base"])
+    assert isinstance(result.exception, Relaunched), result.output
+    assert result.exception.args[0][-5:] == ["-m", "pipeline.cli", "evaluate", "--model", "base"]
+    assert "evaluating data-parallel: " in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"], "nothing written before the relaunch"

@@ -7,8 +7,8 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.prepare import IGNORE, prepare
 from pipeline.train.checkpoint import list_checkpoints, rotate, weights_sha256
+from pipeline.dist import Strategy, init_runtime
 from pipeline.train.loop import cosine_with_warmup, train
-from pipeline.train.strategies import init_runtime
 
 
 def tiny_packed(tokenizer, n=64):
@@ -79,15 +79,14 @@ def test_cosine_schedule_with_warmup():
 def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_model_dir, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.train.checkpoint import load_train_state
-    from pipeline.train.loop import fingerprint
+    from pipeline.train.resume import fingerprint, load_train_state
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cfg = TrainConfig(lr=1e-3, epochs=1, micro_batch_size=4, override_method_ranges=True, device="cpu")
     packed = tiny_packed(tokenizer, 48)
     meta = {"data_sha256": "abc"}
     cfg = cfg.model_copy(update={"epochs": 2})
-    runtime = init_runtime("single", "cpu")
+    runtime = init_runtime(Strategy.of("single"), "cpu")
 
     def stop_after_epoch_one(record, total):
         if record["step"] == total // 2 + 2:
@@ -126,7 +125,7 @@ def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_mod
 def test_unpacked_batches_are_trimmed_and_loss_targets_never_cross_examples():
     import torch
 
-    from pipeline.train.loop import loss_targets, trim_padding
+    from pipeline.train.batches import loss_targets, trim_padding
 
     labels = torch.full((2, 64), IGNORE)
     labels[0, 5:10] = 7  # row 0 ends at 10, row 1 at 20: the batch needs 20 columns, rounded up to 24
@@ -149,7 +148,7 @@ def test_unpacked_batches_are_trimmed_and_loss_targets_never_cross_examples():
 def test_step_flops_count_the_head_only_where_logits_are_computed_and_attention_per_key():
     from transformers import LlamaConfig
 
-    from pipeline.train.loop import StepFlops
+    from pipeline.train.metrics import StepFlops
 
     config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
@@ -169,9 +168,36 @@ def test_fsdp2_on_one_rank_runs_the_single_path(tiny_model_dir):
     """fsdp2 with one process shards nothing: it measured about 19% slower than the single path."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.train.strategies import Runtime, shard
+    from pipeline.dist import Runtime
+    from pipeline.train.strategies import shard
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     sharded = shard(model, TrainConfig(strategy="fsdp2", device="cpu"), Runtime(0, 1, torch.device("cpu")))
     assert not sharded.fsdp and not any(hasattr(p, "to_local") for p in sharded.model.parameters())
     assert sharded.local_numel() == sum(p.numel() for p in model.parameters())
+
+
+def test_the_caller_chooses_what_trains_and_what_each_checkpoint_exports(tiny_model_dir, tokenizer, tmp_path):
+    """train() knows nothing of adapters: `trainable` limits the update to the parameters named, and
+    `export` (LoRA's merge, in `sft lora`) decides each epoch's checkpoint, called once per epoch."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = [p for name, p in model.named_parameters() if "norm" in name]
+    calls = []
+
+    def halved(trained, state):  # what the checkpoint holds: the caller's choice, e.g. merged adapters
+        calls.append((trained is model, state))
+        return trained, {k: v / 2 for k, v in trained.state_dict().items()}
+
+    cfg = TrainConfig(lr=1e-2, epochs=2, keep_last=2, micro_batch_size=4, override_method_ranges=True, device="cpu",
+                      export_dtype="float32")
+    train(model, tokenizer, tiny_packed(tokenizer, 16), cfg, tmp_path, {}, trainable=norms, export=halved)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("norm" in k for k in moved), f"only the trainable parameters move, not {sorted(moved)[:3]}"
+    assert calls == [(True, None), (True, None)], "one export per epoch, of the trained model (unsharded: no state)"
+    exported = load_file(list_checkpoints(tmp_path)[-1] / "model.safetensors")
+    assert torch.equal(exported["model.norm.weight"], after["model.norm.weight"] / 2)

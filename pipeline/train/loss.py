@@ -143,12 +143,11 @@ class LossHead(nn.Linear):
         return LinearCrossEntropy.apply(rows, self.weight, targets, compute_dtype(rows), self.transform)
 
 
-def fuse_loss_head(model) -> LossHead:
-    """Swap the model's output layer for a LossHead (in place; PEFT-wrapped models too) that
-    applies the family's output transform."""
+def fuse_loss_head(plain) -> LossHead:
+    """Swap a causal LM's output layer for a LossHead (in place) that applies the family's output
+    transform. A wrapped model (LoRA adapters) passes the causal LM inside it."""
     from pipeline.families import output_transform
 
-    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = plain.get_output_embeddings()
     if not isinstance(head, LossHead):
         head = LossHead.replacing(head)

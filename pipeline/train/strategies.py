@@ -7,9 +7,10 @@
 - zero3 / zero3_offload: DeepSpeed ZeRO-3 (the same sharding, DeepSpeed's engine), the
   offload variant keeping optimizer state and parameters in CPU memory between uses.
 
-The loop sees one interface, `Sharded`: forward through `.model`, then `backward`, `step`,
-`full_state_dict` (consolidated weights for the epoch export) and `save`/`load` (sharded
-resume state: torch.distributed.checkpoint, or DeepSpeed's own format).
+`Strategy` (pipeline/dist.py) says which. The loop sees one interface, `Sharded`: forward
+through `.model`, then `backward`, `step`, `full_state_dict` (consolidated weights for the epoch
+export) and `save`/`load` (sharded resume state: torch.distributed.checkpoint, or DeepSpeed's
+own format).
 
 On GPU every strategy uses flex attention over padding-free rows (examples never attend to
 each other, at block-sparse cost) and compiles each decoder layer (`train.compile`). Everywhere
@@ -18,122 +19,14 @@ the output layer is fused with the loss (train/loss.py): logits are never held w
 
 from __future__ import annotations
 
-import gc
 import os
-import sys
 import warnings
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from pipeline.dist import Runtime, Strategy
 from pipeline.train.loss import fuse_loss_head
-
-
-@dataclass(frozen=True)
-class Runtime:
-    rank: int
-    world_size: int
-    device: torch.device
-    node: int = 0        # torchrun's GROUP_RANK: which machine
-    nodes: int = 1
-    local_rank: int = 0  # rank within the node
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_node_main(self) -> bool:
-        """One process per machine: for work on the node's own filesystem."""
-        return self.local_rank == 0
-
-    def gather(self, value) -> list:
-        """Every rank's `value` (picklable), in rank order."""
-        if self.world_size == 1:
-            return [value]
-        values = [None] * self.world_size
-        dist.all_gather_object(values, value)
-        return values
-
-    def totals(self, values: list[float] | torch.Tensor) -> torch.Tensor:
-        """Each number summed over all ranks, as a float64 tensor left where the collective ran: the
-        host reads it only when it needs the figures (on a GPU, reading it waits for the queue)."""
-        tensor = torch.as_tensor(values, dtype=torch.float64).contiguous()  # collectives need one block
-        if self.world_size == 1:
-            return tensor
-        if tensor.device != self.device:  # pinned and asynchronous: a plain copy would wait for the GPU
-            tensor = (tensor.pin_memory() if self.device.type == "cuda" else tensor).to(self.device, non_blocking=True)
-        dist.all_reduce(tensor)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def torchrun_command(strategy: str, argv: list[str], env) -> list[str] | None:
-    """The torchrun command that re-runs this command (`argv`, e.g. ["train"]) on every GPU of every
-    node, or None when it needs no launcher (single) or already runs under one. Nodes come from
-    SkyPilot's variables, so `dvc repro` on a cluster node (or `dvc exp run` on one machine) trains
-    the same way as a hand-written torchrun line."""
-    if strategy == "single" or "WORLD_SIZE" in env:
-        return None
-    per_node = env.get("SKYPILOT_NUM_GPUS_PER_NODE") or str(torch.cuda.device_count())
-    if int(per_node) < 1:
-        raise RuntimeError(f"train.strategy={strategy} needs one process per GPU and this machine has none: "
-                           "set SKYPILOT_NUM_GPUS_PER_NODE (processes per node; gloo on CPU) or run "
-                           "`torchrun --nproc-per-node N -m pipeline.cli train`")
-    nodes = int(env.get("SKYPILOT_NUM_NODES", "1"))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", per_node]
-    if nodes == 1:
-        launcher.append("--standalone")  # a free local port: two runs on one machine never collide
-    else:
-        missing = [name for name in ("SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS") if not env.get(name)]
-        if missing:
-            raise RuntimeError(f"train.strategy={strategy} on SKYPILOT_NUM_NODES={nodes} nodes: {', '.join(missing)} "
-                               "not set (SkyPilot sets them on every node; by hand, set them or run torchrun)")
-        master = env["SKYPILOT_NODE_IPS"].split()[0]  # one address per line, node 0 first
-        launcher += ["--nnodes", str(nodes), "--node-rank", env["SKYPILOT_NODE_RANK"], "--master-addr", master,
-                     "--master-port", env.get("MASTER_PORT", "29500")]
-    return [*launcher, "-m", "pipeline.cli", *argv]
-
-
-def init_runtime(strategy: str, device_name: str, collective_timeout_minutes: int = 60) -> Runtime:
-    """This process's Runtime for `train.strategy`: one process for single, else a rank of the
-    process group torchrun started."""
-    if strategy == "single":
-        return Runtime(0, 1, pick_device(device_name))
-    if "WORLD_SIZE" not in os.environ:
-        raise RuntimeError(f"train.strategy={strategy} runs under torchrun, e.g. "
-                           "`torchrun --nproc-per-node 8 -m pipeline.cli train` (see sky/train.yaml)")
-    return join_process_group(device_name, collective_timeout_minutes)
-
-
-def join_process_group(device_name: str, collective_timeout_minutes: int = 60) -> Runtime:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) on this rank's own GPU. Its timeout
-    bounds how long ranks wait in a collective, e.g. while rank 0 gathers, writes and hashes an
-    epoch's export (minutes at 70B)."""
-    device = pick_device(device_name)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=collective_timeout_minutes))
-    world_size = dist.get_world_size()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return Runtime(dist.get_rank(), world_size, device, node=int(os.environ.get("GROUP_RANK", "0")),
-                   nodes=world_size // per_node, local_rank=local_rank)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -152,23 +45,24 @@ def uses_flex_attention(model, device: torch.device) -> bool:
     return device.type == "cuda" and model._supports_flex_attn
 
 
-def prepare_layers(model, cfg, device: torch.device):
+def prepare_layers(model, cfg, device: torch.device, plain=None):
     """Attention kernel, activation checkpointing and compilation: the same for every strategy,
-    applied before sharding (the order torchtitan uses)."""
+    applied before sharding (the order torchtitan uses). `plain`: the causal LM inside `model` when
+    the caller wrapped it (LoRA adapters); None: `model` is one."""
+    plain = model if plain is None else plain
     if uses_flex_attention(model, device):
         model.set_attn_implementation("flex_attention")
-    fuse_loss_head(model)
+    fuse_loss_head(plain)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile and device.type == "cuda":
-        for layer in decoder_layers(model):  # one graph per block: compiles fast, no recompiles per batch
+        for layer in decoder_layers(plain):  # one graph per block: compiles fast, no recompiles per batch
             layer.compile()
     return model
 
 
-def decoder_layers(model):
-    """The transformer blocks, of a plain model or of one wrapped with PEFT adapters."""
-    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+def decoder_layers(plain):
+    """The transformer blocks of a causal LM."""
     return plain.model.layers
 
 
@@ -181,9 +75,10 @@ def load_model(base_dir: Path, cfg, runtime: Runtime):
     from rank 0. `single` loads the whole model: it is one process."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.strategy == "single" or unsharded(cfg, runtime):
+    strategy = Strategy.of(cfg.strategy)
+    if strategy.one_process(runtime.world_size):
         return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), None
-    if cfg.strategy in ("zero3", "zero3_offload"):
+    if strategy.deepspeed:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -226,27 +121,22 @@ def materialize(model, weights: dict, device: torch.device) -> None:
     weights.clear()  # rank 0's full copy: the shards hold the weights now
 
 
-def unsharded(cfg, runtime: Runtime) -> bool:
-    """fsdp2 on one GPU shards nothing: it runs the single path (autocast, no all-gathers), which
-    measured about 19% faster."""
-    return cfg.strategy == "fsdp2" and runtime.world_size == 1
-
-
 class Sharded:
     """single and fsdp2: plain torch modules, AdamW, torch.distributed.checkpoint for resume."""
 
-    def __init__(self, model, cfg, runtime: Runtime, weights: dict | None = None):
+    def __init__(self, model, cfg, runtime: Runtime, weights: dict | None = None, plain=None):
         self.runtime = runtime
-        self.fsdp = cfg.strategy == "fsdp2" and not unsharded(cfg, runtime)
+        strategy = Strategy.of(cfg.strategy)
+        self.fsdp = strategy.fsdp and not strategy.unsharded(runtime.world_size)
         on_meta = any(p.is_meta for p in model.parameters())
         if on_meta and not self.fsdp:
             raise ValueError(f"train.strategy={cfg.strategy}: a model on the meta device loads only under fsdp2 "
                              "on more than one rank")
         if not on_meta:
             model.to(runtime.device)
-        prepare_layers(model, cfg, runtime.device)
+        prepare_layers(model, cfg, runtime.device, plain)
         if self.fsdp:
-            apply_fsdp2(model, runtime.device)
+            apply_fsdp2(model, runtime.device, model if plain is None else plain)
         if on_meta:
             materialize(model, {} if weights is None else weights, runtime.device)
         self.model = model
@@ -313,14 +203,15 @@ class Sharded:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def apply_fsdp2(model, device: torch.device):
-    """Shard each decoder layer, then the root (embeddings, final norm, head)."""
+def apply_fsdp2(model, device: torch.device, plain=None):
+    """Shard each decoder layer (of `plain`, the causal LM inside a wrapped `model`), then the root
+    (embeddings, final norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs = {}
     if device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model if plain is None else plain):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
@@ -337,7 +228,7 @@ def deepspeed_config(cfg, runtime: Runtime) -> dict:
     the loss normalisation stay the loop's, so every strategy trains the same math."""
     zero = {"stage": 3, "overlap_comm": runtime.device.type == "cuda", "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": True}
-    if cfg.strategy == "zero3_offload":
+    if Strategy.of(cfg.strategy).offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": runtime.device.type == "cuda"}
         zero["offload_param"] = {"device": "cpu", "pin_memory": runtime.device.type == "cuda"}
     return {
@@ -358,13 +249,13 @@ def deepspeed_config(cfg, runtime: Runtime) -> dict:
 class DeepSpeedSharded:
     """zero3 and zero3_offload through a DeepSpeed engine."""
 
-    def __init__(self, model, cfg, runtime: Runtime):
+    def __init__(self, model, cfg, runtime: Runtime, plain=None):
         import deepspeed
 
         self.runtime = runtime
-        prepare_layers(model, cfg, runtime.device)
+        prepare_layers(model, cfg, runtime.device, plain)
         groups = param_groups(model, cfg.weight_decay)
-        if cfg.strategy == "zero3_offload" and runtime.device.type == "cuda":
+        if Strategy.of(cfg.strategy).offload and runtime.device.type == "cuda":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(0.9, 0.95), adamw_mode=True)
@@ -410,19 +301,11 @@ class DeepSpeedSharded:
         self.engine.load_checkpoint(str(path), tag="state")
 
 
-def shard(model, cfg, runtime: Runtime, weights: dict | None = None):
-    """`model` and `weights` as `load_model` returns them (or any model with its weights in place)."""
-    if cfg.strategy in ("zero3", "zero3_offload"):
+def shard(model, cfg, runtime: Runtime, weights: dict | None = None, plain=None):
+    """`model` and `weights` as `load_model` returns them (or any model with its weights in place);
+    `plain`: the causal LM inside `model` when the caller wrapped it (None: `model` is one)."""
+    if Strategy.of(cfg.strategy).deepspeed:
         if runtime.world_size == 1 and "WORLD_SIZE" not in os.environ:
             raise RuntimeError(f"train.strategy={cfg.strategy} runs under torchrun or the deepspeed launcher")
-        return DeepSpeedSharded(model, cfg, runtime)
-    return Sharded(model, cfg, runtime, weights)
-
-
-def close(runtime: Runtime) -> None:
-    """Leave the process group together: a rank that tears its group down while another still
-    talks to it, or leaves it to interpreter exit, can abort the process after a finished run."""
-    if runtime.world_size > 1 and dist.is_initialized():
-        gc.collect()  # engines and hooks that still hold the group's handles go first
-        dist.barrier()
-        dist.destroy_process_group()
+        return DeepSpeedSharded(model, cfg, runtime, plain)
+    return Sharded(model, cfg, runtime, weights, plain)
