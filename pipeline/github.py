@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifacts import ArtifactError, Verdict, read
+
 CONTEXT = "eval-gate"
 MAX_DESCRIPTION = 140  # GitHub rejects longer status descriptions
 STATES = ("pending", "success", "failure", "error")
@@ -64,15 +66,18 @@ def status_from_gate(gate_path: Path) -> tuple[str, str]:
     if not gate_path.is_file():
         return "error", f"no verdict: the pipeline stopped before the gate ({gate_path} missing; see the job log)"
     try:
-        verdict = json.loads(gate_path.read_text())
-        rules, chosen = verdict["rules"], verdict["chosen"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        return "error", truncate(f"{gate_path}: unreadable verdict ({type(err).__name__}: {err})")
-    if verdict.get("passed") is True:
-        scores = ", ".join(f"{r['metric']} {r['observed']:.3f}" for r in rules)
-        return "success", truncate(f"passed: {chosen} ({scores}), sha256 {verdict['sha256'][:12]}")
-    failing = "; ".join(f"{r['metric']} {r['observed']:.3f} fails {r['rule']}" for r in rules if not r["passed"])
+        verdict = read(gate_path, Verdict)
+    except ArtifactError as err:
+        return "error", truncate(f"unreadable verdict: {err}")
+    if verdict.passed:
+        scores = ", ".join(f"{r.metric} {_score(r.observed)}" for r in verdict.rules)
+        return "success", truncate(f"passed: {verdict.chosen} ({scores}), sha256 {verdict.sha256[:12]}")
+    failing = "; ".join(f"{r.metric} {_score(r.observed)} fails {r.rule}" for r in verdict.rules if not r.passed)
     return "failure", truncate(f"failed: {failing}")
+
+
+def _score(value) -> str:
+    return "missing" if value is None else f"{value:.3f}"
 
 
 # A managed job's SKYPILOT_TASK_ID: sky-managed-<launch time>_<job name>_<job id>-<task id>. The time
