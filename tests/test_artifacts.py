@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.artifacts import (ArtifactError, ContractReport, Decision, PrepareStats, TrainingMetrics, Verdict, read,
                                 write)
+from pipeline.config import PlanConfig
 from pipeline.files import write_json
 from pipeline.gate import Policy, Rule, VersusLora, check_candidate, decide, paired_bootstrap, render_decision, \
     render_markdown, run_cost
@@ -82,10 +83,13 @@ def test_what_the_gate_stage_adds_is_written_after_the_verdict_and_only_once_set
 
 
 def test_the_decision_record_and_run_cost_write_what_the_gate_wrote(tmp_path):
+    """The committed decision record's costs are run_cost of the committed metrics, as the gate wrote them."""
+    prices = PlanConfig().prices
+    record = json.loads((ROOT / PATHS.gate / "decision.json").read_text())
+    costs = {run: json.loads(run_cost(read(ROOT / PATHS.metrics(run if run == "lora" else "train"), TrainingMetrics),
+                                      prices).dumps()) for run in ("full", "lora")}
+    assert [list(c.items()) for c in costs.values()] == [list(c.items()) for c in record["cost"].values()]
     metrics = read(ROOT / PATHS.metrics("train"), TrainingMetrics)
-    cost = run_cost(metrics, {"H100-80GB": 3.0})
-    assert cost.dumps() == json.dumps({"device": "cpu", "world_size": 1, "seconds": 139.6, "tokens": 1918497,
-                                       "device_hours": 0.0388, "usd": None}, indent=2) + "\n"
     gpu = run_cost(metrics.model_copy(update={"device": "NVIDIA H100 80GB HBM3", "world_size": 8}), {"H100-80GB": 3.0})
     assert (gpu.device_hours, gpu.usd) == (0.3102, 0.93)
     change = paired_bootstrap(_items(40), _items(80))
@@ -104,7 +108,8 @@ def test_another_stages_file_is_refused_naming_file_and_field(path, model, tmp_p
 @pytest.mark.parametrize("edit, message", [
     (lambda v: v.pop("sha256"), "gate.json: sha256: Field required"),
     (lambda v: v.update(passed="true"), "gate.json: passed: Input should be a valid boolean"),
-    (lambda v: v["rules"][1].update(drop_ci="-0.08..-0.03"), "gate.json: rules.1.drop_ci: Input should be a valid list"),
+    (lambda v: v["rules"][1].update(drop_ci="-0.08..-0.03"),
+     "gate.json: rules.1.drop_ci: Input should be a valid list"),
     (lambda v: v["rules"][0].update(verified=True), "gate.json: rules.0.verified: unknown field (not part of Verdict"),
     (lambda v: v["candidates"]["epoch-3"].update(kind="qlora"), "gate.json: candidates.epoch-3.kind: Input should be "
                                                                 "'full' or 'lora'"),
