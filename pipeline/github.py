@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import ArtifactError, Verdict, read
+from pipeline.paths import PATHS
 
 CONTEXT = "eval-gate"
 MAX_DESCRIPTION = 140  # GitHub rejects longer status descriptions
@@ -162,13 +163,15 @@ def upsert_comment(github: GitHub, number: int, body: str, marker: str = COMMENT
 # The training job runs from a synced workdir without .git, so its dvc.lock and metrics reach git
 # through the Git Data API: one commit on top of the trained commit, on branch results/<sha>.
 # The release checks that branch out: its dvc.lock names the exact checkpoint and card to pull.
-RESULT_FILES = ("dvc.lock", "validate/contract.json", "prepare/stats.json", "train/metrics.json",
-                "lora/metrics.json", "evaluate/base.json", "evaluate/checkpoints.json", "evaluate/suite.json",
-                "evaluate/lora.json", "gate/gate.json", "gate/gate.md", "gate/change.png", "gate/decision.json",
-                "gate/decision.png")
-RESULT_DIRS = ("train/live", "lora/live")  # DVCLive's per-step metrics and plots: `dvc plots diff` on the results
+RESULT_FILES = ("dvc.lock", *(path.as_posix() for path in (
+    PATHS.contract, PATHS.prepare_stats, PATHS.metrics("train"), PATHS.metrics("lora"),
+    *(PATHS.evaluate / f"{name}.json" for name in ("base", "checkpoints", "suite", "lora")),
+    PATHS.verdict, *(PATHS.gate / name for name in ("gate.md", "change.png", "decision.json", "decision.png")))))
+# DVCLive's per-step metrics and plots: `dvc plots diff` on the results
+RESULT_DIRS = tuple((getattr(PATHS, run) / "live").as_posix() for run in ("train", "lora"))
 # only when the gate passed: the manifest of card/, and the job's signed attestation of it for this commit
-RELEASE_FILES = ("release/manifest.json", "release/attestation.json", "release/attestation.json.sig")
+RELEASE_FILES = tuple(path.as_posix() for path in (PATHS.manifest, PATHS.release / "attestation.json",
+                                                   PATHS.release / "attestation.json.sig"))
 
 
 def is_result_path(name: str) -> bool:
