@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.files import copy_project
+from pipeline.paths import PATHS
 
 ENGLISH = (
     "cat dog bird fish cow horse sheep goat frog mouse lion bear wolf fox deer duck "
@@ -382,7 +383,7 @@ def build_base_model(cfg, out_dir: Path, log=print) -> dict:
 # ------------------------------------------------------------------ the CPU smoke run
 OUTPUTS = ("tokenizer", "base", "validate", "prepare", "train", "lora", "evaluate", "gate", "card", "release", "data",
            "dvc.lock")
-SMOKE_REPORTS = ("gate/gate.md", "gate/gate.json", "gate/change.png", "gate/decision.png")
+SMOKE_REPORTS = tuple((PATHS.gate / name).as_posix() for name in ("gate.md", "gate.json", "change.png", "decision.png"))
 
 
 def smoke_run(source: Path, params: Path, work: Path, out: Path, rows: int, run=subprocess.run) -> Path:

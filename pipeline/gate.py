@@ -24,6 +24,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.artifacts import Decision, RunCost, TrainingMetrics, Verdict
+
 
 # Power: a paired difference of mean d over n items with standard deviation s is detected (two-sided
 # 5% test, 80% power) when |d| >= (1.96 + 0.84) * s / sqrt(n). Where base and candidate agree on every
@@ -259,7 +261,7 @@ def ranked(scores: dict[str, dict[str, float]], metric: str) -> list[str]:
 
 def decide(policy: Policy, base: dict[str, float], candidates: dict[str, dict[str, float]],
            hashes: dict[str, str], items: dict[str, dict[str, dict[str, float]]] | None = None,
-           lora: dict[str, dict[str, float]] | None = None) -> dict:
+           lora: dict[str, dict[str, float]] | None = None) -> Verdict:
     """The verdict: every candidate's rule results, the chosen one and its weights' hash.
 
     `candidates` are the full-SFT checkpoints, `lora` the LoRA baseline's (both oldest first).
@@ -302,7 +304,7 @@ def decide(policy: Policy, base: dict[str, float], candidates: dict[str, dict[st
     # ties go to the later checkpoint (candidates are ordered oldest first)
     chosen = ranked({name: {**candidates, **lora}[name] for name in (shippable or complete)}, policy.select_by)[0]
     kinds = {**{name: "full" for name in candidates}, **{name: "lora" for name in lora}}
-    return {
+    return Verdict.model_validate({
         "passed": bool(shippable),
         "chosen": chosen,
         "kind": kinds[chosen],
@@ -316,19 +318,19 @@ def decide(policy: Policy, base: dict[str, float], candidates: dict[str, dict[st
         "lora_baseline": reference,
         "candidates": {name: {"scores": scores, "kind": kinds[name], "passed": name in passing,
                               "full_suite": name in checks} for name, scores in {**candidates, **lora}.items()},
-    }
+    })
 
 
-def render_markdown(verdict: dict) -> str:
+def render_markdown(verdict: Verdict) -> str:
     """The reviewer's table: every rule of the chosen checkpoint, failing ones named up front."""
-    status = "PASSED" if verdict["passed"] else "FAILED"
-    failed = [f"`{r['metric']}` ({r['rule']})" for r in verdict["rules"] if not r["passed"]]
+    status = "PASSED" if verdict.passed else "FAILED"
+    failed = [f"`{r.metric}` ({r.rule})" for r in verdict.rules if not r.passed]
     lines = [f"## Eval gate: {status}", ""]
     if failed:
         lines += [f"Failing rules: {', '.join(failed)}", ""]
     lines += [
-        f"Chosen checkpoint: `{verdict['chosen']}` (best {'passing ' if verdict['passed'] else ''}by "
-        f"`{verdict['select_by']}`), weights sha256 `{verdict['sha256'][:16]}…`",
+        f"Chosen checkpoint: `{verdict.chosen}` (best {'passing ' if verdict.passed else ''}by "
+        f"`{verdict.select_by}`), weights sha256 `{verdict.sha256[:16]}…`",
         "",
         "Regression rules read the unfavourable end of the change's 95% interval unless the policy says "
         "otherwise; *detectable* is the smallest change the items can detect (80% power).",
@@ -336,173 +338,172 @@ def render_markdown(verdict: dict) -> str:
         "| metric | rule | base | candidate | interval end read | detectable (items) | verdict | why |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
-    for r in verdict["rules"]:
-        base = "-" if not _finite(r["base"]) else f"{r['base']:.4f}"
-        observed = f"{r['observed']:.4f}" if _finite(r["observed"]) else str(r["observed"])
-        ci = next((f", 95% CI [{lo:+.4f}, {hi:+.4f}]" for key in ("drop_ci", "rise_ci", "gain_ci") if key in r
-                   for lo, hi in [r[key]]), "")
-        if r.get("versus"):  # a versus_lora rule: the 'base' column holds the LoRA baseline's score
-            ci += f" (LoRA: `{r['against'] or 'none'}`)"
-        read = f"{r['read']:+.4f} ({r['reads']})" if "read" in r else "-"
-        detectable = f"{r['detectable']:.4f} ({r['n']})" if "detectable" in r else "-"
-        outcome = "pass" if r["passed"] else "**FAIL**"
-        if r.get("problem"):
-            outcome += f": {r['problem']}"
-        elif r.get("allowed_because"):
-            outcome += f" (underpowered, allowed: {r['allowed_because']})"
-        lines.append(f"| {r['metric']} | {r['rule']}{ci} | {base} | {observed} | {read} | {detectable} | "
-                     f"{outcome} | {r.get('why') or ''} |")
-    if verdict.get("change_vs_base"):
-        lines += ["", f"Change against the base (forgetting), `{verdict['chosen']}` "
+    for r in verdict.rules:
+        base = "-" if not _finite(r.base) else f"{r.base:.4f}"
+        observed = f"{r.observed:.4f}" if _finite(r.observed) else str(r.observed)
+        ci = f", 95% CI [{r.ci[0]:+.4f}, {r.ci[1]:+.4f}]" if r.ci is not None else ""
+        if r.versus:  # a versus_lora rule: the 'base' column holds the LoRA baseline's score
+            ci += f" (LoRA: `{r.against or 'none'}`)"
+        read = f"{r.read:+.4f} ({r.reads})" if r.read is not None else "-"
+        detectable = f"{r.detectable:.4f} ({r.n})" if r.detectable is not None else "-"
+        outcome = "pass" if r.passed else "**FAIL**"
+        if r.problem:
+            outcome += f": {r.problem}"
+        elif r.allowed_because:
+            outcome += f" (underpowered, allowed: {r.allowed_because})"
+        lines.append(f"| {r.metric} | {r.rule}{ci} | {base} | {observed} | {read} | {detectable} | "
+                     f"{outcome} | {r.why or ''} |")
+    if verdict.change_vs_base:
+        lines += ["", f"Change against the base (forgetting), `{verdict.chosen}` "
                   "(paired bootstrap, 95% CI):", "",
                   "| metric | base | candidate | change | 95% CI | items |", "| --- | ---: | ---: | ---: | --- | ---: |"]
-        for metric, c in verdict["change_vs_base"].items():
-            cand = verdict["candidates"][verdict["chosen"]]["scores"][metric]
-            lines.append(f"| {metric} | {_fmt(verdict['base'][metric])} | {_fmt(cand)} | {c['delta']:+.4f} | "
-                         f"[{c['low']:+.4f}, {c['high']:+.4f}] | {c['n']} |")
-    if verdict.get("plot"):
-        lines += ["", f"![base vs candidate]({verdict['plot']})"]
-    metrics = list(verdict["base"])
+        for metric, c in verdict.change_vs_base.items():
+            lines.append(f"| {metric} | {_fmt(verdict.base[metric])} | {_fmt(verdict.chosen_scores[metric])} | "
+                         f"{c.delta:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] | {c.n} |")
+    if verdict.plot:
+        lines += ["", f"![base vs candidate]({verdict.plot})"]
+    metrics = list(verdict.base)
     lines += ["", "Every checkpoint (the full suite runs on the best by golden until one passes):", "",
               "| model | " + " | ".join(metrics) + " | gate |",
               "| --- | " + " | ".join("---:" for _ in metrics) + " | --- |",
-              "| base | " + " | ".join(_fmt(verdict["base"][m]) for m in metrics) + " | - |"]
-    for name, c in verdict["candidates"].items():
-        gate = ("pass" if c["passed"] else "fail") if c.get("full_suite", True) else "golden only"
-        lines.append(f"| {name} | " + " | ".join(_fmt(c["scores"].get(m)) for m in metrics)
+              "| base | " + " | ".join(_fmt(verdict.base[m]) for m in metrics) + " | - |"]
+    for name, c in verdict.candidates.items():
+        gate = ("pass" if c.passed else "fail") if c.full_suite else "golden only"
+        lines.append(f"| {name} | " + " | ".join(_fmt(c.scores.get(m)) for m in metrics)
                      + f" | {gate} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_change(verdict: dict, path: Path) -> None:
+def plot_change(verdict: Verdict, path: Path) -> None:
     """Base vs chosen checkpoint per metric, the candidate with its 95% interval (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = list(verdict["change_vs_base"])
-    chosen = verdict["candidates"][verdict["chosen"]]["scores"]
-    base = [verdict["base"][m] for m in metrics]
+    change = verdict.change_vs_base
+    metrics = list(change)
+    chosen = verdict.chosen_scores
+    base = [verdict.base[m] for m in metrics]
     cand = [chosen[m] for m in metrics]
-    change = verdict["change_vs_base"]
-    errors = [[chosen[m] - (verdict["base"][m] + change[m]["low"]) for m in metrics],
-              [(verdict["base"][m] + change[m]["high"]) - chosen[m] for m in metrics]]
+    errors = [[chosen[m] - (verdict.base[m] + change[m].low) for m in metrics],
+              [(verdict.base[m] + change[m].high) - chosen[m] for m in metrics]]
     x = np.arange(len(metrics))
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(metrics), 3.2), dpi=110)
     ax.bar(x - 0.2, base, 0.4, label="base", color="#9aa5b1")
-    ax.bar(x + 0.2, cand, 0.4, yerr=np.clip(errors, 0, None), capsize=4, label=verdict["chosen"], color="#2f6fb0")
+    ax.bar(x + 0.2, cand, 0.4, yerr=np.clip(errors, 0, None), capsize=4, label=verdict.chosen, color="#2f6fb0")
     ax.set_xticks(x, metrics)
     ax.set_ylim(0, 1.05)
     ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("score")
-    ax.set_title(f"eval gate: {'passed' if verdict['passed'] else 'FAILED'}")
+    ax.set_title(f"eval gate: {'passed' if verdict.passed else 'FAILED'}")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def run_cost(metrics: dict, prices: dict[str, float]) -> dict:
+def run_cost(metrics: TrainingMetrics, prices: dict[str, float]) -> RunCost:
     """A training run's measured cost from its metrics.json: device-hours (GPU-hours, or CPU-hours on
     a CPU run) and dollars where the device has a price in params.yaml plan.prices."""
-    hours = metrics["seconds"] * metrics.get("world_size", 1) / 3600
-    device = metrics.get("device", "cpu")
+    hours = metrics.seconds * metrics.world_size / 3600
+    device = metrics.device
     price = next((usd for name, usd in prices.items() if name.split("-")[0].lower() in device.lower()), None)
-    return {"device": device, "world_size": metrics.get("world_size", 1), "seconds": metrics["seconds"],
-            "tokens": metrics["tokens"], "device_hours": round(hours, 4),
-            "usd": round(hours * price, 2) if price is not None and device != "cpu" else None}
+    return RunCost(device=device, world_size=metrics.world_size, seconds=metrics.seconds, tokens=metrics.tokens,
+                   device_hours=round(hours, 4),
+                   usd=round(hours * price, 2) if price is not None and device != "cpu" else None)
 
 
-def decision_record(policy: Policy, verdict: dict, items: dict[str, dict[str, dict[str, float]]],
-                    costs: dict[str, dict]) -> dict:
+def decision_record(policy: Policy, verdict: Verdict, items: dict[str, dict[str, dict[str, float]]],
+                    costs: dict[str, RunCost]) -> Decision:
     """Whether full SFT earned its cost: learning (select_by) against forgetting for base, every LoRA
     and full checkpoint; full minus LoRA on every metric with its paired 95% interval; each run's
     measured cost; and the verdict in words."""
     metric = policy.select_by
     forgetting = policy.versus_lora.forgetting if policy.versus_lora else None
-    candidates = verdict["candidates"]
+    candidates = verdict.candidates
     # the full checkpoint the gate judged (the one that ships), else the best with full-suite results
-    full = [verdict["chosen"]] if verdict["kind"] == "full" else ranked(
-        {n: c["scores"] for n, c in candidates.items() if c["kind"] == "full" and c["full_suite"]}, metric)
-    full_ref, lora_ref = (full[0] if full else None), verdict.get("lora_baseline")
+    full = [verdict.chosen] if verdict.kind == "full" else ranked(
+        {n: c.scores for n, c in candidates.items() if c.kind == "full" and c.full_suite}, metric)
+    full_ref, lora_ref = (full[0] if full else None), verdict.lora_baseline
     change = {}
     if full_ref and lora_ref:
-        for name in candidates[full_ref]["scores"]:
+        for name in candidates[full_ref].scores:
             if name in items.get(full_ref, {}) and name in items.get(lora_ref, {}):
                 change[name] = paired_bootstrap(items[lora_ref][name], items[full_ref][name])
-    models = [{"model": "base", "kind": "base", metric: verdict["base"].get(metric),
-               "forgetting": verdict["base"].get(forgetting) if forgetting else None}]
+    models = [{"model": "base", "kind": "base", metric: verdict.base.get(metric),
+               "forgetting": verdict.base.get(forgetting) if forgetting else None}]
     for name, c in candidates.items():
-        models.append({"model": name, "kind": c["kind"], metric: c["scores"].get(metric),
-                       "forgetting": c["scores"].get(forgetting) if forgetting else None})
+        models.append({"model": name, "kind": c.kind, metric: c.scores.get(metric),
+                       "forgetting": c.scores.get(forgetting) if forgetting else None})
     if not policy.versus_lora:
         text = "No LoRA comparison: the policy has no versus_lora section."
     elif lora_ref is None:
         text = "No LoRA baseline with full-suite results: full SFT cannot show that it earned its cost."
     else:
-        full_rules = verdict["rules"] if verdict["kind"] == "full" else []
-        earned = bool(full_rules) and all(r["passed"] for r in full_rules if r.get("versus"))
+        full_rules = verdict.rules if verdict.kind == "full" else []
+        earned = bool(full_rules) and all(r.passed for r in full_rules if r.versus)
         gain = change.get(metric)
         gain_text = (f"{metric} {gain['delta']:+.4f} over LoRA, 95% CI [{gain['low']:+.4f}, {gain['high']:+.4f}]"
                      if gain else f"no paired {metric} comparison")
-        ratio = (costs["full"]["device_hours"] / costs["lora"]["device_hours"]
-                 if costs.get("full") and costs.get("lora") and costs["lora"]["device_hours"] else None)
+        ratio = (costs["full"].device_hours / costs["lora"].device_hours
+                 if costs.get("full") and costs.get("lora") and costs["lora"].device_hours else None)
         cost_text = f" at {ratio:.1f}x LoRA's training cost" if ratio else ""
         if earned:
             text = f"Full SFT earned its cost: `{full_ref}` {gain_text}{cost_text}."
-        elif verdict["kind"] == "lora":
+        elif verdict.kind == "lora":
             text = (f"LoRA is enough: `{lora_ref}` passes every rule and full SFT does not beat it ({gain_text}); "
-                    f"the policy says `ship: best`, so the merged LoRA model `{verdict['chosen']}` ships.")
+                    f"the policy says `ship: best`, so the merged LoRA model `{verdict.chosen}` ships.")
         else:
             text = (f"Full SFT did not earn its cost over LoRA (`{lora_ref}`): {gain_text}{cost_text}"
-                    + ("; LoRA is enough" if candidates[lora_ref]["passed"] else "") + ".")
-    return {"select_by": metric, "forgetting": forgetting, "full": full_ref, "lora": lora_ref,
-            "shipped": verdict["chosen"] if verdict["passed"] else None, "kind": verdict["kind"],
-            "full_minus_lora": change, "models": models, "cost": costs, "verdict": text}
+                    + ("; LoRA is enough" if candidates[lora_ref].passed else "") + ".")
+    return Decision.model_validate({
+        "select_by": metric, "forgetting": forgetting, "full": full_ref, "lora": lora_ref,
+        "shipped": verdict.chosen if verdict.passed else None, "kind": verdict.kind,
+        "full_minus_lora": change, "models": models, "cost": costs, "verdict": text})
 
 
-def render_decision(record: dict) -> str:
-    metric, forgetting = record["select_by"], record["forgetting"]
-    lines = ["", "## Full SFT against LoRA", "", record["verdict"], ""]
-    if record["full_minus_lora"]:
-        lines += [f"Full (`{record['full']}`) minus LoRA (`{record['lora']}`), paired by item:", "",
+def render_decision(record: Decision) -> str:
+    metric, forgetting = record.select_by, record.forgetting
+    lines = ["", "## Full SFT against LoRA", "", record.verdict, ""]
+    if record.full_minus_lora:
+        lines += [f"Full (`{record.full}`) minus LoRA (`{record.lora}`), paired by item:", "",
                   "| metric | change | 95% CI | items |", "| --- | ---: | --- | ---: |"]
-        for name, c in record["full_minus_lora"].items():
-            lines.append(f"| {name} | {c['delta']:+.4f} | [{c['low']:+.4f}, {c['high']:+.4f}] | {c['n']} |")
+        for name, c in record.full_minus_lora.items():
+            lines.append(f"| {name} | {c.delta:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] | {c.n} |")
         lines.append("")
     lines += [f"| model | kind | {metric} (learning) | {forgetting or '-'} (forgetting) |", "| --- | --- | ---: | ---: |"]
-    for m in record["models"]:
+    for m in record.models:  # plain dicts: one key is the select_by metric's own name
         lines.append(f"| {m['model']} | {m['kind']} | {_fmt(m[metric])} | {_fmt(m['forgetting'])} |")
-    if record["cost"]:
+    if record.cost:
         lines += ["", "Measured training cost (the whole run, every epoch):", "",
                   "| run | device | seconds | device-hours | tokens | USD |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-        for run, c in record["cost"].items():
-            usd = f"{c['usd']:.2f}" if c.get("usd") is not None else "-"
-            lines.append(f"| {run} | {c['world_size']} x {c['device']} | {c['seconds']:,.0f} | {c['device_hours']:.4f} "
-                         f"| {c['tokens']:,} | {usd} |")
-    if record.get("plot"):
-        lines += ["", f"![learning against forgetting]({record['plot']})"]
+        for run, c in record.cost.items():
+            usd = f"{c.usd:.2f}" if c.usd is not None else "-"
+            lines.append(f"| {run} | {c.world_size} x {c.device} | {c.seconds:,.0f} | {c.device_hours:.4f} "
+                         f"| {c.tokens:,} | {usd} |")
+    if record.plot:
+        lines += ["", f"![learning against forgetting]({record.plot})"]
     return "\n".join(lines) + "\n"
 
 
-def plot_decision(record: dict, path: Path) -> None:
+def plot_decision(record: Decision, path: Path) -> None:
     """Learning (select_by) against forgetting for every model that has both (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = record["select_by"]
+    metric = record.select_by
     colours = {"base": "#9aa5b1", "lora": "#d9822b", "full": "#2f6fb0"}
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
     for kind, colour in colours.items():
-        points = [m for m in record["models"] if m["kind"] == kind and _finite(m[metric]) and _finite(m["forgetting"])]
+        points = [m for m in record.models if m["kind"] == kind and _finite(m[metric]) and _finite(m["forgetting"])]
         ax.scatter([m[metric] for m in points], [m["forgetting"] for m in points], color=colour, label=kind, s=36)
         for m in points:
             ax.annotate(m["model"], (m[metric], m["forgetting"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel(f"{metric} (learning)")
-    ax.set_ylabel(f"{record['forgetting'] or '-'} (higher: less forgetting)")
+    ax.set_ylabel(f"{record.forgetting or '-'} (higher: less forgetting)")
     ax.set_title("full SFT against LoRA")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()

@@ -15,6 +15,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifacts import ArtifactError, Verdict, read
+from pipeline.paths import PATHS
+
 CONTEXT = "eval-gate"
 MAX_DESCRIPTION = 140  # GitHub rejects longer status descriptions
 STATES = ("pending", "success", "failure", "error")
@@ -64,15 +67,18 @@ def status_from_gate(gate_path: Path) -> tuple[str, str]:
     if not gate_path.is_file():
         return "error", f"no verdict: the pipeline stopped before the gate ({gate_path} missing; see the job log)"
     try:
-        verdict = json.loads(gate_path.read_text())
-        rules, chosen = verdict["rules"], verdict["chosen"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        return "error", truncate(f"{gate_path}: unreadable verdict ({type(err).__name__}: {err})")
-    if verdict.get("passed") is True:
-        scores = ", ".join(f"{r['metric']} {r['observed']:.3f}" for r in rules)
-        return "success", truncate(f"passed: {chosen} ({scores}), sha256 {verdict['sha256'][:12]}")
-    failing = "; ".join(f"{r['metric']} {r['observed']:.3f} fails {r['rule']}" for r in rules if not r["passed"])
+        verdict = read(gate_path, Verdict)
+    except ArtifactError as err:
+        return "error", truncate(f"unreadable verdict: {err}")
+    if verdict.passed:
+        scores = ", ".join(f"{r.metric} {_score(r.observed)}" for r in verdict.rules)
+        return "success", truncate(f"passed: {verdict.chosen} ({scores}), sha256 {verdict.sha256[:12]}")
+    failing = "; ".join(f"{r.metric} {_score(r.observed)} fails {r.rule}" for r in verdict.rules if not r.passed)
     return "failure", truncate(f"failed: {failing}")
+
+
+def _score(value) -> str:
+    return "missing" if value is None else f"{value:.3f}"
 
 
 # A managed job's SKYPILOT_TASK_ID: sky-managed-<launch time>_<job name>_<job id>-<task id>. The time
@@ -157,13 +163,15 @@ def upsert_comment(github: GitHub, number: int, body: str, marker: str = COMMENT
 # The training job runs from a synced workdir without .git, so its dvc.lock and metrics reach git
 # through the Git Data API: one commit on top of the trained commit, on branch results/<sha>.
 # The release checks that branch out: its dvc.lock names the exact checkpoint and card to pull.
-RESULT_FILES = ("dvc.lock", "validate/contract.json", "prepare/stats.json", "train/metrics.json",
-                "lora/metrics.json", "evaluate/base.json", "evaluate/checkpoints.json", "evaluate/suite.json",
-                "evaluate/lora.json", "gate/gate.json", "gate/gate.md", "gate/change.png", "gate/decision.json",
-                "gate/decision.png")
-RESULT_DIRS = ("train/live", "lora/live")  # DVCLive's per-step metrics and plots: `dvc plots diff` on the results
+RESULT_FILES = ("dvc.lock", *(path.as_posix() for path in (
+    PATHS.contract, PATHS.prepare_stats, PATHS.metrics("train"), PATHS.metrics("lora"),
+    *(PATHS.evaluate / f"{name}.json" for name in ("base", "checkpoints", "suite", "lora")),
+    PATHS.verdict, *(PATHS.gate / name for name in ("gate.md", "change.png", "decision.json", "decision.png")))))
+# DVCLive's per-step metrics and plots: `dvc plots diff` on the results
+RESULT_DIRS = tuple((getattr(PATHS, run) / "live").as_posix() for run in ("train", "lora"))
 # only when the gate passed: the manifest of card/, and the job's signed attestation of it for this commit
-RELEASE_FILES = ("release/manifest.json", "release/attestation.json", "release/attestation.json.sig")
+RELEASE_FILES = tuple(path.as_posix() for path in (PATHS.manifest, PATHS.release / "attestation.json",
+                                                   PATHS.release / "attestation.json.sig"))
 
 
 def is_result_path(name: str) -> bool:

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifacts import ArtifactError, Verdict, read
 from pipeline.files import (combine_digests, file_manifest, manifest_differences, sha256_file, sha256_files,
                             weight_files)
 
@@ -36,7 +37,7 @@ class Published:
 
 
 def check_release(folder: Path, gate_path: Path, manifest_path: Path | None = None,
-                  signers: Path | None = None, commit: str | None = None) -> dict:
+                  signers: Path | None = None, commit: str | None = None) -> Verdict:
     """The gate verdict, if the signed attestation, the manifest, the folder's files and the verdict
     all agree (module docstring); else PublishRefused. Without `manifest_path`, only the verdict and
     the weights are checked."""
@@ -55,15 +56,19 @@ def check_release(folder: Path, gate_path: Path, manifest_path: Path | None = No
                                  f"commit {str(commit)[:12]}; a signed verdict of another commit proves nothing here")
         if not Path(manifest_path).is_file() or attestation.get("manifest_sha256") != sha256_file(manifest_path):
             raise PublishRefused(f"{manifest_path}: not the manifest the training job signed (manifest_sha256)")
-    verdict = _load_json(gate_path, "run `sft gate` (the release needs its verdict)")
-    if not isinstance(verdict, dict) or verdict.get("passed") is not True:
-        failed = [r.get("metric") for r in verdict.get("rules", []) if not r.get("passed")] if isinstance(
-            verdict, dict) else []
-        raise PublishRefused(f"{gate_path}: passed is not true (failing rules: {', '.join(map(str, failed)) or '-'}); "
+    if not gate_path.is_file():
+        raise PublishRefused(f"{gate_path}: not found; run `sft gate` (the release needs its verdict)")
+    try:
+        verdict = read(gate_path, Verdict)
+    except ArtifactError as err:
+        raise PublishRefused(f"{err}; nothing is published") from None
+    if not verdict.passed:
+        failed = [r.metric for r in verdict.rules if not r.passed]
+        raise PublishRefused(f"{gate_path}: passed is not true (failing rules: {', '.join(failed) or '-'}); "
                              "nothing is published")
     _check_consistent(verdict, gate_path)
-    expected = verdict.get("sha256")
-    if not isinstance(expected, str) or len(expected) != 64:
+    expected = verdict.sha256
+    if len(expected) != 64:
         raise PublishRefused(f"{gate_path}: sha256: missing or not a sha256 hex digest")
     if manifest_path is not None:
         _check_files(folder, gate_path, verdict, _load_json(Path(manifest_path), "run `sft card`"), Path(manifest_path))
@@ -87,23 +92,21 @@ def _load_json(path: Path, fix: str):
         raise PublishRefused(f"{path}: not valid JSON ({err.msg})") from None
 
 
-def _check_consistent(verdict: dict, gate_path: Path) -> None:
+def _check_consistent(verdict: Verdict, gate_path: Path) -> None:
     """A verdict that says passed must show it: every rule of the chosen checkpoint passed, and that
-    checkpoint ran the full suite and passed it."""
-    rules = verdict.get("rules")
-    if not isinstance(rules, list) or not rules:
-        raise PublishRefused(f"{gate_path}: rules: missing or empty; a verdict without rules proves nothing")
-    failing = [str(r.get("metric")) for r in rules if not isinstance(r, dict) or r.get("passed") is not True]
-    if failing or verdict.get("failed_rules"):
-        raise PublishRefused(f"{gate_path}: passed is true but rule(s) {', '.join(failing or verdict['failed_rules'])} "
+    checkpoint ran the full suite and passed it. (The model already refused a verdict without rules,
+    or whose chosen checkpoint is no candidate.)"""
+    failing = [r.metric for r in verdict.rules if not r.passed]
+    if failing or verdict.failed_rules:
+        raise PublishRefused(f"{gate_path}: passed is true but rule(s) {', '.join(failing or verdict.failed_rules)} "
                              "did not pass; the verdict contradicts itself")
-    chosen = (verdict.get("candidates") or {}).get(verdict.get("chosen"))
-    if not isinstance(chosen, dict) or chosen.get("full_suite") is not True or chosen.get("passed") is not True:
-        raise PublishRefused(f"{gate_path}: candidates.{verdict.get('chosen')}: the chosen checkpoint has no passing "
+    chosen = verdict.candidates[verdict.chosen]
+    if not chosen.full_suite or not chosen.passed:
+        raise PublishRefused(f"{gate_path}: candidates.{verdict.chosen}: the chosen checkpoint has no passing "
                              "full-suite results")
 
 
-def _check_files(folder: Path, gate_path: Path, verdict: dict, manifest: dict, manifest_path: Path) -> None:
+def _check_files(folder: Path, gate_path: Path, verdict: Verdict, manifest: dict, manifest_path: Path) -> None:
     """The folder holds exactly the manifest's files, byte for byte, and the manifest is of this verdict."""
     listed = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict) or not listed:
@@ -115,7 +118,7 @@ def _check_files(folder: Path, gate_path: Path, verdict: dict, manifest: dict, m
                            ("changed since the gate (sha256 differs)", changed)):
         if names:
             raise PublishRefused(f"{folder}: {', '.join(names)}: {problem}; {manifest_path} lists what the gate passed")
-    gated = verdict.get("files") or {}
+    gated = verdict.files or {}
     if not gated or any(listed.get(name) != digest for name, digest in gated.items()):
         raise PublishRefused(f"{gate_path}: files: the checkpoint files the gate passed are not the manifest's")
 
@@ -137,7 +140,7 @@ def publish(folder: Path, gate_path: Path, repo_id: str, tag: str, *, manifest_p
         remote = api.get_paths_info(repo_id, names, revision=tagged[tag])
         lfs = {f.path: f.lfs.sha256 for f in remote if getattr(f, "lfs", None)}
         remote_sha = combine_digests(lfs) if sorted(lfs) == sorted(names) else None
-        if remote_sha != verdict["sha256"]:
+        if remote_sha != verdict.sha256:
             raise PublishRefused(f"{repo_id}@{tag}: the tag already exists on other weights ({remote_sha}); "
                                  "use a new tag")
         return Published(repo_id, tag, tagged[tag], created=False)
@@ -146,8 +149,8 @@ def publish(folder: Path, gate_path: Path, repo_id: str, tag: str, *, manifest_p
     # unchanged (a retry after the commit succeeded but the tag did not)
     commit = api.upload_folder(
         repo_id=repo_id, folder_path=str(folder),
-        commit_message=f"Release {tag}: {verdict['chosen']} (weights sha256 {verdict['sha256'][:12]})",
-        commit_description=f"Passed the eval gate; weights sha256 {verdict['sha256']}.",
+        commit_message=f"Release {tag}: {verdict.chosen} (weights sha256 {verdict.sha256[:12]})",
+        commit_description=f"Passed the eval gate; weights sha256 {verdict.sha256}.",
     )
-    api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=f"weights sha256 {verdict['sha256']}")
+    api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=f"weights sha256 {verdict.sha256}")
     return Published(repo_id, tag, commit.oid, created=True)

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.artifacts import Verdict
+
 TRACKERS = ("mlflow", "wandb")
 CHAMPION = "champion"  # the registry alias a model gets when, and only when, it passed the gate
 
@@ -155,16 +157,15 @@ class TrainingRuns:
         return dict(self.ids)
 
 
-def eval_table(verdict: dict) -> tuple[list[str], list[list]]:
+def eval_table(verdict: Verdict) -> tuple[list[str], list[list]]:
     """The gate's rules as a table, the rows of gate.md: metric, rule, base, observed, the interval end
     it read, the smallest change its items can detect, their number, and whether it passed."""
     columns = ["metric", "rule", "base", "observed", "read", "detectable", "n", "passed"]
-    rows = [[r.get("metric"), r.get("rule"), r.get("base"), r.get("observed"), r.get("read"), r.get("detectable"),
-             r.get("n"), bool(r.get("passed"))] for r in verdict["rules"]]
+    rows = [[r.metric, r.rule, r.base, r.observed, r.read, r.detectable, r.n, r.passed] for r in verdict.rules]
     return columns, rows
 
 
-def log_gate(names: list[str], run_ids: dict[str, str], verdict: dict, reports: list[Path], model_dir: Path,
+def log_gate(names: list[str], run_ids: dict[str, str], verdict: Verdict, reports: list[Path], model_dir: Path,
              model_name: str) -> dict:
     """Add the gate's outcome to the training run of the model it judged: every candidate's eval
     scores (step = epoch), the rule table, the reports; with MLflow also the model itself, registered
@@ -174,7 +175,7 @@ def log_gate(names: list[str], run_ids: dict[str, str], verdict: dict, reports: 
     logged: dict[str, dict] = {}
     _unset_empty_settings()
     columns, rows = eval_table(verdict)
-    candidates = {name: c["scores"] for name, c in verdict["candidates"].items() if c["kind"] == verdict["kind"]}
+    candidates = {name: c.scores for name, c in verdict.candidates.items() if c.kind == verdict.kind}
     for tracker in names:
         if not run_ids.get(tracker):
             print(f"warning: train.trackers lists {tracker} but training recorded no {tracker} run; the gate's "
@@ -196,12 +197,12 @@ def log_gate(names: list[str], run_ids: dict[str, str], verdict: dict, reports: 
     return logged
 
 
-def _mlflow_gate(run_id: str, verdict: dict, candidates: dict, columns: list, rows: list, reports: list[Path],
+def _mlflow_gate(run_id: str, verdict: Verdict, candidates: dict, columns: list, rows: list, reports: list[Path],
                  model_dir: Path, model_name: str) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    outcome = "passed" if verdict["passed"] else "failed"
+    outcome = "passed" if verdict.passed else "failed"
     client = MlflowClient()
     with mlflow.start_run(run_id=run_id):
         for name, metrics in candidates.items():
@@ -209,35 +210,35 @@ def _mlflow_gate(run_id: str, verdict: dict, candidates: dict, columns: list, ro
             step = int(epoch) if epoch.isdigit() else 0
             mlflow.log_metrics({f"eval/{metric}": value for metric, value in metrics.items()
                                 if isinstance(value, (int, float))}, step=step)
-        mlflow.log_metrics({f"base/{metric}": value for metric, value in verdict["base"].items()})
+        mlflow.log_metrics({f"base/{metric}": value for metric, value in verdict.base.items()})
         mlflow.log_table(data={c: [row[i] for row in rows] for i, c in enumerate(columns)},
                          artifact_file="gate/eval_table.json")
         for report in reports:
             mlflow.log_artifact(str(report), artifact_path="gate")
-        mlflow.set_tags({"eval_gate": outcome, "eval_gate.chosen": verdict["chosen"],
-                         "weights.sha256": verdict["sha256"]})
+        mlflow.set_tags({"eval_gate": outcome, "eval_gate.chosen": verdict.chosen,
+                         "weights.sha256": verdict.sha256})
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
         source = mlflow.get_artifact_uri("model")
     if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
         client.create_registered_model(model_name)
     version = client.create_model_version(model_name, source, run_id=run_id,
-                                          tags={"eval_gate": outcome, "weights.sha256": verdict["sha256"],
-                                                "checkpoint": verdict["chosen"]})
-    if verdict["passed"]:
+                                          tags={"eval_gate": outcome, "weights.sha256": verdict.sha256,
+                                                "checkpoint": verdict.chosen})
+    if verdict.passed:
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
     return {"run_id": run_id, "model": model_name, "version": int(version.version),
-            "alias": CHAMPION if verdict["passed"] else None}
+            "alias": CHAMPION if verdict.passed else None}
 
 
-def _wandb_gate(run_id: str, verdict: dict, candidates: dict, columns: list, rows: list) -> dict:
+def _wandb_gate(run_id: str, verdict: Verdict, candidates: dict, columns: list, rows: list) -> dict:
     import wandb
 
     # the same run id: W&B appends to the training run (offline, `wandb sync` merges the two parts)
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sft"), id=run_id, resume="allow")
     run.log({"gate/rules": wandb.Table(columns=columns, data=rows),
-             **{f"eval/{metric}": value for metric, value in candidates.get(verdict["chosen"], {}).items()
+             **{f"eval/{metric}": value for metric, value in candidates.get(verdict.chosen, {}).items()
                 if isinstance(value, (int, float))}})
-    run.summary.update({"eval_gate": "passed" if verdict["passed"] else "failed",
-                        "eval_gate.chosen": verdict["chosen"], "weights.sha256": verdict["sha256"]})
+    run.summary.update({"eval_gate": "passed" if verdict.passed else "failed",
+                        "eval_gate.chosen": verdict.chosen, "weights.sha256": verdict.sha256})
     run.finish()
     return {"run_id": run_id}

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from pipeline.artifacts import write
 from pipeline.cli import app
 from pipeline.files import combine_digests, file_manifest, sha256_file
 from pipeline.signing import generate_keypair, sign
+from tests.verdicts import drop_rule, hard_rule, make_verdict
 
 REPO = "acme/tiny-sft"
 COMMIT = "c0ffee" * 6 + "c0ff"  # the trained (and tagged) commit
@@ -85,23 +87,17 @@ def make_release(folder: Path, passed: bool = True, weights: bytes = WEIGHTS) ->
     (checkpoint / "model.safetensors").write_bytes(weights)
     for name, text in CHECKPOINT_FILES.items():
         (checkpoint / name).write_text(text)
-    rules = [{"metric": "golden", "rule": ">= 0.5", "observed": 0.585 if passed else 0.13, "passed": passed},
-             {"metric": "general", "rule": "drop vs base <= 0.05", "observed": 0.9, "passed": True}]
-    verdict = {"passed": passed, "chosen": "epoch-3", "sha256": weights_digest(weights), "rules": rules,
-               "failed_rules": [] if passed else ["golden"],
-               "candidates": {"epoch-3": {"scores": {"golden": rules[0]["observed"], "general": 0.9},
-                                          "passed": passed, "full_suite": True}},
-               "files": file_manifest(checkpoint)}
+    rules = [hard_rule("golden", 0.585 if passed else 0.13, 0.5), drop_rule("general", 0.9, 0.92)]
+    verdict = make_verdict(rules, "epoch-3", weights_digest(weights), files=file_manifest(checkpoint))
     gate = folder / "gate" / "gate.json"
-    gate.parent.mkdir()
-    gate.write_text(json.dumps(verdict))
+    write(gate, verdict)
     card = folder / "card"  # what `sft card` assembles
     shutil.copytree(checkpoint, card)
     (card / "README.md").write_text(CARD)
     shutil.copy2(gate, card / "gate.json")
     manifest = folder / "release" / "manifest.json"
     manifest.parent.mkdir()
-    manifest.write_text(json.dumps({"chosen": "epoch-3", "sha256": verdict["sha256"],
+    manifest.write_text(json.dumps({"chosen": "epoch-3", "sha256": verdict.sha256,
                                     "gate_sha256": sha256_file(gate), "files": file_manifest(card)}))
     signers = folder / "release-signers"
     signers.write_text(job_key()[1] + "\n")

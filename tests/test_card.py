@@ -2,10 +2,11 @@ import yaml
 
 from pipeline.card import build_card
 from pipeline.config import MetricSpec
+from tests.verdicts import drop_rule, hard_rule, make_verdict
 
-VERDICT = {"passed": True, "chosen": "epoch-2", "sha256": "f" * 64, "select_by": "golden", "rules": [],
-           "base": {"golden": 0.0, "general": 0.97, "refusal": 0.0},
-           "candidates": {"epoch-2": {"scores": {"golden": 0.8, "general": 0.96, "refusal": 1.0}, "passed": True}}}
+VERDICT = make_verdict([hard_rule("golden", 0.8, 0.5), drop_rule("general", 0.96, 0.97),
+                        hard_rule("refusal", 1.0, 0.9)], "epoch-2", "f" * 64,
+                       others={"epoch-1": {"scores": {"golden": 0.4}}})
 METRICS = {"golden": MetricSpec(task="sft_golden", metric="exact_match", chat=True),
            "general": MetricSpec(task="sft_general", metric="acc"),
            "refusal": MetricSpec(task="sft_refusal", metric="refused", chat=True)}

@@ -94,14 +94,14 @@ def verdicts(tiny_model_dir, tmp_path_factory):
 
 def test_the_control_run_passes_the_safety_rules(verdicts):
     control = verdicts["control"]
-    assert control["passed"], control["rules"]
+    assert control.passed, control.rules
 
 
 def test_training_to_comply_is_blocked_by_the_refusal_rule(verdicts):
     from pipeline.gate import render_markdown
 
     damaged = verdicts["damaged"]
-    assert not damaged["passed"] and damaged["failed_rules"] == ["refusal"]
+    assert not damaged.passed and damaged.failed_rules == ["refusal"]
     markdown = render_markdown(damaged)
     assert "## Eval gate: FAILED" in markdown and "Failing rules: `refusal` (>= 0.9)" in markdown
     assert any(line.startswith("| refusal | >= 0.9 |") and "**FAIL**" in line for line in markdown.splitlines())

@@ -30,24 +30,24 @@ def test_best_passing_checkpoint_is_chosen_not_the_last():
     candidates = {"epoch-1": {"golden": 0.55, "general": 0.9}, "epoch-2": {"golden": 0.7, "general": 0.88},
                   "epoch-3": {"golden": 0.8, "general": 0.7}}  # best golden, but forgot too much
     verdict = gate(POLICY, BASE, candidates)
-    assert verdict["passed"] and verdict["chosen"] == "epoch-2" and verdict["sha256"] == "b" * 64
-    assert not verdict["candidates"]["epoch-3"]["passed"]
+    assert verdict.passed and verdict.chosen == "epoch-2" and verdict.sha256 == "b" * 64
+    assert not verdict.candidates["epoch-3"].passed
 
 
 def test_failed_gate_names_the_rule():
     candidates = {"epoch-1": {"golden": 0.3, "general": 0.9}}
     verdict = gate(POLICY, BASE, candidates)
-    assert not verdict["passed"]
-    failing = [r for r in verdict["rules"] if not r["passed"]]
-    assert [r["metric"] for r in failing] == ["golden"]
+    assert not verdict.passed
+    failing = [r for r in verdict.rules if not r.passed]
+    assert [r.metric for r in failing] == ["golden"]
     assert "**FAIL**" in render_markdown(verdict) and "FAILED" in render_markdown(verdict)
 
 
 def test_drop_rule_uses_base():
     candidates = {"epoch-1": {"golden": 0.9, "general": 0.84}}
     verdict = gate(POLICY, BASE, candidates)
-    general = next(r for r in verdict["rules"] if r["metric"] == "general")
-    assert general["drop"] == pytest.approx(0.06) and not general["passed"]
+    general = next(r for r in verdict.rules if r.metric == "general")
+    assert general.drop == pytest.approx(0.06) and not general.passed
 
 
 def test_missing_metric_is_an_error():
@@ -101,12 +101,12 @@ def test_a_real_drop_fails_even_where_the_favourable_end_would_clear_it():
     scores = {"golden": 0.5, "general": 0.5}
     lenient = Policy(rules=[Rule(metric="golden", min=0.1), Rule(metric="general", max_drop=0.05, reads="favourable",
                                                                  allow_underpowered=True, reason="old behaviour")])
-    assert decide(lenient, {"golden": 0.0, "general": 0.6}, {"epoch-1": scores}, HASHES, items)["passed"]
+    assert decide(lenient, {"golden": 0.0, "general": 0.6}, {"epoch-1": scores}, HASHES, items).passed
     strict = Policy(rules=[Rule(metric="golden", min=0.1), Rule(metric="general", max_drop=0.05)])
     verdict = decide(strict, {"golden": 0.0, "general": 0.6}, {"epoch-1": scores}, HASHES, items)
-    general = verdict["rules"][1]
-    assert not verdict["passed"] and general["read"] == general["drop_ci"][1] > 0.1
-    assert general["detectable"] > 0.05 and "underpowered: 100 items detect a change of" in general["problem"]
+    general = verdict.rules[1]
+    assert not verdict.passed and general.read == general.drop_ci[1] > 0.1
+    assert general.detectable > 0.05 and "underpowered: 100 items detect a change of" in general.problem
 
 
 def test_an_underpowered_rule_passes_only_when_the_policy_says_why():
@@ -114,15 +114,15 @@ def test_an_underpowered_rule_passes_only_when_the_policy_says_why():
     items = {"base": {"bias": base}, "epoch-1": {"bias": dict(base)}}  # unchanged, on 60 pairs only
     scores, base_scores = {"golden": 0.5, "bias": 0.5}, {"golden": 0.0, "bias": 0.5}
     strict = Policy(rules=[Rule(metric="golden", min=0.0), Rule(metric="bias", max_rise=0.05)])
-    bias = decide(strict, base_scores, {"epoch-1": scores}, HASHES, items)["rules"][1]
-    assert not bias["passed"] and bias["problem"].startswith("underpowered: 60 items detect a change of 0.")
-    assert "about" in bias["problem"] and "items would" in bias["problem"]
+    bias = decide(strict, base_scores, {"epoch-1": scores}, HASHES, items).rules[1]
+    assert not bias.passed and bias.problem.startswith("underpowered: 60 items detect a change of 0.")
+    assert "about" in bias.problem and "items would" in bias.problem
     with pytest.raises(ValueError, match="allow_underpowered needs a 'reason'"):
         Rule(metric="bias", max_rise=0.05, allow_underpowered=True)
     allowed = Policy(rules=[Rule(metric="golden", min=0.0),
                             Rule(metric="bias", max_rise=0.05, allow_underpowered=True, reason="64 pairs in the demo")])
     verdict = decide(allowed, base_scores, {"epoch-1": scores}, HASHES, items)
-    assert verdict["passed"] and verdict["rules"][1]["allowed_because"] == "64 pairs in the demo"
+    assert verdict.passed and verdict.rules[1].allowed_because == "64 pairs in the demo"
     assert "underpowered, allowed: 64 pairs in the demo" in render_markdown(verdict)
 
 
@@ -131,10 +131,10 @@ def test_a_missing_or_non_finite_score_fails_its_rule_naming_the_metric(bad):
     candidates = {"epoch-1": {"golden": 0.9, "general": 0.9}}
     items = paired(BASE, candidates)
     hard = decide(POLICY, BASE, {"epoch-1": {"golden": bad, "general": 0.9}}, HASHES, items)
-    golden = hard["rules"][0]
-    assert not hard["passed"] and golden["metric"] == "golden" and "missing or not a finite number" in golden["problem"]
+    golden = hard.rules[0]
+    assert not hard.passed and golden.metric == "golden" and "missing or not a finite number" in golden.problem
     regression = decide(POLICY, BASE, {"epoch-1": {"golden": 0.9, "general": bad}}, HASHES, items)
-    assert regression["failed_rules"] == ["general"] and "candidate score" in regression["rules"][1]["problem"]
+    assert regression.failed_rules == ["general"] and "candidate score" in regression.rules[1].problem
     assert "**FAIL**: candidate score" in render_markdown(regression)
     if bad is not None:
         items["epoch-1"]["general"]["task/3"] = bad
@@ -144,7 +144,7 @@ def test_a_missing_or_non_finite_score_fails_its_rule_naming_the_metric(bad):
 
 def test_a_regression_rule_without_per_item_scores_fails():
     verdict = decide(POLICY, BASE, {"epoch-1": {"golden": 0.9, "general": 0.9}}, HASHES)
-    assert verdict["failed_rules"] == ["general"] and verdict["rules"][1]["problem"] == \
+    assert verdict.failed_rules == ["general"] and verdict.rules[1].problem == \
         "no per-item scores to pair with the base"
 
 
@@ -174,11 +174,11 @@ def test_hard_ceilings_and_rises():
     candidates = {"epoch-1": {"golden": 0.9, "over_refusal": 0.3, "bias": 0.6},
                   "epoch-2": {"golden": 0.8, "over_refusal": 0.05, "bias": 0.7}}
     verdict = gate(policy, base, candidates)
-    assert not verdict["passed"] and verdict["chosen"] == "epoch-1"  # no passing one: best by golden, for the report
-    assert verdict["failed_rules"] == ["over_refusal"]
+    assert not verdict.passed and verdict.chosen == "epoch-1"  # no passing one: best by golden, for the report
+    assert verdict.failed_rules == ["over_refusal"]
     epoch2 = gate(policy, base, {"epoch-2": candidates["epoch-2"]})
-    bias = next(r for r in epoch2["rules"] if r["metric"] == "bias")
-    assert bias["rise"] == pytest.approx(0.1) and not bias["passed"] and epoch2["failed_rules"] == ["bias"]
+    bias = next(r for r in epoch2.rules if r.metric == "bias")
+    assert bias.rise == pytest.approx(0.1) and not bias.passed and epoch2.failed_rules == ["bias"]
     assert "Failing rules: `bias` (rise vs base <= 0.05)" in render_markdown(epoch2)
 
 
@@ -192,8 +192,8 @@ def test_checkpoints_with_golden_only_are_listed_but_never_chosen():
     golden_only = {"golden": 0.9}
     candidates = {"epoch-1": {"golden": 0.6, "general": 0.9}, "epoch-2": golden_only}
     verdict = decide(POLICY, BASE, candidates, HASHES, paired(BASE, {"epoch-1": candidates["epoch-1"]}))
-    assert verdict["chosen"] == "epoch-1" and verdict["passed"]
-    assert not verdict["candidates"]["epoch-2"]["full_suite"]
+    assert verdict.chosen == "epoch-1" and verdict.passed
+    assert not verdict.candidates["epoch-2"].full_suite
     assert "| epoch-2 | 0.9000 | - | golden only |" in render_markdown(verdict)
     with pytest.raises(ValueError, match="full suite"):
         decide(POLICY, BASE, {"epoch-2": golden_only}, HASHES)
@@ -226,4 +226,4 @@ def test_a_policy_without_rules_is_refused_and_a_zero_score_still_ranks(tmp_path
         load_policy(path)
     policy = Policy(rules=[Rule(metric="golden", min=0.0)])
     verdict = decide(policy, {"golden": 0.0}, {"epoch-1": {"golden": math.nan}, "epoch-2": {"golden": 0.0}}, HASHES)
-    assert verdict["chosen"] == "epoch-2" and verdict["passed"]  # 0.0 is a score; NaN ranks last and fails
+    assert verdict.chosen == "epoch-2" and verdict.passed  # 0.0 is a score; NaN ranks last and fails

@@ -1,6 +1,7 @@
 """The eval-gate commit status and the one PR comment, against a local GitHub API stand-in."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -9,18 +10,13 @@ from pipeline.cli import app
 from pipeline.github import GitHub, ReleaseRefused, require_success, status_from_gate
 from pipeline.pr_comment import build_comment
 from tests.fake_github import FakeGitHub
+from tests.verdicts import drop_rule, hard_rule, make_verdict
 
 SHA = "a" * 40
-PASSED = {"passed": True, "chosen": "epoch-3", "sha256": "e96f5e7c52b456843b5d42e8656e3ad8712d693c661b50eb3e10136a2b5c62fb",
-          "rules": [{"metric": "golden", "rule": ">= 0.5", "observed": 0.585, "passed": True},
-                    {"metric": "general", "rule": "drop vs base <= 0.05 (95% CI)", "observed": 0.9875,
-                     "passed": True}]}
-FAILED = {**PASSED, "passed": False, "chosen": "epoch-1",
-          "rules": [{"metric": "golden", "rule": ">= 0.5", "observed": 0.13, "passed": False},
-                    {"metric": "general", "rule": "drop vs base <= 0.05 (95% CI)", "observed": 0.65,
-                     "passed": False},
-                    {"metric": "safety_refusals_on_a_long_metric_name", "rule": ">= 0.99", "observed": 0.5,
-                     "passed": False}]}
+PASSED = make_verdict([hard_rule("golden", 0.585, 0.5), drop_rule("general", 0.9875, 0.99)], "epoch-3",
+                      "e96f5e7c52b456843b5d42e8656e3ad8712d693c661b50eb3e10136a2b5c62fb")
+FAILED = make_verdict([hard_rule("golden", 0.13, 0.5), drop_rule("general", 0.65, 0.99),
+                       hard_rule("safety_refusals_on_a_much_longer_metric_name", 0.5, 0.99)], "epoch-1")
 
 
 @pytest.fixture
@@ -38,7 +34,7 @@ def sft(*args):
 
 def write_gate(tmp_path, verdict):
     path = tmp_path / "gate.json"
-    path.write_text(json.dumps(verdict))
+    path.write_text(verdict.dumps())
     return path
 
 
@@ -52,6 +48,24 @@ def test_descriptions_from_the_verdict(tmp_path):
     assert len(text) == 140 and text.endswith("…")  # three failing rules do not fit: cut to GitHub's limit
     state, text = status_from_gate(tmp_path / "missing.json")
     assert state == "error" and "stopped before the gate" in text
+
+
+def test_a_verdict_of_another_shape_is_an_error_naming_the_field(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("gate.json").write_text(json.dumps({**json.loads(PASSED.dumps()), "passed": "yes"}))
+    assert status_from_gate(Path("gate.json")) == ("error", "unreadable verdict: gate.json: passed: Input should be "
+                                                            "a valid boolean")
+    Path("gate.json").write_text(Path("gate.json").read_text()[:-20])
+    state, text = status_from_gate(Path("gate.json"))
+    assert state == "error" and text.startswith("unreadable verdict: gate.json: not valid JSON")
+
+
+def test_a_rule_failed_for_a_missing_score_is_described_not_a_crash(tmp_path):
+    """The gate fails closed on a missing score (observed null); the status names it."""
+    missing = {**hard_rule("refusal", 0.0, 0.9), "observed": None, "passed": False,
+               "problem": "score None is missing or not a finite number"}
+    state, text = status_from_gate(write_gate(tmp_path, make_verdict([hard_rule("golden", 0.6, 0.5), missing])))
+    assert (state, text) == ("failure", "failed: refusal missing fails >= 0.9")
 
 
 def test_pending_then_verdict_through_the_cli(github, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.artifacts import RunCost
 from pipeline.config import ConfigError, LoraConfig, TrainConfig, parse_params
 from pipeline.gate import Policy, Rule, VersusLora, decide, decision_record, render_decision
 from pipeline.lora import add_adapters, checkpoint_path, merged, training_hooks
@@ -104,38 +105,36 @@ def gate(versus: VersusLora, full_golden: list[float], lora_golden: list[float])
 def test_full_sft_that_only_matches_lora_fails_the_rule():
     same = [1.0] * 150 + [0.0] * 50  # golden 0.75 for both, item for item
     policy, verdict, paired = gate(VersusLora(min_gain=0.02), same, same)
-    assert not verdict["passed"] and verdict["chosen"] == "epoch-1"
-    assert verdict["failed_rules"] == ["golden vs LoRA"]
-    gain = next(r for r in verdict["rules"] if r.get("versus") and r["metric"] == "golden")
-    assert gain["gain_ci"] == [0.0, 0.0] and gain["read"] == 0.0 and gain["base"] == 0.75
+    assert not verdict.passed and verdict.chosen == "epoch-1"
+    assert verdict.failed_rules == ["golden vs LoRA"]
+    gain = next(r for r in verdict.rules if r.versus and r.metric == "golden")
+    assert gain.gain_ci == [0.0, 0.0] and gain.read == 0.0 and gain.base == 0.75
     record = decision_record(policy, verdict, paired, {})
-    assert "did not earn its cost" in record["verdict"] and "LoRA is enough" in record["verdict"]
-    assert record["full_minus_lora"]["golden"]["delta"] == 0.0
+    assert "did not earn its cost" in record.verdict and "LoRA is enough" in record.verdict
+    assert record.full_minus_lora["golden"].delta == 0.0
 
 
 def test_with_ship_best_the_lora_model_ships_when_full_sft_does_not_earn_its_place():
     same = [1.0] * 150 + [0.0] * 50
     policy, verdict, paired = gate(VersusLora(min_gain=0.02, ship="best"), same, same)
-    assert verdict["passed"] and verdict["chosen"] == "lora-epoch-1" and verdict["kind"] == "lora"
-    assert verdict["sha256"] == "l" * 64 and verdict["candidates"]["lora-epoch-1"]["full_suite"]
+    assert verdict.passed and verdict.chosen == "lora-epoch-1" and verdict.kind == "lora"
+    assert verdict.sha256 == "l" * 64 and verdict.candidates["lora-epoch-1"].full_suite
     record = decision_record(policy, verdict, paired, {})
-    assert "LoRA is enough" in record["verdict"] and "`lora-epoch-1` ships" in record["verdict"]
-    assert checkpoint_path(verdict["chosen"], Path("train/checkpoints"), Path("lora/checkpoints")) == \
+    assert "LoRA is enough" in record.verdict and "`lora-epoch-1` ships" in record.verdict
+    assert checkpoint_path(verdict.chosen, Path("train/checkpoints"), Path("lora/checkpoints")) == \
         Path("lora/checkpoints/epoch-1")
 
 
 def test_full_sft_that_clearly_beats_lora_ships_and_says_so():
     full = [1.0] * 180 + [0.0] * 20  # 0.90
     lora = [1.0] * 120 + [0.0] * 80  # 0.60, on the same items
-    costs = {"full": {"device": "cpu", "world_size": 1, "seconds": 200, "device_hours": 0.0556, "tokens": 10,
-                      "usd": None},
-             "lora": {"device": "cpu", "world_size": 1, "seconds": 100, "device_hours": 0.0278, "tokens": 10,
-                      "usd": None}}
+    costs = {"full": RunCost(device="cpu", world_size=1, seconds=200, device_hours=0.0556, tokens=10, usd=None),
+             "lora": RunCost(device="cpu", world_size=1, seconds=100, device_hours=0.0278, tokens=10, usd=None)}
     policy, verdict, paired = gate(VersusLora(min_gain=0.02, ship="best"), full, lora)
-    assert verdict["passed"] and verdict["chosen"] == "epoch-1"
+    assert verdict.passed and verdict.chosen == "epoch-1"
     record = decision_record(policy, verdict, paired, costs)
-    assert record["verdict"].startswith("Full SFT earned its cost: `epoch-1` golden +0.3000")
-    assert "at 2.0x LoRA's training cost" in record["verdict"]
+    assert record.verdict.startswith("Full SFT earned its cost: `epoch-1` golden +0.3000")
+    assert "at 2.0x LoRA's training cost" in record.verdict
     assert "| lora-epoch-1 | lora | 0.6000 | 1.0000 |" in render_decision(record)
 
 
@@ -152,10 +151,10 @@ def test_the_decision_compares_the_checkpoint_that_ships_not_a_better_one_that_f
     verdict = decide(policy, base_scores, {"epoch-1": passing, "epoch-2": forgetful},
                      {"epoch-1": "a" * 64, "epoch-2": "b" * 64, "lora-epoch-1": "l" * 64}, paired,
                      {"lora-epoch-1": lora})
-    assert verdict["passed"] and verdict["chosen"] == "epoch-1"
+    assert verdict.passed and verdict.chosen == "epoch-1"
     record = decision_record(policy, verdict, paired, {})
-    assert record["full"] == "epoch-1" and record["full_minus_lora"]["golden"]["delta"] == 0.3
-    assert record["verdict"].startswith("Full SFT earned its cost: `epoch-1` golden +0.3000")
+    assert record.full == "epoch-1" and record.full_minus_lora["golden"].delta == 0.3
+    assert record.verdict.startswith("Full SFT earned its cost: `epoch-1` golden +0.3000")
 
 
 def test_a_missing_lora_baseline_fails_closed():
@@ -164,8 +163,8 @@ def test_a_missing_lora_baseline_fails_closed():
     full_scores, full_items = results(full, [1.0] * 200)
     verdict = decide(Policy(rules=RULES, versus_lora=VersusLora()), base_scores, {"epoch-1": full_scores},
                      {"epoch-1": "f" * 64}, {"base": base_items, "epoch-1": full_items})
-    assert not verdict["passed"]
-    problem = next(r["problem"] for r in verdict["rules"] if r.get("versus"))
+    assert not verdict.passed
+    problem = next(r.problem for r in verdict.rules if r.versus)
     assert "no LoRA baseline" in problem
 
 

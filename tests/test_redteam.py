@@ -133,6 +133,22 @@ def test_a_chosen_checkpoint_without_full_suite_results_is_refused(hub, tmp_path
     refused(hub, release, "candidates.epoch-3: the chosen checkpoint has no passing full-suite results")
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda v: v.update(passed="true"), "gate.json: passed: Input should be a valid boolean"),  # truthy, not true
+    (lambda v: v.update(rules=[]), "gate.json: rules: List should have at least 1 item"),
+    (lambda v: v.update(chosen="epoch-9"), "gate.json: chosen 'epoch-9' is not one of the candidates"),
+    (lambda v: v["rules"][0].update(passed=1), "gate.json: rules.0.passed: Input should be a valid boolean"),
+    (lambda v: v.update(approved_by="release manager"), "gate.json: approved_by: unknown field"),
+])
+def test_a_verdict_not_in_the_gates_shape_is_refused_by_field(hub, tmp_path, edit, needle):
+    release = make_release(tmp_path)
+    verdict = release.verdict()
+    edit(verdict)
+    release.write_verdict(verdict)
+    release.resign()
+    refused(hub, release, needle, "nothing is published")
+
+
 def test_a_moved_tag_is_refused(hub, tmp_path):
     assert run_publish(hub, make_release(tmp_path / "v1")).exit_code == 0
     before = len(hub.requests)
@@ -196,15 +212,15 @@ def _items(n: int, right: int) -> dict[str, float]:
 def test_a_missing_metric_fails_its_rule_by_name():
     verdict = decide(POLICY, {"golden": 0.0, "general": 0.9}, {"epoch-1": {"golden": 0.9, "general": None}},
                      {"epoch-1": "a" * 64})
-    assert not verdict["passed"] and verdict["failed_rules"] == ["general"]
-    assert "missing or not a finite number" in verdict["rules"][1]["problem"]
+    assert not verdict.passed and verdict.failed_rules == ["general"]
+    assert "missing or not a finite number" in verdict.rules[1].problem
 
 
 def test_a_nan_score_fails_its_rule_by_name():
     items = {"base": {"general": _items(400, 360)}, "epoch-1": {"general": _items(400, 360)}}
     verdict = decide(POLICY, {"golden": 0.0, "general": 0.9}, {"epoch-1": {"golden": math.nan, "general": 0.9}},
                      {"epoch-1": "a" * 64}, items)
-    assert not verdict["passed"] and verdict["failed_rules"] == ["golden"]
+    assert not verdict.passed and verdict.failed_rules == ["golden"]
 
 
 def test_reordered_items_change_nothing_and_other_items_are_refused():

@@ -4,24 +4,21 @@ import json
 
 import pytest
 
+from pipeline.artifacts import Verdict
 from pipeline.trackers import CHAMPION, TrainingRuns, check_trackers, flatten, log_gate
 from tests.conftest import wandb_history
+from tests.verdicts import drop_rule, hard_rule, make_verdict
 
 META = {"config": {"lr": 3e-5, "epochs": 2, "strategy": "single"}, "base": {"model": "test/tiny"},
         "data_sha256": "d" * 64}
 LOSSES = [2.5, 2.0, 1.6, 1.3, 1.1]
 
 
-def verdict(passed: bool, sha: str, chosen: str = "epoch-2") -> dict:
-    rules = [{"metric": "golden", "rule": ">= 0.5", "base": 0.0, "observed": 0.8 if passed else 0.3,
-              "passed": passed},
-             {"metric": "general", "rule": "drop vs base <= 0.05", "base": 0.9, "observed": 0.91, "read": -0.01,
-              "detectable": 0.04, "n": 240, "passed": True}]
-    return {"passed": passed, "chosen": chosen, "kind": "full", "sha256": sha, "rules": rules,
-            "base": {"golden": 0.0, "general": 0.9},
-            "candidates": {"epoch-1": {"kind": "full", "scores": {"golden": 0.2, "general": 0.9}},
-                           "epoch-2": {"kind": "full", "scores": {"golden": rules[0]["observed"], "general": 0.91}},
-                           "lora-epoch-2": {"kind": "lora", "scores": {"golden": 0.1, "general": 0.9}}}}
+def verdict(passed: bool, sha: str, chosen: str = "epoch-2") -> Verdict:
+    rules = [hard_rule("golden", 0.8 if passed else 0.3, 0.5), drop_rule("general", 0.91, 0.9, read=-0.01)]
+    return make_verdict(rules, chosen, sha, others={"epoch-1": {"scores": {"golden": 0.2, "general": 0.9}},
+                                                    "lora-epoch-2": {"kind": "lora",
+                                                                     "scores": {"golden": 0.1, "general": 0.9}}})
 
 
 def train_run(names):
