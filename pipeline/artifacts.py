@@ -20,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, S
                       ValidationError, model_validator)
 
 from pipeline.files import write_text
+from pipeline.stages import StageError
 
 # strict: an int stays an int and a float a float (json.dumps writes 15000 and 0.5 back), a bool or a
 # string is no number
@@ -27,7 +28,7 @@ Number = StrictInt | StrictFloat
 Score = Number | None  # a metric's score; None where a model has no result for it
 
 
-class ArtifactError(ValueError):
+class ArtifactError(StageError, ValueError):
     """A stage's file is missing, not JSON, or not the shape its model expects; the message names
     the file and the field."""
 

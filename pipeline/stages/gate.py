@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline.files import file_manifest, write_json, write_text
+from pipeline.artifacts import TrainingMetrics, Verdict, read, write
+from pipeline.files import file_manifest, write_text
 from pipeline.gate import (
     decide,
     decision_record,
@@ -42,7 +43,7 @@ def item_scores(evaluations) -> dict[str, dict]:
     return items
 
 
-def verdict_of(policy, paths: Paths, kept: dict, items: dict) -> dict:
+def verdict_of(policy, paths: Paths, kept: dict, items: dict) -> Verdict:
     evaluations = paths.evaluate
     base_scores = json.loads((evaluations / "base.json").read_text())["base"]
     golden = json.loads((evaluations / "checkpoints.json").read_text())
@@ -60,18 +61,18 @@ def verdict_of(policy, paths: Paths, kept: dict, items: dict) -> dict:
         raise StageError(str(err)) from None
 
 
-def log_to_trackers(params, paths: Paths, verdict: dict, chosen) -> str:
+def log_to_trackers(params, paths: Paths, verdict: Verdict, chosen) -> str:
     """The verdict, the eval table and (MLflow) the registered model, in the judged run."""
     from pipeline.trackers import log_gate
 
-    run = paths.metrics("lora" if verdict["kind"] == "lora" else "train")
-    run_ids = json.loads(run.read_text()).get("trackers", {}) if run.exists() else {}
+    run = paths.metrics("lora" if verdict.kind == "lora" else "train")
+    run_ids = (read(run, TrainingMetrics).trackers or {}) if run.exists() else {}
     reports = [paths.gate / name for name in ("gate.md", "change.png", "decision.json", "decision.png")]
     logged = log_gate(params.train.trackers, run_ids, verdict, reports, chosen, params.card.repo_id.rsplit("/", 1)[-1])
     return f"trackers: {json.dumps(logged)}"
 
 
-def run(params, paths: Paths, log=print) -> dict:
+def run(params, paths: Paths, log=print) -> Verdict:
     """The verdict; its report is printed through `log` before a failed gate raises."""
     try:
         policy = load_policy(params.gate.policy, set(params.evaluate.metrics))
@@ -80,26 +81,26 @@ def run(params, paths: Paths, log=print) -> dict:
     kept = kept_checkpoints(paths)
     items = item_scores(paths.evaluate)
     verdict = verdict_of(policy, paths, kept, items)
-    chosen = kept[verdict["chosen"]]
-    verdict["path"] = str(chosen)
-    verdict["files"] = file_manifest(chosen)  # weights, config, tokenizer, chat template: all of it
+    chosen = kept[verdict.chosen]
+    verdict.path = str(chosen)
+    verdict.files = file_manifest(chosen)  # weights, config, tokenizer, chat template: all of it
     out = paths.gate
     out.mkdir(parents=True, exist_ok=True)
     plot_change(verdict, out / "change.png")
-    verdict["plot"] = "change.png"
-    costs = {name: run_cost(json.loads(paths.metrics(run).read_text()), params.plan.prices)
+    verdict.plot = "change.png"
+    costs = {name: run_cost(read(paths.metrics(run), TrainingMetrics), params.plan.prices)
              for name, run in (("full", "train"), ("lora", "lora")) if paths.metrics(run).exists()}
     record = decision_record(policy, verdict, items, costs)
     plot_decision(record, out / "decision.png")
-    record["plot"] = "decision.png"
-    verdict["decision"] = record["verdict"]
+    record.plot = "decision.png"
+    verdict.decision = record.verdict
     markdown = render_markdown(verdict) + render_decision(record)
-    write_json(out / "decision.json", record)
-    write_json(paths.verdict, verdict)
+    write(out / "decision.json", record)
+    write(paths.verdict, verdict)
     write_text(out / "gate.md", markdown)
     log(markdown)
     if params.train.trackers:
         log(log_to_trackers(params, paths, verdict, chosen))
-    if not verdict["passed"]:
-        raise StageError(f"eval gate FAILED: {', '.join(verdict['failed_rules'])} (see {out}/gate.md)")
+    if not verdict.passed:
+        raise StageError(f"eval gate FAILED: {', '.join(verdict.failed_rules)} (see {out}/gate.md)")
     return verdict

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.artifacts import ArtifactError, PrepareStats, read
 from pipeline.files import sha256_files
 from pipeline.paths import Paths
 from pipeline.stages import StageError
@@ -52,12 +53,15 @@ def data_inputs(params) -> list[Path]:
     return [Path(params.data.train)] + ([Path(params.data.replay)] if params.data.replay else [])
 
 
-def prepared_stats(params, paths: Paths) -> dict | None:
+def prepared_stats(params, paths: Paths) -> PrepareStats | None:
     """prepare/stats.json when prepare made it from this branch's very files; never another data set's."""
     inputs = data_inputs(params)
     if paths.prepare_stats.is_file() and all(f.is_file() for f in inputs):
-        stats = json.loads(paths.prepare_stats.read_text())
-        if stats.get("data_sha256") == sha256_files(inputs):
+        try:
+            stats = read(paths.prepare_stats, PrepareStats)
+        except ArtifactError:  # an older or damaged file is not this data's: count the tokens afresh
+            return None
+        if stats.data_sha256 == sha256_files(inputs):
             return stats
     return None
 

@@ -33,7 +33,7 @@ def planned_tokens(params, paths: Paths) -> int:
     very files, else `sft data stats` of them with the replay share added."""
     stats, report = prepared_stats(params, paths), paths.data_report / "stats.json"
     if stats:
-        return stats["tokens"]
+        return stats.tokens
     if report.is_file():
         current = json.loads(report.read_text())["current"]  # the training file only: add the replay mix
         return round(current["tokens"] / (1 - params.prepare.replay_share))
@@ -47,8 +47,8 @@ def run(params, paths: Paths, model: str | None = None, tokens: int | None = Non
     tokens_per_run = (planned_tokens(params, paths) if tokens is None else tokens) * params.train.epochs
     tokens_per_gpu = params.train.micro_batch_size * params.prepare.max_seq_len
     # logits are computed only where a loss is taken: prepare's share for this data, else all of them
-    stats = prepared_stats(params, paths) or {}
-    supervised_share = stats["supervised_tokens"] / stats["tokens"] if stats.get("supervised_tokens") else 1.0
+    stats = prepared_stats(params, paths)
+    supervised_share = stats.supervised_tokens / stats.tokens if stats and stats.supervised_tokens else 1.0
     cfg, train = params.plan, params.train  # the plan is for the run the config makes
     rows = plan(shape, tokens_per_run, tokens_per_gpu, cfg.gpus_per_node, cfg.mfu, cfg.prices,
                 train.activation_checkpointing, train.compile, supervised_share)

@@ -3,12 +3,12 @@ but the supervised spans and pack into fixed-length rows; only data the contract
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
+from pipeline.artifacts import ContractReport, PrepareStats, read, write
+
 from pipeline.data import load_examples
-from pipeline.files import DataError, sha256_files, write_json
+from pipeline.files import DataError, sha256_files
 from pipeline.paths import Paths
 from pipeline.prepare import TemplateError, TemplateOptions, as_conversation, prepare_tokenized, tokenize_file
 from pipeline.stages import StageError
@@ -22,12 +22,12 @@ def check_contract(paths: Paths, inputs: list) -> str:
         raise StageError(f"{', '.join(missing)}: file not found")
     if not paths.contract.is_file():
         raise StageError(f"{paths.contract}: missing; run `sft validate` first")
-    contract = json.loads(paths.contract.read_text())
+    contract = read(paths.contract, ContractReport)
     data_sha256 = sha256_files(inputs)
-    if contract.get("data_sha256") != data_sha256:
+    if contract.data_sha256 != data_sha256:
         raise StageError(f"{paths.contract}: made for other data than {', '.join(map(str, inputs))} hold now; "
                          "run `sft validate`")
-    if not contract["passed"]:
+    if not contract.passed:
         raise StageError(f"{paths.contract}: the data contract did not pass; fix the data (validate/contract.md says "
                          "how), then run `sft validate`")
     return data_sha256
@@ -70,10 +70,10 @@ def run(params, paths: Paths) -> str:
     packed = prepare_tokenized(train, replay[0][0] if replay else None, cfg.max_seq_len, cfg.replay_share, cfg.seed,
                                tokenizer.pad_token_id, cfg.pack, cfg.bucket_rows)
     write_packed(packed, paths.packed)
-    stats = {**packed.stats, "data_sha256": data_sha256}
-    write_json(paths.prepare_stats, stats)
+    stats = PrepareStats.model_validate({**packed.stats, "data_sha256": data_sha256})
+    write(paths.prepare_stats, stats)
     hits = [train_hit] + [hit for _, hit in replay]
     layout = "packed" if cfg.pack else "bucketed by length, one example"
-    return (f"{layout} {stats['examples']:,} examples into {stats['rows']:,} rows of {cfg.max_seq_len} tokens "
-            f"(fill {stats['fill']:.1%}, replay {stats['replay_share']:.1%}, truncated {stats['truncated']}); "
+    return (f"{layout} {stats.examples:,} examples into {stats.rows:,} rows of {cfg.max_seq_len} tokens "
+            f"(fill {stats.fill:.1%}, replay {stats.replay_share:.1%}, truncated {stats.truncated}); "
             f"tokenization cache: {sum(hits)} of {len(hits)} files hit")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.files import write_json
+from pipeline.artifacts import PrepareStats, TrainingMetrics, read, write
 from pipeline.paths import Paths
 from pipeline.stages import StageError
 from pipeline.stages.inputs import check_family
@@ -25,16 +25,16 @@ STAGES = ("train", "lora")
 
 @dataclass(frozen=True)
 class TrainSummary:
-    metrics: dict  # what <stage>/metrics.json holds
+    metrics: TrainingMetrics  # what <stage>/metrics.json holds
     seconds: float  # unrounded, as the message prints it
     final_loss: float
     kept: list[str]  # the checkpoints kept, oldest first
 
     @property
     def message(self) -> str:
-        resumed = self.metrics["resumed_from_step"]
+        resumed = self.metrics.resumed_from_step
         note = f" (resumed from step {resumed})" if resumed else ""
-        return (f"trained {self.metrics['steps']} steps{note} in {self.seconds:.0f}s, "
+        return (f"trained {self.metrics.steps} steps{note} in {self.seconds:.0f}s, "
                 f"final loss {self.final_loss:.4f}; kept {', '.join(self.kept)}")
 
 
@@ -63,7 +63,7 @@ def run(params, paths: Paths, stage: str = "train", argv: list[str] | None = Non
     except RuntimeError as err:
         raise StageError(str(err)) from err
     meta = {"config": cfg.model_dump(), "base": json.loads((paths.base / "meta.json").read_text()),
-            "data_sha256": json.loads(paths.prepare_stats.read_text())["data_sha256"]}
+            "data_sha256": read(paths.prepare_stats, PrepareStats).data_sha256}
     model, weights, hooks = load(paths.base, cfg, adapters, runtime, meta, say)
     report = ProgressReport(out, cfg.trackers, meta) if runtime.is_main else None
     result = train_model(model, weights, hooks, cfg, paths, out, meta, runtime, report)
@@ -72,14 +72,14 @@ def run(params, paths: Paths, stage: str = "train", argv: list[str] | None = Non
     tracked = report.close() if report else {}
     if not runtime.is_main:
         return None
-    metrics = {
-        "steps": result.steps, "final_loss": result.final_loss, "tokens": result.tokens,
-        "tokens_per_second": round(result.tokens / result.seconds), "seconds": round(result.seconds, 1),
-        "strategy": cfg.strategy, "world_size": runtime.world_size, "device": device,
-        "resumed_from_step": result.resumed_from_step,
+    metrics = TrainingMetrics(
+        steps=result.steps, final_loss=result.final_loss, tokens=result.tokens,
+        tokens_per_second=round(result.tokens / result.seconds), seconds=round(result.seconds, 1),
+        strategy=cfg.strategy, world_size=runtime.world_size, device=device,
+        resumed_from_step=result.resumed_from_step,
         **({"trackers": tracked} if tracked else {}),  # run ids: the gate adds its results to these runs
-    }
-    write_json(out / "metrics.json", metrics)
+    )
+    write(paths.metrics(stage), metrics)
     from pipeline.train.checkpoint import list_checkpoints
 
     kept = [c.name for c in list_checkpoints(out / "checkpoints")]

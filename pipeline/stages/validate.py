@@ -3,6 +3,7 @@ tokenized as prepare will tokenize them; writes contract.json, contract.md and t
 
 from __future__ import annotations
 
+from pipeline.artifacts import ContractReport, write
 from pipeline.contract import (
     add_replay_columns,
     contract_columns,
@@ -12,7 +13,7 @@ from pipeline.contract import (
     run_suite,
 )
 from pipeline.data import load_examples
-from pipeline.files import DataError, atomic_dir, sha256_files, write_json, write_text
+from pipeline.files import DataError, atomic_dir, sha256_files, write_text
 from pipeline.paths import Paths
 from pipeline.prepare import TemplateError, TemplateOptions
 from pipeline.stages import StageError
@@ -67,9 +68,9 @@ def run(params, paths: Paths) -> str:
         checks = run_suite(frame, params.validate_, params.prepare.max_seq_len, replay, docs)
     passed = all(c["passed"] for c in checks)
     # prepare packs only the very files that passed
-    report = {"file": params.data.train, "replay": params.data.replay if replay is not None else None,
-              "rows": len(frame), "data_sha256": sha256_files(data_inputs(params)), "passed": passed, "checks": checks}
-    write_json(paths.contract, report)
+    write(paths.contract, ContractReport(
+        file=params.data.train, replay=params.data.replay if replay is not None else None, rows=len(frame),
+        data_sha256=sha256_files(data_inputs(params)), passed=passed, checks=checks))
     write_text(paths.validate / "contract.md", render_markdown(files, checks))
     if not passed:
         raise StageError(failure_message(files, checks))
