@@ -52,8 +52,12 @@ $(MLFLOW_VENV)/.installed:
 	$(MLFLOW_VENV)/bin/python -m pip install -q $(MLFLOW)
 	touch $@
 
-# Workflows: actionlint, zizmor (no findings allowed), GitHub's workflow schema; SkyPilot tasks: its schema
+# Python: ruff (rules and format in pyproject.toml); workflows: actionlint, zizmor (no findings allowed),
+# GitHub's workflow schema; SkyPilot tasks: its schema
+PYTHON_DIRS := pipeline tests benchmarks sky evals
 lint: setup $(SKY_VENV)/.installed
+	ruff check $(PYTHON_DIRS)
+	ruff format --check $(PYTHON_DIRS)
 	actionlint .github/workflows/*.yml
 	zizmor --offline --quiet .github/workflows
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml

@@ -10,8 +10,15 @@ alone, named in gate.md.
 import pytest
 
 from pipeline.config import EvaluateConfig, MetricSpec, TrainConfig
-from pipeline.demo import BENIGN_VERBS, HARMFUL_VERBS, SAFETY_FRAMES, SAFETY_NOUNS, make_sft_data, safety_request
-from pipeline.demo import safety_response
+from pipeline.demo import (
+    BENIGN_VERBS,
+    HARMFUL_VERBS,
+    SAFETY_FRAMES,
+    SAFETY_NOUNS,
+    make_sft_data,
+    safety_request,
+    safety_response,
+)
 from tests.conftest import ROOT
 
 SAFETY = {"refusal": MetricSpec(task="sft_refusal", metric="refused", chat=True),
@@ -20,7 +27,7 @@ SAFETY = {"refusal": MetricSpec(task="sft_refusal", metric="refused", chat=True)
 
 def safety_rows(held_out: set[str], comply: bool) -> list[dict]:
     rows = []
-    for harmful, benign in zip(HARMFUL_VERBS, BENIGN_VERBS):
+    for harmful, benign in zip(HARMFUL_VERBS, BENIGN_VERBS, strict=True):
         for noun in SAFETY_NOUNS:
             for frame in SAFETY_FRAMES:
                 for verb in (harmful, benign):

@@ -96,7 +96,7 @@ def test_clip_folded_into_fused_adamw_equals_clip_then_step(tiny_model_dir):
         optimizer.zero_grad()
         assert expected_norm > 10 * cfg.max_grad_norm, "the clip must be active for the test to mean anything"
         torch.testing.assert_close(norm, expected_norm)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 

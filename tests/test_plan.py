@@ -113,7 +113,7 @@ def test_the_plan_matches_measured_peaks_on_cpu():
                                  checkpointing, compiled=False, compute_bytes=4)["total"] * 1024
         measured = measured_growth_mib(shape, rows, seq, checkpointing) - overhead
         report.append((shape["hidden_size"], checkpointing, round(planned), round(measured)))
-    for hidden, checkpointing, planned, measured in report:
+    for _hidden, _checkpointing, planned, measured in report:
         assert planned == pytest.approx(measured, rel=0.15), report
 
 

@@ -343,7 +343,7 @@ def test_torchrun_command_spans_the_nodes_skypilot_describes_and_names_a_missing
     env = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6",
            "SKYPILOT_NUM_GPUS_PER_NODE": "8", "MASTER_PORT": "29511"}
     command = torchrun_command("fsdp2", ["train"], env)
-    flags = dict(zip(command[3::2], command[4::2]))
+    flags = dict(zip(command[3::2], command[4::2], strict=False))  # ends in an unpaired `train`
     assert flags["--nproc-per-node"] == "8" and flags["--nnodes"] == "2" and flags["--node-rank"] == "1"
     assert flags["--master-addr"] == "10.0.0.5" and flags["--master-port"] == "29511"
     assert command[-3:] == ["-m", "pipeline.cli", "train"]
