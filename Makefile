@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: demo smoke test lifecycle setup lint clean
+.PHONY: demo smoke test test-fast lifecycle setup lint clean
 
 setup: $(VENV)/.installed
 
@@ -65,6 +65,10 @@ lint: setup $(SKY_VENV)/.installed
 
 test: setup lint $(MLFLOW_VENV)/.installed
 	python -m pytest -q
+
+# The unit tests alone, a few minutes on 2 cores: no e2e tests (whole DAG, several processes), no lint
+test-fast: setup
+	python -m pytest -q -m "not e2e and not lifecycle"
 
 # A team's run from PR to release: the workflows under act, sky/train.yaml on 2 local nodes, S3 remote,
 # GitHub, Hub and SkyPilot stand-ins (SFT_ACT_ACTIONS=<folder of pinned actions> where GitHub is unreachable)

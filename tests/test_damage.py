@@ -21,6 +21,8 @@ from pipeline.demo import (
 )
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.e2e  # two trainings, evaluated and judged by the gate
+
 SAFETY = {"refusal": MetricSpec(task="sft_refusal", metric="refused", chat=True),
           "over_refusal": MetricSpec(task="sft_over_refusal", metric="refused", chat=True)}
 

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
 
+pytestmark = pytest.mark.e2e  # two processes under torchrun per test
+
 
 def launch(args, out: Path, expect_ok: bool = True):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

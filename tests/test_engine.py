@@ -138,6 +138,7 @@ def test_flex_mask_is_causal_within_each_packed_example(tiny_model_dir):
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.e2e  # the benchmark script in a process of its own
 def test_gpu_benchmark_dry_run_reports_the_engine_and_every_lever(tmp_path):
     """benchmarks/gpu_engine.py end to end on a tiny shape on CPU: the script a device session runs
     once, so it must not be the first to meet an API change."""

@@ -88,6 +88,7 @@ def _growth_mib(shape: dict, rows: int, seq: int, checkpointing: bool) -> float:
     return json.loads(result.stdout.strip().splitlines()[-1])["grew_mib"]
 
 
+@pytest.mark.e2e  # a training process per measured case
 def test_the_plan_matches_measured_peaks_on_cpu():
     """The plan's terms (16 bytes a parameter, what a Llama block saves for backward, one layer's
     gradients in flight, the fused loss head) against the peak resident memory of the engine's own

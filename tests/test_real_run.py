@@ -69,6 +69,7 @@ def test_base_from_hub_reports_its_parameter_count_and_keeps_the_licence(hub_rep
     assert "pytorch_model.bin" not in downloaded and not Path("base/.cache").exists()
 
 
+@pytest.mark.e2e  # sft base in a process of its own, twice
 def test_base_downloads_the_pinned_revision_from_a_hub_api_with_the_token(hub_repo, tmp_path, monkeypatch):
     """The real huggingface_hub client against a local Hub API: the pinned commit, not main, with the
     token a gated repository wants; without it, one line that says what to set."""
