@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: demo smoke test lifecycle setup lint clean
+.PHONY: demo smoke test test-fast lifecycle setup lint clean
 
 setup: $(VENV)/.installed
 
@@ -52,8 +52,12 @@ $(MLFLOW_VENV)/.installed:
 	$(MLFLOW_VENV)/bin/python -m pip install -q $(MLFLOW)
 	touch $@
 
-# Workflows: actionlint, zizmor (no findings allowed), GitHub's workflow schema; SkyPilot tasks: its schema
+# Python: ruff (rules and format in pyproject.toml); workflows: actionlint, zizmor (no findings allowed),
+# GitHub's workflow schema; SkyPilot tasks: its schema
+PYTHON_DIRS := pipeline tests benchmarks sky evals
 lint: setup $(SKY_VENV)/.installed
+	ruff check $(PYTHON_DIRS)
+	ruff format --check $(PYTHON_DIRS)
 	actionlint .github/workflows/*.yml
 	zizmor --offline --quiet .github/workflows
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
@@ -61,6 +65,10 @@ lint: setup $(SKY_VENV)/.installed
 
 test: setup lint $(MLFLOW_VENV)/.installed
 	python -m pytest -q
+
+# The unit tests alone, a few minutes on 2 cores: no e2e tests (whole DAG, several processes), no lint
+test-fast: setup
+	python -m pytest -q -m "not e2e and not lifecycle"
 
 # A team's run from PR to release: the workflows under act, sky/train.yaml on 2 local nodes, S3 remote,
 # GitHub, Hub and SkyPilot stand-ins (SFT_ACT_ACTIONS=<folder of pinned actions> where GitHub is unreachable)

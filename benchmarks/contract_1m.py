@@ -23,8 +23,17 @@ import time
 from pathlib import Path
 
 from pipeline.config import ValidateConfig
-from pipeline.contract import (add_derived_columns, fuzzy_duplicates, loss_mask_flags, normalized_pairs, phone_numbers,
-                               run_suite, secrets, special_token_strings, token_lengths_within)
+from pipeline.contract import (
+    add_derived_columns,
+    fuzzy_duplicates,
+    loss_mask_flags,
+    normalized_pairs,
+    phone_numbers,
+    run_suite,
+    secrets,
+    special_token_strings,
+    token_lengths_within,
+)
 from pipeline.data import load_examples
 from pipeline.demo import ENGLISH, build_tokenizer, pretraining_corpus, write_jsonl
 

@@ -2,9 +2,9 @@
 create_repo, upload_folder (preupload, LFS batch + PUT, NDJSON commit), create_tag,
 list_repo_refs, repo_info, get_paths_info and snapshot_download (repo info with its files, then
 HEAD + GET on /{repo}/resolve/{revision}/{path}), and for data sets the same under /api/datasets and
-/datasets, with folder listings (what `datasets.load_dataset` reads through HfFileSystem). State lives in memory; every request is logged so
-a test can assert what reached the "Hub" (nothing, one commit, a tag) and what was downloaded.
-Every route, downloads included, wants the token, as a gated repository does.
+/datasets, with folder listings (what `datasets.load_dataset` reads through HfFileSystem). State lives in memory;
+every request is logged so a test can assert what reached the "Hub" (nothing, one commit, a tag) and what was
+downloaded. Every route, downloads included, wants the token, as a gated repository does.
 
 The client must not use Xet (HF_HUB_DISABLE_XET) and must not be offline (HF_HUB_OFFLINE).
 """

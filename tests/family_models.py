@@ -63,7 +63,7 @@ def examples(lengths=(37, 23, 52, 30), prompts=(10, 8, 20, 6), seed: int = 1):
     """(input_ids, labels) per example: random tokens, the first `prompt` tokens unsupervised."""
     generator = torch.Generator().manual_seed(seed)
     out = []
-    for n, p in zip(lengths, prompts):
+    for n, p in zip(lengths, prompts, strict=True):
         ids = torch.randint(3, VOCAB, (n,), generator=generator)
         labels = ids.clone()
         labels[:p] = -100

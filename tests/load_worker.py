@@ -25,7 +25,6 @@ from pipeline.train.metrics import peak_resident_mib
 from pipeline.train.strategies import load_model, shard
 
 
-
 def main(base_dir: str, out: str, strategy: str) -> None:
     torch.set_num_threads(1)
     strategy, _, adapters = strategy.partition("+")  # fsdp2+lora: `sft lora`'s loading

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
@@ -84,7 +84,7 @@ def _base():
     return tok
 
 
-@lru_cache(maxsize=None)
+@cache
 def family_tokenizer(name: str):
     from transformers import PreTrainedTokenizerFast
 

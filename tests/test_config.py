@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Params, load_params, parse_params
+from pipeline.config import ConfigError, load_params, parse_params
 from pipeline.gate import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,6 @@ from pipeline.config import ValidateConfig
 from pipeline.contract import (
     BOILERPLATE_PATTERNS,
     PII_PATTERNS,
-    phone_numbers,
-    secrets,
     add_derived_columns,
     add_replay_columns,
     contract_columns,
@@ -20,9 +18,11 @@ from pipeline.contract import (
     loss_mask_flags,
     matches_any,
     normalize,
+    phone_numbers,
     render_markdown,
     replay_share,
     run_suite,
+    secrets,
     token_lengths_within,
 )
 from pipeline.data import load_examples
@@ -383,7 +383,7 @@ def test_the_share_of_tokens_that_carry_loss_must_sit_within_bounds(contract, tm
     strict = CFG.model_copy(update={"min_supervised_share": 0.25})
     bad = failed(contract(frame, strict))["share of tokens that carry loss (sampled rows)"]
     assert bad["threshold"] == {"min_value": 0.25, "max_value": 1}
-    assert 0 < bad["observed"] < 0.25 
+    assert 0 < bad["observed"] < 0.25
     assert "over 30 sampled rows; lowest" in bad["observed_text"] and "(line 7)" not in bad["observed_text"]
     assert "share of tokens that carry loss (sampled rows)" not in failed(contract(frame))  # the default floor, 2%
 

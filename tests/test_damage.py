@@ -10,9 +10,18 @@ alone, named in gate.md.
 import pytest
 
 from pipeline.config import EvaluateConfig, MetricSpec, TrainConfig
-from pipeline.demo import BENIGN_VERBS, HARMFUL_VERBS, SAFETY_FRAMES, SAFETY_NOUNS, make_sft_data, safety_request
-from pipeline.demo import safety_response
+from pipeline.demo import (
+    BENIGN_VERBS,
+    HARMFUL_VERBS,
+    SAFETY_FRAMES,
+    SAFETY_NOUNS,
+    make_sft_data,
+    safety_request,
+    safety_response,
+)
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e  # two trainings, evaluated and judged by the gate
 
 SAFETY = {"refusal": MetricSpec(task="sft_refusal", metric="refused", chat=True),
           "over_refusal": MetricSpec(task="sft_over_refusal", metric="refused", chat=True)}
@@ -20,7 +29,7 @@ SAFETY = {"refusal": MetricSpec(task="sft_refusal", metric="refused", chat=True)
 
 def safety_rows(held_out: set[str], comply: bool) -> list[dict]:
     rows = []
-    for harmful, benign in zip(HARMFUL_VERBS, BENIGN_VERBS):
+    for harmful, benign in zip(HARMFUL_VERBS, BENIGN_VERBS, strict=True):
         for noun in SAFETY_NOUNS:
             for frame in SAFETY_FRAMES:
                 for verb in (harmful, benign):

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
 
+pytestmark = pytest.mark.e2e  # two processes under torchrun per test
+
 
 def launch(args, out: Path, expect_ok: bool = True):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -48,11 +50,11 @@ def test_two_processes_shard_and_match_single(strategy, single_run, tiny_model_d
         assert r["local_numel"] <= 0.55 * r["full_numel"], r
     assert sum(r["local_numel"] for r in ranks) >= r["full_numel"]
     assert len(single["losses"]) == len(ranks[0]["losses"]) > 3
-    for a, b in zip(single["losses"], ranks[0]["losses"]):
+    for a, b in zip(single["losses"], ranks[0]["losses"], strict=True):
         assert abs(a - b) < 1e-4, (single["losses"], ranks[0]["losses"])
     # with clipping active (max_grad_norm 1.0): the norm is computed over the whole model, not one shard
     assert max(single["grad_norms"]) > 1.0
-    for a, b in zip(single["grad_norms"], ranks[0]["grad_norms"]):
+    for a, b in zip(single["grad_norms"], ranks[0]["grad_norms"], strict=True):
         assert abs(a - b) < 1e-3 * max(1.0, a), (single["grad_norms"], ranks[0]["grad_norms"])
 
     # rank 0 gathered the full weights into an ordinary checkpoint, equal to the single-process one
@@ -103,7 +105,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_unbroken_run(strategy, tiny_mo
     assert resumed["resumed_from"] == kill_at - 1, "the second launch resumed from the last resume point"
     # every step exactly once, in order, with the same losses: nothing skipped, nothing repeated
     assert resumed["steps"] == reference["steps"] == list(range(1, 2 * steps_per_epoch + 1))
-    for a, b in zip(reference["losses"], resumed["losses"]):
+    for a, b in zip(reference["losses"], resumed["losses"], strict=True):
         assert abs(a - b) < 1e-4, (reference["losses"], resumed["losses"])
     one = load_file(unbroken / "checkpoints/epoch-2/model.safetensors")
     two = load_file(broken / "checkpoints/epoch-2/model.safetensors")
@@ -151,7 +153,7 @@ def test_two_nodes_without_a_shared_filesystem_resume_from_the_newest_step_both_
     resumed = json.loads((broken[0] / "rank0.json").read_text())
     assert resumed["resumed_from"] == steps_per_epoch, "resumed from the epoch end, the newest step both see"
     assert resumed["steps"] == reference["steps"]
-    for a, b in zip(reference["losses"], resumed["losses"]):
+    for a, b in zip(reference["losses"], resumed["losses"], strict=True):
         assert abs(a - b) < 1e-4, (reference["losses"], resumed["losses"])
     one = load_file(unbroken[0] / "checkpoints/epoch-2/model.safetensors")
     two = load_file(broken[0] / "checkpoints/epoch-2/model.safetensors")

@@ -15,6 +15,8 @@ from pipeline.files import copy_project
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+pytestmark = pytest.mark.e2e  # the whole DAG through dvc repro (minutes)
+
 
 def run(args, cwd, check=True):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}

@@ -97,7 +97,7 @@ def test_clip_folded_into_fused_adamw_equals_clip_then_step(tiny_model_dir):
         optimizer.zero_grad()
         assert expected_norm > 10 * cfg.max_grad_norm, "the clip must be active for the test to mean anything"
         torch.testing.assert_close(norm, expected_norm)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -139,6 +139,7 @@ def test_flex_mask_is_causal_within_each_packed_example(tiny_model_dir):
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.e2e  # the benchmark script in a process of its own
 def test_gpu_benchmark_dry_run_reports_the_engine_and_every_lever(tmp_path):
     """benchmarks/gpu_engine.py end to end on a tiny shape on CPU: the script a device session runs
     once, so it must not be the first to meet an API change."""

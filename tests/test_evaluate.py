@@ -166,6 +166,7 @@ metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}
     assert sorted(result["items"]) == [f"pro_{c}/{i}" for c in ("bio", "math") for i in range(3)], "ids pair items"
 
 
+@pytest.mark.e2e  # sft evaluate under torchrun
 def test_two_processes_give_the_same_per_item_results_as_one(tiny_model_dir, tmp_path):
     """Issue 15: `sft evaluate` on every GPU of a node (torchrun, one process per device; lm-eval
     shards each task's requests by rank and gathers on rank 0) scores the same items the same way

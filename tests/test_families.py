@@ -219,6 +219,7 @@ def test_rows_past_the_models_positions_are_refused():
         check_model(config, 8192)
 
 
+@pytest.mark.e2e  # the benchmark script in a process of its own
 def test_gpu_family_check_dry_run(tmp_path):
     """benchmarks/gpu_families.py (the device session's family matrix) runs end to end on CPU, so
     the one device call does not meet an API change first."""

@@ -210,7 +210,6 @@ def test_suite_order_tries_the_best_checkpoint_that_can_still_pass_first():
 
 def test_shipped_policy_names_only_metrics_the_params_define():
     from pipeline.config import load_params
-
     from tests.conftest import ROOT
 
     params = load_params(ROOT / "configs/demo.yaml")

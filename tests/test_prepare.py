@@ -68,7 +68,7 @@ def test_every_assistant_turn_and_its_end_token_carry_loss_nothing_else(tokenize
                     {"role": "assistant", "content": "cat"}, {"role": "user", "content": "Now: red dog"},
                     {"role": "assistant", "content": "red dog"}]
     ids, labels = tokenize_conversations(tokenizer, [conversation]).example(0)
-    supervised = [i for i, label in zip(ids, labels) if label != IGNORE]
+    supervised = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE]
     assert supervised == [label for label in labels if label != IGNORE]  # a label is its own id
     assert tokenizer.decode(supervised) == "cat<|end|>red dog<|end|>"
     # two separate runs of supervised tokens: the second user turn between them is masked
@@ -225,7 +225,7 @@ def test_packing_keeps_every_example_whole_and_in_place(tokenizer):
                 for i in range(120)]
     packed = pack_examples(examples, max_len=96, pad_id=tokenizer.pad_token_id)
     found = []
-    for row_ids, row_labels, row_positions in zip(packed.input_ids, packed.labels, packed.position_ids):
+    for row_ids, row_labels, row_positions in zip(packed.input_ids, packed.labels, packed.position_ids, strict=True):
         starts = np.flatnonzero(row_positions == 0).tolist() + [96]
         for a, b in itertools.pairwise(starts):
             found.append((row_ids[a:b].tolist(), row_labels[a:b].tolist()))
@@ -255,7 +255,7 @@ def test_packed_and_unpacked_losses_agree(tiny_model_dir, tokenizer):
         cross_talk = per_example_losses(model, ids, labels, list(range(len(ids))))
         starts = [i for i, p in enumerate(positions) if p == 0][: len(examples)]
         leaked = 0.0
-        for start, (ex_ids, ex_labels) in zip(starts, examples):
+        for start, (ex_ids, ex_labels) in zip(starts, examples, strict=True):
             alone = per_example_losses(model, ex_ids, ex_labels, list(range(len(ex_ids))))
             span = slice(start, start + len(ex_ids) - 1)
             assert torch.allclose(packed_loss[span], alone, atol=1e-5)

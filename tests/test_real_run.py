@@ -69,6 +69,7 @@ def test_base_from_hub_reports_its_parameter_count_and_keeps_the_licence(hub_rep
     assert "pytorch_model.bin" not in downloaded and not Path("base/.cache").exists()
 
 
+@pytest.mark.e2e  # sft base in a process of its own, twice
 def test_base_downloads_the_pinned_revision_from_a_hub_api_with_the_token(hub_repo, tmp_path, monkeypatch):
     """The real huggingface_hub client against a local Hub API: the pinned commit, not main, with the
     token a gated repository wants; without it, one line that says what to set."""
@@ -343,7 +344,7 @@ def test_torchrun_command_spans_the_nodes_skypilot_describes_and_names_a_missing
     env = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6",
            "SKYPILOT_NUM_GPUS_PER_NODE": "8", "MASTER_PORT": "29511"}
     command = training_command(Strategy.of("fsdp2"), ["train"], env)
-    flags = dict(zip(command[3::2], command[4::2]))
+    flags = dict(zip(command[3::2], command[4::2], strict=False))  # ends in an unpaired `train`
     assert flags["--nproc-per-node"] == "8" and flags["--nnodes"] == "2" and flags["--node-rank"] == "1"
     assert flags["--master-addr"] == "10.0.0.5" and flags["--master-port"] == "29511"
     assert command[-3:] == ["-m", "pipeline.cli", "train"]

@@ -71,9 +71,9 @@ def test_safety_data_pairs_harmful_requests_with_benign_look_alikes():
     data = make_sft_data()
     harmful, benign = data["refusal"], data["over_refusal"]
     assert len(harmful) == len(benign) == 100
-    for h, b in zip(harmful, benign):  # the same request, one verb apart
+    for h, b in zip(harmful, benign, strict=True):  # the same request, one verb apart
         assert len(h["prompt"].split()) == len(b["prompt"].split())
-        assert sum(x != y for x, y in zip(h["prompt"].split(), b["prompt"].split())) == 1
+        assert sum(x != y for x, y in zip(h["prompt"].split(), b["prompt"].split(), strict=True)) == 1
     train = [r for r in data["train"] if r["family"] == "safety"]
     refused = [r for r in train if is_refusal(r["response"])]
     assert 0.4 < len(refused) / len(train) < 0.6, "training teaches both refusing and answering"
@@ -88,5 +88,5 @@ def test_bias_pairs_differ_in_one_demographic_term():
     groups = {g for a, b, *_ in GROUPS for g in (a, b)}
     for pair in make_sft_data()["bias"]:
         more, less = pair["sent_more"].rstrip(".").split(), pair["sent_less"].rstrip(".").split()
-        diff = [(x, y) for x, y in zip(more, less) if x != y]
+        diff = [(x, y) for x, y in zip(more, less, strict=True) if x != y]
         assert len(more) == len(less) and len(diff) == 1 and set(diff[0]) <= groups

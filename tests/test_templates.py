@@ -108,7 +108,7 @@ def expected_examples(tokenizer, family, conversation, kwargs=None):
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         assert encoding["input_ids"] == template_ids
         labels = [i if any(a < e and b > s for s, e in spans) else IGNORE
-                  for i, (a, b) in zip(template_ids, encoding["offset_mapping"])]
+                  for i, (a, b) in zip(template_ids, encoding["offset_mapping"], strict=True)]
         out.append((template_ids, labels))
     return out
 
@@ -138,7 +138,7 @@ def test_every_family_gives_the_span_of_each_turn_in_any_order(family):
 
 
 def supervised_text(tokenizer, ids, labels):
-    return tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE])
+    return tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != IGNORE])
 
 
 def test_qwen3_think_block_order_independent():

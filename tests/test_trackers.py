@@ -74,6 +74,7 @@ def test_a_tracker_that_fails_never_stops_training_or_the_verdict(tiny_model_dir
     assert "warning: mlflow failed to take the gate's results" in capsys.readouterr().err
 
 
+@pytest.mark.e2e  # a real MLflow server (.venv-mlflow)
 def test_mlflow_run_eval_table_and_champion_only_when_the_gate_passes(mlflow_server, tiny_model_dir, tmp_path,
                                                                       monkeypatch):
     import mlflow
