@@ -42,9 +42,14 @@ SOURCES = ["web", "forum", "books", "support"]
 
 def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    return [{"prompt": f"Task {i}: " + " ".join(rng.choices(ENGLISH, k=rng.randint(5, 30))),
-             "response": " ".join(rng.choices(ENGLISH, k=rng.randint(5, 60))),
-             "source": SOURCES[i % len(SOURCES)]} for i in range(n)]
+    return [
+        {
+            "prompt": f"Task {i}: " + " ".join(rng.choices(ENGLISH, k=rng.randint(5, 30))),
+            "response": " ".join(rng.choices(ENGLISH, k=rng.randint(5, 60))),
+            "source": SOURCES[i % len(SOURCES)],
+        }
+        for i in range(n)
+    ]
 
 
 def peak_gib() -> float:
@@ -71,29 +76,53 @@ def main(rows: int) -> None:
         tokens = timed("token lengths <= 2048 (bound + exact)", token_lengths_within, tokenizer, frame, 2048)
         loss_mask = timed("loss-mask checks (prepare's tokenization)", loss_mask_flags, tokenizer, frame, 2048, tokens)
         cfg = ValidateConfig(min_rows=10_000, near_duplicate_jaccard=None)
-        derived = timed("other derived columns (no fuzzy dedup)", add_derived_columns, frame, held_out, tokens, cfg,
-                        loss_mask, special_token_strings(tokenizer))
-        timed("  of which: phone numbers (libphonenumber)", lambda: [phone_numbers(frame[f], cfg.phone_regions)
-                                                                    for f in ("prompt", "response")])
+        derived = timed(
+            "other derived columns (no fuzzy dedup)",
+            add_derived_columns,
+            frame,
+            held_out,
+            tokens,
+            cfg,
+            loss_mask,
+            special_token_strings(tokenizer),
+        )
+        timed(
+            "  of which: phone numbers (libphonenumber)",
+            lambda: [phone_numbers(frame[f], cfg.phone_regions) for f in ("prompt", "response")],
+        )
         timed("  of which: secrets (detect-secrets)", lambda: [secrets(frame[f]) for f in ("prompt", "response")])
-        fuzzy = timed("fuzzy near-duplicates (MinHash LSH, 0.8)", fuzzy_duplicates,
-                      normalized_pairs(frame).str.replace("\x1f", " "), 0.8)
+        fuzzy = timed(
+            "fuzzy near-duplicates (MinHash LSH, 0.8)",
+            fuzzy_duplicates,
+            normalized_pairs(frame).str.replace("\x1f", " "),
+            0.8,
+        )
         checks = timed("great-expectations suite", run_suite, derived, cfg, 2048)
         timed("suite + Data Docs", run_suite, derived, cfg, 2048, None, Path(tmp) / "docs")
         print(f"fuzzy near-duplicate rows: {int(fuzzy.sum())}")
-    informational = ("suite + Data Docs", "  of which: phone numbers (libphonenumber)",
-                     "  of which: secrets (detect-secrets)", "fuzzy near-duplicates (MinHash LSH, 0.8)")
+    informational = (
+        "suite + Data Docs",
+        "  of which: phone numbers (libphonenumber)",
+        "  of which: secrets (detect-secrets)",
+        "fuzzy near-duplicates (MinHash LSH, 0.8)",
+    )
     core = {phase: t for phase, t in timings.items() if phase not in informational}
     wall, cpu = sum(t[0] for t in core.values()), sum(t[1] for t in core.values())
     fuzzy_wall, fuzzy_cpu = timings["fuzzy near-duplicates (MinHash LSH, 0.8)"][:2]
     print("| phase | wall s | CPU s | rows/s (wall) | peak memory GiB |\n| --- | ---: | ---: | ---: | ---: |")
     for phase, (seconds, cpu_s, peak) in timings.items():
         print(f"| {phase} | {seconds:.1f} | {cpu_s:.1f} | {rows / seconds:,.0f} | {peak:.2f} |")
-    print(f"| **suite without fuzzy dedup (no Data Docs)** | **{wall:.1f}** | **{cpu:.1f}** | **{rows / wall:,.0f}** | |")
-    print(f"| **with fuzzy dedup** | **{wall + fuzzy_wall:.1f}** | **{cpu + fuzzy_cpu:.1f}** | "
-          f"**{rows / (wall + fuzzy_wall):,.0f}** | |")
-    print(f"\n{rows:,} rows, {len(checks)} expectations, all passed: {all(c['passed'] for c in checks)}; "
-          f"peak memory {peak_gib():.2f} GiB (synthetic rows held before loading: {baseline:.2f} GiB)")
+    print(
+        f"| **suite without fuzzy dedup (no Data Docs)** | **{wall:.1f}** | **{cpu:.1f}** | **{rows / wall:,.0f}** | |"
+    )
+    print(
+        f"| **with fuzzy dedup** | **{wall + fuzzy_wall:.1f}** | **{cpu + fuzzy_cpu:.1f}** | "
+        f"**{rows / (wall + fuzzy_wall):,.0f}** | |"
+    )
+    print(
+        f"\n{rows:,} rows, {len(checks)} expectations, all passed: {all(c['passed'] for c in checks)}; "
+        f"peak memory {peak_gib():.2f} GiB (synthetic rows held before loading: {baseline:.2f} GiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -95,10 +95,17 @@ def model_config(shape_name: str, dry_run: bool):
 
     shape = dict(SHAPES[shape_name])
     if dry_run:
-        shape.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
-    return LlamaConfig(**shape, max_position_embeddings=SEQ_LEN, rope_theta=500000.0, pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2)
+        shape.update(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    return LlamaConfig(
+        **shape, max_position_embeddings=SEQ_LEN, rope_theta=500000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
 
 
 def small_tokenizer():
@@ -108,8 +115,13 @@ def small_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
-                                   pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 def card_peak_flops(device: torch.device) -> float | None:
@@ -120,23 +132,41 @@ def card_peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def run_engine(config, examples, device, steps: int, out: Path, strategy: str = "single",
-               tokens_per_step: int = TOKENS_PER_STEP, log_every_steps: int = 10,
-               checkpointing: bool = False) -> dict:
+def run_engine(
+    config,
+    examples,
+    device,
+    steps: int,
+    out: Path,
+    strategy: str = "single",
+    tokens_per_step: int = TOKENS_PER_STEP,
+    log_every_steps: int = 10,
+    checkpointing: bool = False,
+) -> dict:
     from transformers import LlamaForCausalLM
 
     from pipeline.config import TrainConfig
-    from pipeline.train.loop import train
     from pipeline.dist import Runtime, Strategy, close, init_runtime
+    from pipeline.train.loop import train
     from pipeline.train.strategies import deepspeed_config
 
     rows_per_step = tokens_per_step // SEQ_LEN
-    cfg = TrainConfig(lr=2e-5, warmup_ratio=0.02, weight_decay=0.1, epochs=1, micro_batch_size=rows_per_step,
-                      strategy=strategy, device=device.type, compile=device.type == "cuda",
-                      activation_checkpointing=checkpointing, log_every_steps=log_every_steps)
+    cfg = TrainConfig(
+        lr=2e-5,
+        warmup_ratio=0.02,
+        weight_decay=0.1,
+        epochs=1,
+        micro_batch_size=rows_per_step,
+        strategy=strategy,
+        device=device.type,
+        compile=device.type == "cuda",
+        activation_checkpointing=checkpointing,
+        log_every_steps=log_every_steps,
+    )
     if Strategy.of(strategy).sharded:  # one process of a torchrun job: the path multi-GPU nodes take, on one card
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          LOCAL_WORLD_SIZE="1")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1"
+        )
         runtime = init_runtime(Strategy.of(strategy), device.type)
     else:
         runtime = Runtime(0, 1, device)
@@ -157,8 +187,15 @@ def run_engine(config, examples, device, steps: int, out: Path, strategy: str = 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        result = train(model, small_tokenizer(), arrays, cfg, out / f"engine-{strategy}", {"data_sha256": "benchmark"},
-                       runtime=runtime)
+        result = train(
+            model,
+            small_tokenizer(),
+            arrays,
+            cfg,
+            out / f"engine-{strategy}",
+            {"data_sha256": "benchmark"},
+            runtime=runtime,
+        )
     finally:
         close(runtime)
         if Strategy.of(strategy).sharded:
@@ -166,17 +203,22 @@ def run_engine(config, examples, device, steps: int, out: Path, strategy: str = 
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-    measured = result.history[len(result.history) // 4:]  # after compilation and warm-up
+    measured = result.history[len(result.history) // 4 :]  # after compilation and warm-up
 
     def mean(key):
         return statistics.fmean(h[key] for h in measured) if measured[0].get(key) is not None else None
 
     peak = card_peak_flops(device)
-    return {"tokens_per_s": mean("tokens_per_s"), "steps": len(result.history), "fill": packed.stats["fill"],
-            # the loop's MFU fields are against the datasheet peak: back to FLOP/s
-            "tflops_nominal": mean("mfu") * peak / 1e12 if peak else None,
-            "tflops_executed": mean("mfu_executed") * peak / 1e12 if peak else None,
-            "peak_mem_gib": max(h["peak_mem_gib"] for h in result.history), "final_loss": result.final_loss}
+    return {
+        "tokens_per_s": mean("tokens_per_s"),
+        "steps": len(result.history),
+        "fill": packed.stats["fill"],
+        # the loop's MFU fields are against the datasheet peak: back to FLOP/s
+        "tflops_nominal": mean("mfu") * peak / 1e12 if peak else None,
+        "tflops_executed": mean("mfu_executed") * peak / 1e12 if peak else None,
+        "peak_mem_gib": max(h["peak_mem_gib"] for h in result.history),
+        "final_loss": result.final_loss,
+    }
 
 
 def run_trainer(config, examples, device, steps: int, out: Path) -> dict:
@@ -203,27 +245,46 @@ def run_trainer(config, examples, device, steps: int, out: Path) -> dict:
             synchronize(device)
             stamps.append(time.perf_counter())
 
-    args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch, max_steps=steps,
-                             learning_rate=2e-5, lr_scheduler_type="cosine", warmup_steps=0.02, weight_decay=0.1,
-                             bf16=device.type == "cuda", torch_compile=device.type == "cuda", save_strategy="no",
-                             logging_steps=10, report_to=[], dataloader_num_workers=0, use_cpu=device.type != "cuda",
-                             remove_unused_columns=False, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=2e-5,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.02,
+        weight_decay=0.1,
+        bf16=device.type == "cuda",
+        torch_compile=device.type == "cuda",
+        save_strategy="no",
+        logging_steps=10,
+        report_to=[],
+        dataloader_num_workers=0,
+        use_cpu=device.type != "cuda",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=counting_collator,
-            callbacks=[StepTimes()]).train()
+    Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=counting_collator, callbacks=[StepTimes()]
+    ).train()
     first = len(stamps) // 4
     # batch i's tokens are consumed by step i (the collator runs just before its step)
-    tokens = sum(batch_tokens[first + 1:len(stamps)])
+    tokens = sum(batch_tokens[first + 1 : len(stamps)])
     tokens_per_s = tokens / (stamps[-1] - stamps[first])
     # executed FLOPs: the Trainer projects every row onto the vocabulary; attention within each example
     flops = StepFlops.of(config, Shape.from_config(config.to_dict()).params)
     keys_per_token = sum(len(ids) * (len(ids) + 1) / 2 for ids, _ in used) / sum(len(ids) for ids, _ in used)
     executed = flops.executed(tokens_per_s, tokens_per_s, keys_per_token * tokens_per_s)
     peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
-    return {"tokens_per_s": tokens_per_s, "steps": len(stamps), "batch": batch,
-            "tflops_nominal": flops.nominal(tokens_per_s) / 1e12, "tflops_executed": executed / 1e12,
-            "peak_mem_gib": round(peak, 2) if peak else None}
+    return {
+        "tokens_per_s": tokens_per_s,
+        "steps": len(stamps),
+        "batch": batch,
+        "tflops_nominal": flops.nominal(tokens_per_s) / 1e12,
+        "tflops_executed": executed / 1e12,
+        "peak_mem_gib": round(peak, 2) if peak else None,
+    }
 
 
 def timed(device: torch.device, fn, repeats: int = 10) -> tuple[float, float | None]:
@@ -266,8 +327,10 @@ def tail_rows(config, device: torch.device, dtype: torch.dtype) -> list[tuple]:
             loss = LinearCrossEntropy.apply(hidden, weight, targets, dtype)
         loss.backward()
 
-    return [("loss tail", "eager head + fp32 cross-entropy", *timed(device, eager)),
-            ("loss tail", "fused chunked head (train/loss.py)", *timed(device, fused))]
+    return [
+        ("loss tail", "eager head + fp32 cross-entropy", *timed(device, eager)),
+        ("loss tail", "fused chunked head (train/loss.py)", *timed(device, fused)),
+    ]
 
 
 def clip_rows(config, device: torch.device) -> list[tuple]:
@@ -293,8 +356,10 @@ def clip_rows(config, device: torch.device) -> list[tuple]:
         optimizer.step()
         optimizer.grad_scale = None
 
-    return [("clipping", "clip_grad_norm_, then fused AdamW", *timed(device, clip_then_step)),
-            ("clipping", "folded into fused AdamW (grad_scale)", *timed(device, folded))]
+    return [
+        ("clipping", "clip_grad_norm_, then fused AdamW", *timed(device, clip_then_step)),
+        ("clipping", "folded into fused AdamW (grad_scale)", *timed(device, folded)),
+    ]
 
 
 def mask_rows(config, device: torch.device, dtype: torch.dtype, examples) -> list[tuple]:
@@ -311,13 +376,22 @@ def mask_rows(config, device: torch.device, dtype: torch.dtype, examples) -> lis
     config._attn_implementation = "flex_attention" if device.type == "cuda" else "sdpa"
 
     def transformers_mask():
-        return create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, cache=None,
-                                  position_ids=position_ids)
+        return create_causal_mask(
+            config=config, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=position_ids
+        )
 
-    return [("attention mask", f"transformers, from position ids ({config._attn_implementation})",
-             *timed(device, transformers_mask)),
-            ("attention mask", "flex_masks, once per micro-batch (flex)",
-             *timed(device, lambda: flex_masks(config, position_ids, device)))]
+    return [
+        (
+            "attention mask",
+            f"transformers, from position ids ({config._attn_implementation})",
+            *timed(device, transformers_mask),
+        ),
+        (
+            "attention mask",
+            "flex_masks, once per micro-batch (flex)",
+            *timed(device, lambda: flex_masks(config, position_ids, device)),
+        ),
+    ]
 
 
 def lever_rows(config, device: torch.device, examples) -> list[tuple]:
@@ -341,8 +415,9 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shape on CPU: check the script end to end")
     parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
-    parser.add_argument("--only", default=None, help="comma-separated run names (the table's first column), "
-                        "and `levers`")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated run names (the table's first column), and `levers`"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
@@ -352,21 +427,29 @@ def main() -> None:
     examples = sft_examples(160 * steps, config.vocab_size)
     matmul_peak = matmul_peak_tflops(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
-    print(f"{card} | torch {torch.__version__} | {args.shape}, {shape.params / 1e9:.3f}B parameters | "
-          f"bf16 matmul peak {matmul_peak and round(matmul_peak)} TFLOP/s", flush=True)
+    print(
+        f"{card} | torch {torch.__version__} | {args.shape}, {shape.params / 1e9:.3f}B parameters | "
+        f"bf16 matmul peak {matmul_peak and round(matmul_peak)} TFLOP/s",
+        flush=True,
+    )
 
     if args.shape == "llama-3.2-1b":
-        runs = {"engine": lambda *a: run_engine(*a),
-                "engine (host sync every step)": lambda *a: run_engine(*a, log_every_steps=1),
-                "engine (32k tokens a step)": lambda *a: run_engine(*a, tokens_per_step=4 * TOKENS_PER_STEP),
-                "engine (fsdp2 as one rank)": lambda *a: run_engine(*a, strategy="fsdp2"),
-                "trainer": run_trainer}
+        runs = {
+            "engine": lambda *a: run_engine(*a),
+            "engine (host sync every step)": lambda *a: run_engine(*a, log_every_steps=1),
+            "engine (32k tokens a step)": lambda *a: run_engine(*a, tokens_per_step=4 * TOKENS_PER_STEP),
+            "engine (fsdp2 as one rank)": lambda *a: run_engine(*a, strategy="fsdp2"),
+            "trainer": run_trainer,
+        }
         pick = None
     else:  # the plan's configuration for one GPU of this card
         pick = plan_pick(shape, card)
         strategy, checkpointing, _ = pick
-        runs = {f"engine ({strategy}{' + checkpointing' if checkpointing else ''})":
-                lambda *a: run_engine(*a, strategy=strategy, checkpointing=checkpointing)}
+        runs = {
+            f"engine ({strategy}{' + checkpointing' if checkpointing else ''})": lambda *a: run_engine(
+                *a, strategy=strategy, checkpointing=checkpointing
+            )
+        }
     results, levers = {}, []
     scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None  # checkpoints of a 1B model: keep them off disk
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
@@ -399,8 +482,10 @@ def main() -> None:
         if "error" in r:
             print(f"| {name} | failed: {r['error'][:120]} | | | | {r['seconds']} |")
             continue
-        print(f"| {name} | {r['tokens_per_s']:,.0f} | {mfu(r['tflops_nominal'])} | {mfu(r['tflops_executed'])} | "
-              f"{r['peak_mem_gib']} | {r['seconds']} |")
+        print(
+            f"| {name} | {r['tokens_per_s']:,.0f} | {mfu(r['tflops_nominal'])} | {mfu(r['tflops_executed'])} | "
+            f"{r['peak_mem_gib']} | {r['seconds']} |"
+        )
     engine, trainer = results.get("engine", {}), results.get("trainer", {})
     if "tokens_per_s" in engine and "tokens_per_s" in trainer:
         print(f"\nengine / trainer: {engine['tokens_per_s'] / trainer['tokens_per_s']:.2f}x real tokens/s")
@@ -415,12 +500,26 @@ def main() -> None:
         strategy, checkpointing = "single", False
         planned = memory_per_gpu(shape, "single", 1, TOKENS_PER_STEP, False, supervised_share=0.6)["total"]
     measured = next((r.get("peak_mem_gib") for r in results.values() if "peak_mem_gib" in r), None)
-    print(f"\nsft plan ({strategy}{' + checkpointing' if checkpointing else ''}, 1 GPU, {TOKENS_PER_STEP} tokens, "
-          f"60% supervised): {planned:.1f} GiB; engine measured {measured} GiB")
+    print(
+        f"\nsft plan ({strategy}{' + checkpointing' if checkpointing else ''}, 1 GPU, {TOKENS_PER_STEP} tokens, "
+        f"60% supervised): {planned:.1f} GiB; engine measured {measured} GiB"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"card": card, "torch": torch.__version__, "shape": args.shape,
-                                         "matmul_peak_tflops": matmul_peak, "params": shape.params,
-                                         "results": results, "levers": levers, "plan_gib": planned}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "card": card,
+                    "torch": torch.__version__,
+                    "shape": args.shape,
+                    "matmul_peak_tflops": matmul_peak,
+                    "params": shape.params,
+                    "results": results,
+                    "levers": levers,
+                    "plan_gib": planned,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

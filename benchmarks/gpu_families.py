@@ -72,14 +72,24 @@ def compare(model_type: str, device: torch.device, precision: str, dry_run: bool
     started = time.perf_counter()
     loss, grads = engine(model, batch, device, dtype, flatten)
     seconds = time.perf_counter() - started
-    worst_name, worst = max(((name, float((grads[name] - g).norm() / g.norm().clamp(min=1e-12)))
-                             for name, g in own_grads.items()), key=lambda item: item[1])
+    worst_name, worst = max(
+        ((name, float((grads[name] - g).norm() / g.norm().clamp(min=1e-12))) for name, g in own_grads.items()),
+        key=lambda item: item[1],
+    )
     loss_error = abs(loss - own_loss) / abs(own_loss)
     missing = sorted(set(own_grads) ^ set(grads))
     ok = loss_error <= TOLERANCE[precision] and worst <= TOLERANCE[precision] and not missing
-    return {"family": model_type, "precision": precision, "path": "flex + compile" if flatten else "dense",
-            "loss_rel_error": loss_error, "worst_grad_rel_error": worst, "worst_param": worst_name,
-            "missing_grads": missing, "engine_seconds": round(seconds, 2), "ok": ok}
+    return {
+        "family": model_type,
+        "precision": precision,
+        "path": "flex + compile" if flatten else "dense",
+        "loss_rel_error": loss_error,
+        "worst_grad_rel_error": worst,
+        "worst_param": worst_name,
+        "missing_grads": missing,
+        "engine_seconds": round(seconds, 2),
+        "ok": ok,
+    }
 
 
 def main() -> int:
@@ -98,16 +108,27 @@ def main() -> int:
         for precision in precisions:
             try:
                 row = compare(model_type, device, precision, args.dry_run)
-                print(f"| {model_type} | {precision} | {row['path']} | {row['loss_rel_error']:.2e} | "
-                      f"{row['worst_grad_rel_error']:.2e} ({row['worst_param']}) | {row['engine_seconds']} | "
-                      f"{'ok' if row['ok'] else 'DIFFERS'} |", flush=True)
+                print(
+                    f"| {model_type} | {precision} | {row['path']} | {row['loss_rel_error']:.2e} | "
+                    f"{row['worst_grad_rel_error']:.2e} ({row['worst_param']}) | {row['engine_seconds']} | "
+                    f"{'ok' if row['ok'] else 'DIFFERS'} |",
+                    flush=True,
+                )
             except Exception as err:  # one family's failure must not hide the others' figures
                 row = {"family": model_type, "precision": precision, "ok": False, "error": repr(err)[:300]}
                 print(f"| {model_type} | {precision} | error | {row['error']} | | | FAILED |", flush=True)
             rows.append(row)
     if args.json:
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                                         "torch": torch.__version__, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -31,11 +31,24 @@ def main() -> None:
         model = add_adapters(model, adapters)
         out = Path(tempfile.mkdtemp())
         wall, cpu = time.perf_counter(), time.process_time()
-        result = train(model, tokenizer, packed, cfg, out / "checkpoints", {"adapters": adapters.model_dump()},
-                       lambda record, total: None, runtime, state_dir=out / "state", weights=weights,
-                       **training_hooks(model))
-        print(f"| {dora} | {result.steps} | {time.perf_counter() - wall:.1f} | {time.process_time() - cpu:.1f} | "
-              f"{result.final_loss:.3f} |", flush=True)
+        result = train(
+            model,
+            tokenizer,
+            packed,
+            cfg,
+            out / "checkpoints",
+            {"adapters": adapters.model_dump()},
+            lambda record, total: None,
+            runtime,
+            state_dir=out / "state",
+            weights=weights,
+            **training_hooks(model),
+        )
+        print(
+            f"| {dora} | {result.steps} | {time.perf_counter() - wall:.1f} | {time.process_time() - cpu:.1f} | "
+            f"{result.final_loss:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

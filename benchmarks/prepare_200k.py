@@ -27,8 +27,10 @@ from pipeline.prepare import ChatRenderer, pack_examples, tokenize_conversations
 
 BASELINE_TOKENS_PER_S = 906_000
 MAX_LEN = 2048
-TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-            "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def vocabulary(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -50,8 +52,10 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[list[dict]]:
         turns = [{"role": "system", "content": "You are a helpful assistant."}] if i % 4 == 0 else []
         for _ in range(2 if i % 10 == 0 else 1):
             answer_words = int(rng.integers(180, 360)) if i % 10 else 120
-            turns += [{"role": "user", "content": text(90) + "?"},
-                      {"role": "assistant", "content": text(answer_words) + "."}]
+            turns += [
+                {"role": "user", "content": text(90) + "?"},
+                {"role": "assistant", "content": text(answer_words) + "."},
+            ]
         conversations.append(turns)
     return conversations
 
@@ -63,11 +67,16 @@ def build_tokenizer(conversations: list[list[dict]]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=32_000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=32_000,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator((m["content"] for c in conversations for m in c), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=TEMPLATE
+    )
 
 
 def trl_style_baseline(tokenizer, conversations: list[list[dict]]) -> tuple[float, float, float]:
@@ -121,14 +130,18 @@ def main(n: int) -> None:
 
     tokens = int(tokenized.offsets[-1])
     cores = len(os.sched_getaffinity(0))
-    print(f"\n{n:,} conversations, {tokens:,} tokens ({tokens / n:.0f} a conversation), {cores} cores, "
-          f"load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"\n{n:,} conversations, {tokens:,} tokens ({tokens / n:.0f} a conversation), {cores} cores, "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
     print("| path | tokenize s | pack s | total s | tokens/s | conversations/s | fill |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, (tokenizing, packing, fill) in results.items():
         total = tokenizing + packing
-        print(f"| {name} | {tokenizing:.1f} | {packing:.1f} | {total:.1f} | {tokens / total:,.0f} | "
-              f"{n / total:,.0f} | {fill:.2%} |")
+        print(
+            f"| {name} | {tokenizing:.1f} | {packing:.1f} | {total:.1f} | {tokens / total:,.0f} | "
+            f"{n / total:,.0f} | {fill:.2%} |"
+        )
     print(f"\nrendering the chat template alone (in the figures above): {render_only:.1f} s")
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,10 +14,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar, Union
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictFloat, StrictInt, StrictStr, Tag,
-                      ValidationError, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from pipeline.files import write_text
 from pipeline.stages import StageError
@@ -88,8 +99,9 @@ def describe(err: ValidationError, model: type[BaseModel]) -> str:
     loc, messages = next(iter(problems.items()))
     message = messages[0] + "".join(f", or {m.removeprefix('Input should be ')}" for m in messages[1:])
     more = len(problems) - 1
-    return f"{loc + ': ' if loc else ''}{message}" + (f" (and {more} more problem{'s' if more > 1 else ''})"
-                                                       if more else "")
+    return f"{loc + ': ' if loc else ''}{message}" + (
+        f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    )
 
 
 # ------------------------------------------------------------------ validate/contract.json
@@ -246,9 +258,12 @@ def _rule_kind(value) -> str:
     return "versus_lora" if "versus" in value else "regression" if "reads" in value else "hard"
 
 
-RuleResult = Annotated[Union[Annotated[HardRuleResult, Tag("hard")],
-                             Annotated[RegressionRuleResult, Tag("regression")],
-                             Annotated[VersusLoraRuleResult, Tag("versus_lora")]], Discriminator(_rule_kind)]
+RuleResult = Annotated[
+    Annotated[HardRuleResult, Tag("hard")]
+    | Annotated[RegressionRuleResult, Tag("regression")]
+    | Annotated[VersusLoraRuleResult, Tag("versus_lora")],
+    Discriminator(_rule_kind),
+]
 
 
 class Candidate(Artifact):

@@ -63,17 +63,23 @@ def download(cfg, out_dir: Path, patterns: list[str]) -> None:
         # top-level files only: Llama repos also carry `original/` (the same weights in another format)
         snapshot_download(repo_id=cfg.model, revision=cfg.revision, local_dir=out_dir, allow_patterns=patterns)
     except LocalEntryNotFoundError as err:  # offline (HF_HUB_OFFLINE=1) or the Hub unreachable, and not cached
-        raise BaseUnavailable(f"params.yaml base: {cfg.model}@{cfg.revision} is not in the local Hugging Face cache "
-                              "and the Hub cannot be reached (HF_HUB_OFFLINE=1, or no network): run where the Hub is "
-                              "reachable, with HF_HUB_OFFLINE unset (`sft plan --model llama-3.1-8b` and the other "
-                              f"known shapes work offline; {str(err).strip().splitlines()[0]})") from err
+        raise BaseUnavailable(
+            f"params.yaml base: {cfg.model}@{cfg.revision} is not in the local Hugging Face cache "
+            "and the Hub cannot be reached (HF_HUB_OFFLINE=1, or no network): run where the Hub is "
+            "reachable, with HF_HUB_OFFLINE unset (`sft plan --model llama-3.1-8b` and the other "
+            f"known shapes work offline; {str(err).strip().splitlines()[0]})"
+        ) from err
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
-        hint = {401: "set HF_TOKEN to a token with read access (gated models: accept the licence on the Hub first)",
-                403: "this token has no access to the repository (gated: request access on its Hub page)",
-                404: "no such repository or revision (params.yaml base.model / base.revision)"}.get(status, "")
-        raise BaseUnavailable(f"params.yaml base: downloading {cfg.model}@{cfg.revision} failed"
-                           f" (HTTP {status}){': ' + hint if hint else ''}") from err
+        hint = {
+            401: "set HF_TOKEN to a token with read access (gated models: accept the licence on the Hub first)",
+            403: "this token has no access to the repository (gated: request access on its Hub page)",
+            404: "no such repository or revision (params.yaml base.model / base.revision)",
+        }.get(status, "")
+        raise BaseUnavailable(
+            f"params.yaml base: downloading {cfg.model}@{cfg.revision} failed"
+            f" (HTTP {status}){': ' + hint if hint else ''}"
+        ) from err
     if (Path(out_dir) / ".cache").exists():
         shutil.rmtree(Path(out_dir) / ".cache")  # huggingface_hub's download bookkeeping, not model files
 
@@ -82,8 +88,10 @@ def check_chat_template(folder: Path, cfg) -> None:
     from transformers import AutoTokenizer
 
     if not AutoTokenizer.from_pretrained(folder).chat_template:
-        raise BaseUnavailable(f"{cfg.model}@{cfg.revision}: the tokenizer has no chat template; "
-                         "pick an instruct tokenizer or add one before fine-tuning")
+        raise BaseUnavailable(
+            f"{cfg.model}@{cfg.revision}: the tokenizer has no chat template; "
+            "pick an instruct tokenizer or add one before fine-tuning"
+        )
 
 
 def resolve_tokenizer(cfg, out_dir: Path) -> dict:
@@ -117,12 +125,19 @@ def resolve_base(cfg, out_dir: Path, log=print, check_family=None) -> dict:
                 check_family(json.loads((tmp / "config.json").read_text()))
             download(cfg, tmp, WEIGHT_FILES)
             if not weight_files(tmp):
-                raise BaseUnavailable(f"{cfg.model}@{cfg.revision}: no model*.safetensors weights (transformers' "
-                                      "safetensors; other formats are not loaded)")
+                raise BaseUnavailable(
+                    f"{cfg.model}@{cfg.revision}: no model*.safetensors weights (transformers' "
+                    "safetensors; other formats are not loaded)"
+                )
             info = to_text_causal_lm(tmp, cfg, log=log)
         weights = weight_files(tmp)
-        info.update(source=cfg.source, model=cfg.model, revision=cfg.revision, params=count_parameters(tmp),
-                    sha256=sha256_files(weights))
+        info.update(
+            source=cfg.source,
+            model=cfg.model,
+            revision=cfg.revision,
+            params=count_parameters(tmp),
+            sha256=sha256_files(weights),
+        )
         (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -155,8 +170,10 @@ def to_text_causal_lm(folder: Path, cfg, log=print) -> dict:
     method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
     method = getattr(method, "value", method)  # an enum in some configs
     if method and method not in DEQUANTIZED:
-        raise BaseUnavailable(f"{name}: the weights are quantized (quant_method {method}); full SFT trains bf16 "
-                              "weights: set base.model to the model's bf16 release")
+        raise BaseUnavailable(
+            f"{name}: the weights are quantized (quant_method {method}); full SFT trains bf16 "
+            "weights: set base.model to the model's bf16 release"
+        )
     if method:
         return _dequantize(folder, config, name, method, log)
     if config.get_text_config() is not config:
@@ -182,15 +199,23 @@ def _dequantize(folder: Path, config, name: str, method: str, log) -> dict:
 
     log(f"{name}: {method} weights, dequantizing to bf16 once (full SFT trains bf16 weights)")
     source = sha256_files(weight_files(folder))
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=Mxfp4Config(dequantize=True),
-                                                 dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.bfloat16
+    )
     if getattr(model.config, "quantization_config", None):
-        raise BaseUnavailable(f"{name}: transformers kept the {method} quantization after dequantizing; "
-                              "this transformers version cannot make bf16 weights of it")
+        raise BaseUnavailable(
+            f"{name}: transformers kept the {method} quantization after dequantizing; "
+            "this transformers version cannot make bf16 weights of it"
+        )
     _replace_weights(folder, lambda out: model.save_pretrained(out, max_shard_size="5GB"))
-    return {"architecture": model.config.architectures, "model_type": model.config.model_type,
-            "converted": {"how": f"dequantized from {method} to bfloat16 (transformers Mxfp4Config(dequantize=True))",
-                          "source_sha256": source}}
+    return {
+        "architecture": model.config.architectures,
+        "model_type": model.config.model_type,
+        "converted": {
+            "how": f"dequantized from {method} to bfloat16 (transformers Mxfp4Config(dequantize=True))",
+            "source_sha256": source,
+        },
+    }
 
 
 def _extract_language_model(folder: Path, config, name: str, log) -> dict:
@@ -205,11 +230,15 @@ def _extract_language_model(folder: Path, config, name: str, log) -> dict:
     causal = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text_config), None)
     wrapper = getattr(transformers, (config.architectures or [""])[0], None)
     if causal is None or wrapper is None or not causal.__name__.endswith("ForCausalLM"):
-        raise BaseUnavailable(f"{name}: a {config.model_type} checkpoint ({config.architectures}) whose text model "
-                              f"({text_config.model_type}) has no text-only causal LM class in transformers to "
-                              "extract it into; pick a text-only model")
-    log(f"{name}: {config.architectures[0]} is multimodal; extracting its language model as {causal.__name__} "
-        "(the vision tower is not trained)")
+        raise BaseUnavailable(
+            f"{name}: a {config.model_type} checkpoint ({config.architectures}) whose text model "
+            f"({text_config.model_type}) has no text-only causal LM class in transformers to "
+            "extract it into; pick a text-only model"
+        )
+    log(
+        f"{name}: {config.architectures[0]} is multimodal; extracting its language model as {causal.__name__} "
+        "(the vision tower is not trained)"
+    )
     source = sha256_files(weight_files(folder))
     full = wrapper.from_pretrained(folder, dtype="auto")
     decoder, head = full.get_decoder(), full.get_output_embeddings()
@@ -224,9 +253,11 @@ def _extract_language_model(folder: Path, config, name: str, log) -> dict:
     with torch.device("meta"):
         expected = set(causal(text_config).state_dict()) - ({"lm_head.weight"} if tied else set())
     if set(state) != expected:  # the text class would load with missing or stray weights
-        raise BaseUnavailable(f"{name}: the language model of {config.architectures[0]} does not match "
-                              f"{causal.__name__}: missing {sorted(expected - set(state))[:5]}, "
-                              f"unexpected {sorted(set(state) - expected)[:5]}")
+        raise BaseUnavailable(
+            f"{name}: the language model of {config.architectures[0]} does not match "
+            f"{causal.__name__}: missing {sorted(expected - set(state))[:5]}, "
+            f"unexpected {sorted(set(state) - expected)[:5]}"
+        )
     dropped = sum(p.numel() for p in full.parameters()) - sum(v.numel() for v in state.values())
 
     def save(out: Path) -> None:
@@ -236,7 +267,14 @@ def _extract_language_model(folder: Path, config, name: str, log) -> dict:
             full.generation_config.save_pretrained(out)
 
     _replace_weights(folder, save)
-    return {"architecture": [causal.__name__], "model_type": text_config.model_type,
-            "converted": {"how": f"language model extracted from {config.architectures[0]} "
-                                 f"({config.model_type}) as {causal.__name__}; vision tower and projector dropped",
-                          "dropped_parameters": dropped, "tied_embeddings": tied, "source_sha256": source}}
+    return {
+        "architecture": [causal.__name__],
+        "model_type": text_config.model_type,
+        "converted": {
+            "how": f"language model extracted from {config.architectures[0]} "
+            f"({config.model_type}) as {causal.__name__}; vision tower and projector dropped",
+            "dropped_parameters": dropped,
+            "tied_embeddings": tied,
+            "source_sha256": source,
+        },
+    }

@@ -33,26 +33,54 @@ base with its paired-bootstrap 95% interval; the plot shows each metric, base vs
 """
 
 
-def build_card(verdict: Verdict, gate_markdown: str, repo_id: str, base_model: str, base_revision: str | None,
-               metrics: dict, data_sha256: str, training: dict, license: str, language: str) -> ModelCard:
+def build_card(
+    verdict: Verdict,
+    gate_markdown: str,
+    repo_id: str,
+    base_model: str,
+    base_revision: str | None,
+    metrics: dict,
+    data_sha256: str,
+    training: dict,
+    license: str,
+    language: str,
+) -> ModelCard:
     """`metrics` is evaluate.metrics ({name: spec with .task and .metric}): each model-index entry
     names the lm-eval task (dataset) and its metric, valued for the chosen checkpoint."""
     chosen = verdict.chosen_scores
     eval_results = [
-        EvalResult(task_type="text-generation", dataset_type=metrics[name].task, dataset_name=name,
-                   metric_type=metrics[name].metric, metric_name=name, metric_value=float(value),
-                   verified=False)
-        for name, value in chosen.items() if name in metrics
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=metrics[name].task,
+            dataset_name=name,
+            metric_type=metrics[name].metric,
+            metric_name=name,
+            metric_value=float(value),
+            verified=False,
+        )
+        for name, value in chosen.items()
+        if name in metrics
     ]
     data = ModelCardData(
-        model_name=repo_id.split("/")[-1], base_model=base_model, license=license, language=language,
-        library_name="transformers", pipeline_tag="text-generation", tags=["sft", "full-fine-tune"],
+        model_name=repo_id.split("/")[-1],
+        base_model=base_model,
+        license=license,
+        language=language,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["sft", "full-fine-tune"],
         eval_results=eval_results,
     )
     return ModelCard.from_template(
-        data, template_str=CARD_TEMPLATE, model_name=repo_id, base_model=base_model,
-        base_revision=base_revision, data_sha256=data_sha256, chosen=verdict.chosen,
-        weights_sha256=verdict.sha256, gate_markdown=gate_markdown,
+        data,
+        template_str=CARD_TEMPLATE,
+        model_name=repo_id,
+        base_model=base_model,
+        base_revision=base_revision,
+        data_sha256=data_sha256,
+        chosen=verdict.chosen,
+        weights_sha256=verdict.sha256,
+        gate_markdown=gate_markdown,
         training=", ".join(f"{k}={v}" for k, v in training.items()),
     )
 

@@ -17,15 +17,20 @@ from pipeline.console import fail, folder, params, reports_errors
 from pipeline.paths import PATHS
 from pipeline.release import release_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Full supervised fine-tuning pipeline (each command is one dvc.yaml stage).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Full supervised fine-tuning pipeline (each command is one dvc.yaml stage).",
+)
 app.add_typer(release_app, rich_help_panel="Release")
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("data"), help="folder for the demo data set"),
-         rows: int = typer.Option(15_000, help="training pairs"),
-         seed: int = typer.Option(0)):
+def demo(
+    out: Path = typer.Option(Path("data"), help="folder for the demo data set"),
+    rows: int = typer.Option(15_000, help="training pairs"),
+    seed: int = typer.Option(0),
+):
     """Write the embedded demo data set (deterministic: byte-identical on every machine)."""
     from pipeline.demo import write_demo_data
 
@@ -34,10 +39,12 @@ def demo(out: Path = typer.Option(Path("data"), help="folder for the demo data s
 
 
 @app.command()
-def smoke(params_file: Path = typer.Option(Path("configs/demo.yaml"), "--params", help="the demo preset"),
-          out: Path = typer.Option(Path("smoke"), help="where the smoke run's gate report goes"),
-          work: Path = typer.Option(None, help="scratch copy of the project (default: a temporary folder)"),
-          rows: int = typer.Option(15_000, help="demo training pairs")):
+def smoke(
+    params_file: Path = typer.Option(Path("configs/demo.yaml"), "--params", help="the demo preset"),
+    out: Path = typer.Option(Path("smoke"), help="where the smoke run's gate report goes"),
+    work: Path = typer.Option(None, help="scratch copy of the project (default: a temporary folder)"),
+    rows: int = typer.Option(15_000, help="demo training pairs"),
+):
     """The CPU smoke run: the whole DAG on the embedded demo in a scratch copy of this project, so
     data/, params.yaml and the committed results stay as the team left them."""
     import subprocess
@@ -129,18 +136,31 @@ def lora(base: Path = BASE, prepare: Path = PREPARE, lora: Path = LORA):
 
 @app.command()
 @reports_errors
-def evaluate(model: str = typer.Option("checkpoints", help="'base': the full suite on the base model (cached by "
-                                       "its hash); 'checkpoints': evaluate.per_checkpoint on every kept one; "
-                                       "'chosen': the full suite on checkpoints in the gate's order until one passes; "
-                                       "'lora': evaluate.per_checkpoint on every LoRA checkpoint, the full suite on "
-                                       "the best"),
-             base: Path = BASE, train: Path = TRAIN, lora: Path = LORA, evaluate: Path = EVALUATE):
+def evaluate(
+    model: str = typer.Option(
+        "checkpoints",
+        help="'base': the full suite on the base model (cached by "
+        "its hash); 'checkpoints': evaluate.per_checkpoint on every kept one; "
+        "'chosen': the full suite on checkpoints in the gate's order until one passes; "
+        "'lora': evaluate.per_checkpoint on every LoRA checkpoint, the full suite on "
+        "the best",
+    ),
+    base: Path = BASE,
+    train: Path = TRAIN,
+    lora: Path = LORA,
+    evaluate: Path = EVALUATE,
+):
     """Run the lm-eval tasks of params.yaml on the base model, the kept checkpoints, the chosen one or
     the LoRA baseline."""
     from pipeline.stages.evaluate import run
 
-    summary = run(params(), PATHS.with_(base=base, train=train, lora=lora, evaluate=evaluate), model,
-                  argv=sys.argv[1:], say=typer.echo)
+    summary = run(
+        params(),
+        PATHS.with_(base=base, train=train, lora=lora, evaluate=evaluate),
+        model,
+        argv=sys.argv[1:],
+        say=typer.echo,
+    )
     if summary:
         typer.echo(summary.message)
 
@@ -157,21 +177,34 @@ def gate(evaluate: Path = EVALUATE, train: Path = TRAIN, lora: Path = LORA, gate
 
 @app.command()
 @reports_errors
-def card(gate: Path = GATE, train: Path = TRAIN, lora: Path = LORA, base: Path = BASE, prepare: Path = PREPARE,
-         card: Path = CARD, release: Path = RELEASE):
+def card(
+    gate: Path = GATE,
+    train: Path = TRAIN,
+    lora: Path = LORA,
+    base: Path = BASE,
+    prepare: Path = PREPARE,
+    card: Path = CARD,
+    release: Path = RELEASE,
+):
     """Write the model card, the publishable folder (weights + tokenizer + card + verdict) and the
     release manifest (the sha256 of every file in it; the training job signs it with `sft sign`)."""
     from pipeline.stages import card as stage
 
-    typer.echo(stage.run(params(), PATHS.with_(gate=gate, train=train, lora=lora, base=base, prepare=prepare,
-                                               card=card, release=release)))
+    typer.echo(
+        stage.run(
+            params(),
+            PATHS.with_(gate=gate, train=train, lora=lora, base=base, prepare=prepare, card=card, release=release),
+        )
+    )
 
 
 @app.command()
 @reports_errors
-def plan(model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...) or a config.json path"),
-         tokens: int = typer.Option(None, help="tokens per epoch (default: prepare/stats.json)"),
-         plan: Path = PLAN):
+def plan(
+    model: str = typer.Option(None, help="a known shape (llama-3.1-8b, ...) or a config.json path"),
+    tokens: int = typer.Option(None, help="tokens per epoch (default: prepare/stats.json)"),
+    plan: Path = PLAN,
+):
     """Estimate GPU memory per strategy, the smallest fitting node count, hours and cost."""
     from pipeline.stages import plan as stage
 
@@ -193,8 +226,11 @@ def data_stats(tokenizer: Path = TOKENIZER, data_report: Path = DATA_REPORT):
 
 @data_app.command("diff")
 @reports_errors
-def data_diff(rev: str = typer.Argument(..., help="git revision to compare with, e.g. origin/main"),
-              tokenizer: Path = TOKENIZER, data_report: Path = DATA_REPORT):
+def data_diff(
+    rev: str = typer.Argument(..., help="git revision to compare with, e.g. origin/main"),
+    tokenizer: Path = TOKENIZER,
+    data_report: Path = DATA_REPORT,
+):
     """The same statistics for this branch and for REV's data (read through DVC), side by side."""
     from pipeline.stages import data_report as stage
 

@@ -86,11 +86,14 @@ class ValidateConfig(Section):
     @model_validator(mode="after")
     def _replay_band(self):
         if self.min_replay_share > self.max_replay_share:
-            raise ValueError(f"min_replay_share ({self.min_replay_share}) is above "
-                             f"max_replay_share ({self.max_replay_share})")
+            raise ValueError(
+                f"min_replay_share ({self.min_replay_share}) is above max_replay_share ({self.max_replay_share})"
+            )
         if self.min_supervised_share > self.max_supervised_share:
-            raise ValueError(f"min_supervised_share ({self.min_supervised_share}) is above "
-                             f"max_supervised_share ({self.max_supervised_share})")
+            raise ValueError(
+                f"min_supervised_share ({self.min_supervised_share}) is above "
+                f"max_supervised_share ({self.max_supervised_share})"
+            )
         return self
 
 
@@ -187,8 +190,10 @@ class LoraConfig(Section):
     def _method_ranges(self):
         low, high = self.METHOD_RANGES["lr"]
         if not self.override_method_ranges and not low <= self.lr <= high:
-            raise ValueError(f"lora.lr = {self.lr} is outside LoRA's range [{low}, {high}] (about 10x full SFT's); "
-                             "use a value in range, or set lora.override_method_ranges: true and say why")
+            raise ValueError(
+                f"lora.lr = {self.lr} is outside LoRA's range [{low}, {high}] (about 10x full SFT's); "
+                "use a value in range, or set lora.override_method_ranges: true and say why"
+            )
         return self
 
     def training(self, train: TrainConfig) -> TrainConfig:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -30,12 +29,14 @@ def params():
 
 def reports_errors(command):
     """A command whose stage raises StageError: the message in red, exit code 1."""
+
     @functools.wraps(command)
     def wrapped(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except StageError as err:
             fail(str(err))
+
     return wrapped
 
 

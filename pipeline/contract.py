@@ -45,17 +45,39 @@ PII_PATTERNS = {  # what no library covers better; phone numbers and secrets hav
 # Cheap RE2 prefilters: only rows that match go to the libraries (Python, row by row)
 _PHONE_CANDIDATE = r"\+?\(?\d[\d ().-]{5,}\d"
 # a long key-like run, a PEM header, a keyword assigned a value (detect-secrets' KeywordDetector)
-_SECRET_CANDIDATE = (r"[A-Za-z0-9+/=_.-]{16,}|-----BEGIN|"
-                     r"(?i:pass|pwd|secret|key|token|auth|credential|bearer)[\w-]*[\"']?\s*(?::=|=>|[:=])")
+_SECRET_CANDIDATE = (
+    r"[A-Za-z0-9+/=_.-]{16,}|-----BEGIN|"
+    r"(?i:pass|pwd|secret|key|token|auth|credential|bearer)[\w-]*[\"']?\s*(?::=|=>|[:=])"
+)
 # Token formats detect-secrets 1.5 does not know (Hugging Face, current OpenAI keys), in RE2
 EXTRA_SECRET_PATTERNS = [r"\bhf_[A-Za-z0-9]{30,}", r"\bsk-(?:proj-)?[A-Za-z0-9_-]{20,}"]
 # detect-secrets' detectors but the high-entropy ones, which flag ordinary prose ("hello world")
-SECRET_PLUGINS = ("AWSKeyDetector", "ArtifactoryDetector", "AzureStorageKeyDetector", "BasicAuthDetector",
-                  "CloudantDetector", "DiscordBotTokenDetector", "GitHubTokenDetector", "GitLabTokenDetector",
-                  "IbmCloudIamDetector", "IbmCosHmacDetector", "JwtTokenDetector",
-                  "KeywordDetector", "MailchimpDetector", "NpmDetector", "OpenAIDetector", "PrivateKeyDetector",
-                  "PypiTokenDetector", "SendGridDetector", "SlackDetector", "SoftlayerDetector",
-                  "SquareOAuthDetector", "StripeDetector", "TelegramBotTokenDetector", "TwilioKeyDetector")
+SECRET_PLUGINS = (
+    "AWSKeyDetector",
+    "ArtifactoryDetector",
+    "AzureStorageKeyDetector",
+    "BasicAuthDetector",
+    "CloudantDetector",
+    "DiscordBotTokenDetector",
+    "GitHubTokenDetector",
+    "GitLabTokenDetector",
+    "IbmCloudIamDetector",
+    "IbmCosHmacDetector",
+    "JwtTokenDetector",
+    "KeywordDetector",
+    "MailchimpDetector",
+    "NpmDetector",
+    "OpenAIDetector",
+    "PrivateKeyDetector",
+    "PypiTokenDetector",
+    "SendGridDetector",
+    "SlackDetector",
+    "SoftlayerDetector",
+    "SquareOAuthDetector",
+    "StripeDetector",
+    "TelegramBotTokenDetector",
+    "TwilioKeyDetector",
+)
 BOILERPLATE_PATTERNS = [  # matched case-insensitively
     r"\bas an ai(?: language)? model\b",
     r"^\s*i(?:'m| am) sorry,? but\b",
@@ -108,7 +130,7 @@ def eval_prompts(paths: list[str]) -> list[str]:
 
 
 def ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def _ngram_hashes(texts: pa.ListArray, vocabulary: pa.Array, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,8 +146,8 @@ def _ngram_hashes(texts: pa.ListArray, vocabulary: pa.Array, n: int) -> tuple[np
     with np.errstate(over="ignore"):  # wrap-around is the hash
         for k in range(n):  # in place: a million prompts make tens of millions of n-grams
             np.multiply(digest, np.uint64(1_000_003), out=digest)
-            np.add(digest, ids[k:k + count], out=digest)
-    inside = owner[:count] == owner[n - 1:]  # windows that do not cross into the next text
+            np.add(digest, ids[k : k + count], out=digest)
+    inside = owner[:count] == owner[n - 1 :]  # windows that do not cross into the next text
     return digest[inside], owner[:count][inside]
 
 
@@ -215,8 +237,11 @@ def phone_numbers(values: pd.Series, regions: list[str]) -> np.ndarray:
     flags = np.zeros(len(values), dtype=bool)
     for i in np.flatnonzero(matches_any(values, [_PHONE_CANDIDATE])):
         text = values.iloc[i]
-        flags[i] = any(True for region in ("ZZ", *regions)
-                       for _ in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID))
+        flags[i] = any(
+            True
+            for region in ("ZZ", *regions)
+            for _ in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID)
+        )
     return flags
 
 
@@ -250,8 +275,9 @@ def _shingles(keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return shingle[inner] & 0x7FFFFFFF, np.searchsorted(owner, np.arange(len(counts) + 1))
 
 
-def fuzzy_duplicates(keys: pd.Series, threshold: float, num_perm: int = 128, seed: int = 0,
-                     chunk: int = 50_000) -> np.ndarray:
+def fuzzy_duplicates(
+    keys: pd.Series, threshold: float, num_perm: int = 128, seed: int = 0, chunk: int = 50_000
+) -> np.ndarray:
     """Whether each row has an earlier row whose word 3-gram sets (of the normalised pair) are at
     least `threshold` alike (Jaccard), with datasketch's MinHash LSH.
 
@@ -271,7 +297,7 @@ def fuzzy_duplicates(keys: pd.Series, threshold: float, num_perm: int = 128, see
     hashes = np.full((rows, num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
     filled = np.flatnonzero(np.diff(bounds) > 0)
     for lo in range(0, len(filled), chunk):  # bounded memory: a chunk's shingles x one permutation at a time
-        part = filled[lo:lo + chunk]
+        part = filled[lo : lo + chunk]
         first, last = bounds[part[0]], bounds[part[-1] + 1]
         x = shingle[first:last]
         for k in range(num_perm):  # a*h + b mod 2^32: uint32 wraparound is the modulo
@@ -280,15 +306,16 @@ def fuzzy_duplicates(keys: pd.Series, threshold: float, num_perm: int = 128, see
     shared = np.zeros(rows, dtype=bool)
     mix = np.random.default_rng(seed).integers(1, 1 << 62, lsh.r, dtype=np.uint64) | np.uint64(1)
     for band in range(lsh.b):  # one 64-bit key per row and band; a key seen twice makes both rows candidates
-        key = (hashes[:, band * lsh.r:(band + 1) * lsh.r].astype(np.uint64) * mix).sum(axis=1, dtype=np.uint64)
+        key = (hashes[:, band * lsh.r : (band + 1) * lsh.r].astype(np.uint64) * mix).sum(axis=1, dtype=np.uint64)
         _, inverse, counts = np.unique(key[filled], return_inverse=True, return_counts=True)
         shared[filled[counts[inverse] > 1]] = True
     flags = np.zeros(rows, dtype=bool)
     for row in np.flatnonzero(shared):
         minhash = LeanMinHash(seed=seed, hashvalues=hashes[row], scheme="affine32")
-        mine = shingle[bounds[row]:bounds[row + 1]]
-        flags[row] = any(_jaccard(mine, shingle[bounds[other]:bounds[other + 1]]) >= threshold
-                         for other in lsh.query(minhash))
+        mine = shingle[bounds[row] : bounds[row + 1]]
+        flags[row] = any(
+            _jaccard(mine, shingle[bounds[other] : bounds[other + 1]]) >= threshold for other in lsh.query(minhash)
+        )
         lsh.insert(int(row), minhash, check_duplication=False)
     return flags
 
@@ -304,8 +331,10 @@ def _conversations(frame: pd.DataFrame, positions) -> list:
     from pipeline.prepare import as_conversation
 
     tools = frame["tools"] if "tools" in frame else None
-    return [as_conversation({"messages": frame["messages"].iat[i],
-                             "tools": tools.iat[i] if tools is not None else None}) for i in positions]
+    return [
+        as_conversation({"messages": frame["messages"].iat[i], "tools": tools.iat[i] if tools is not None else None})
+        for i in positions
+    ]
 
 
 def _tokenize(tokenizer, frame: pd.DataFrame, positions, options, lengths_only: bool = False):
@@ -322,8 +351,9 @@ def _tokenize(tokenizer, frame: pd.DataFrame, positions, options, lengths_only: 
         raise TemplateError(int(positions[err.row]), err.reason) from None
 
 
-def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int = 2000, seed: int = 0,
-                         options=None) -> np.ndarray:
+def token_lengths_within(
+    tokenizer, frame: pd.DataFrame, limit: int, sample: int = 2000, seed: int = 0, options=None
+) -> np.ndarray:
     """Each example's tokens after the chat template where it could exceed `limit`; elsewhere an
     upper bound that is <= `limit`. So `result > limit` is exactly the examples training truncates.
 
@@ -335,13 +365,19 @@ def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int
     row is tokenized. Rows with more than text (reasoning, tool calls, a tools list, flags: what a
     template renders its own way) have no such bound: they are tokenized."""
     shapes = frame["messages"].map(turn_shape)
-    template = {shape: _template_bytes(tokenizer, shape, options) if all(map(str.__instancecheck__, shape)) else limit + 1
-                for shape in shapes.unique()}  # limit + 1: above the limit, so tokenized
+    template = {
+        shape: _template_bytes(tokenizer, shape, options) if all(map(str.__instancecheck__, shape)) else limit + 1
+        for shape in shapes.unique()
+    }  # limit + 1: above the limit, so tokenized
     # prompt and response join the user and assistant turns: their bytes, and a newline between
-    contents = sum(pc.fill_null(pc.binary_length(pa.array(frame[f], type=pa.large_string())), 0).to_numpy()
-                   for f in FIELDS)
-    system = frame["messages"].map(lambda turns: len(turns[0]["content"].encode()) if turns[0]["role"] == "system"
-                                   else 0).to_numpy()
+    contents = sum(
+        pc.fill_null(pc.binary_length(pa.array(frame[f], type=pa.large_string())), 0).to_numpy() for f in FIELDS
+    )
+    system = (
+        frame["messages"]
+        .map(lambda turns: len(turns[0]["content"].encode()) if turns[0]["role"] == "system" else 0)
+        .to_numpy()
+    )
     bound = contents + system + shapes.map(template).to_numpy() + TOKENS_OUTSIDE_TEXT
     if "tools" in frame:
         bound[frame["tools"].notna().to_numpy()] = limit + 1
@@ -350,7 +386,7 @@ def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int
     checked = np.random.default_rng(seed).choice(rest, min(sample, len(rest)), replace=False)
     rows = np.concatenate([exact, checked])
     lengths = _tokenize(tokenizer, frame, rows, options, lengths_only=True)
-    if (lengths[len(exact):] > bound[checked]).any():  # this tokenizer breaks the premise: count every row
+    if (lengths[len(exact) :] > bound[checked]).any():  # this tokenizer breaks the premise: count every row
         return np.asarray(_tokenize(tokenizer, frame, range(len(frame)), options, lengths_only=True))
     bound[rows] = lengths
     return bound
@@ -358,13 +394,15 @@ def token_lengths_within(tokenizer, frame: pd.DataFrame, limit: int, sample: int
 
 class LossMask(NamedTuple):
     """Per-row loss-mask facts from prepare's own tokenization (see `loss_mask_flags`)."""
+
     nothing_left: np.ndarray  # bool: no supervised token is left after truncation
     end_unsupervised: np.ndarray  # bool: an assistant turn's end-of-turn token carries no loss
     supervised_share: np.ndarray  # float: supervised tokens / tokens after truncation; NaN where not sampled
 
 
-def loss_mask_flags(tokenizer, frame: pd.DataFrame, limit: int, tokens: np.ndarray, sample: int = 2000,
-                    seed: int = 0, options=None) -> LossMask:
+def loss_mask_flags(
+    tokenizer, frame: pd.DataFrame, limit: int, tokens: np.ndarray, sample: int = 2000, seed: int = 0, options=None
+) -> LossMask:
     """Per row, from prepare's own tokenization and masks (a row may make more than one example: a
     template that renders a trained turn differently once later turns follow). `nothing_left` is
     decided on the rows training truncates (`tokens > limit`; the others keep every token);
@@ -451,8 +489,15 @@ def replay_share(train_rows: int, replay_rows: int, share: float, seed: int) -> 
     return (mixed - train_rows) / mixed
 
 
-def add_derived_columns(frame: pd.DataFrame, held_out: list[str], tokens: np.ndarray, cfg,
-                        loss_mask: LossMask, special_tokens: list[str] = (), fuzzy: bool = True) -> pd.DataFrame:
+def add_derived_columns(
+    frame: pd.DataFrame,
+    held_out: list[str],
+    tokens: np.ndarray,
+    cfg,
+    loss_mask: LossMask,
+    special_tokens: list[str] = (),
+    fuzzy: bool = True,
+) -> pd.DataFrame:
     """The columns the suite (of `cfg`, the validate section) checks besides the fields: pair keys,
     leakage, PII, secrets, control characters and `special_tokens` (`special_token_strings`) spelled
     in the text (prompt, response and, where the data has system or tool turns, context), blank
@@ -506,8 +551,9 @@ def _pair_ids(frame: pd.DataFrame, normalized: pd.Series) -> tuple[np.ndarray, n
     return near, exact
 
 
-def contract_columns(frame: pd.DataFrame, tokenizer, held_out: list[str], cfg, max_seq_len: int,
-                     replay: bool = False, options=None) -> pd.DataFrame:
+def contract_columns(
+    frame: pd.DataFrame, tokenizer, held_out: list[str], cfg, max_seq_len: int, replay: bool = False, options=None
+) -> pd.DataFrame:
     """`frame` with every column its suite checks: token lengths, loss-mask flags and the derived
     columns, the same for the training file and the `replay` file (but fuzzy near-duplicates: see
     build_suite). `options`: prepare's TemplateOptions (template kwargs, history policy), so the
@@ -515,8 +561,9 @@ def contract_columns(frame: pd.DataFrame, tokenizer, held_out: list[str], cfg, m
     its position in `frame`."""
     tokens = token_lengths_within(tokenizer, frame, max_seq_len, options=options)
     loss_mask = loss_mask_flags(tokenizer, frame, max_seq_len, tokens, options=options)
-    return add_derived_columns(frame, held_out, tokens, cfg, loss_mask, special_token_strings(tokenizer),
-                               fuzzy=not replay)
+    return add_derived_columns(
+        frame, held_out, tokens, cfg, loss_mask, special_token_strings(tokenizer), fuzzy=not replay
+    )
 
 
 def add_replay_columns(replay: pd.DataFrame, train_rows: int, share: float, seed: int) -> pd.DataFrame:
@@ -539,8 +586,12 @@ def build_suite(cfg, max_seq_len: int, columns, replay: bool = False):
 
     suite = gx.ExpectationSuite(name="sft_replay" if replay else "sft_train")
     texts = [field for field in TEXT_FIELDS if field in columns]
-    for expectation in (*_volume(gxe, cfg, columns, replay), *_rows(gxe, cfg, max_seq_len, texts),
-                        *_duplicates_and_leaks(gxe, cfg, replay), *_privacy(gxe, cfg, texts, replay)):
+    for expectation in (
+        *_volume(gxe, cfg, columns, replay),
+        *_rows(gxe, cfg, max_seq_len, texts),
+        *_duplicates_and_leaks(gxe, cfg, replay),
+        *_privacy(gxe, cfg, texts, replay),
+    ):
         suite.add_expectation(expectation)
     return suite
 
@@ -548,101 +599,220 @@ def build_suite(cfg, max_seq_len: int, columns, replay: bool = False):
 def _volume(gxe, cfg, columns, replay: bool):
     """Row counts: the whole file, and per source."""
     if not replay:
-        yield _expect(gxe.ExpectTableRowCountToBeBetween, "row count", None,
-                    "add examples (the method wants more than 10k) or change validate.min_rows",
-                    min_value=cfg.min_rows, max_value=cfg.max_rows)
+        yield _expect(
+            gxe.ExpectTableRowCountToBeBetween,
+            "row count",
+            None,
+            "add examples (the method wants more than 10k) or change validate.min_rows",
+            min_value=cfg.min_rows,
+            max_value=cfg.max_rows,
+        )
     if "source" in columns and not replay:
-        yield _expect(gxe.ExpectColumnValuesToNotBeNull, "every row names its source", "source",
-                    "fill the missing source", column="source_rows")
-        yield _expect(gxe.ExpectColumnValuesToBeBetween, "rows per source", "source",
-                    "add examples from the small source, drop it, or lower validate.min_rows_per_source",
-                    column="source_rows", min_value=cfg.min_rows_per_source)
+        yield _expect(
+            gxe.ExpectColumnValuesToNotBeNull,
+            "every row names its source",
+            "source",
+            "fill the missing source",
+            column="source_rows",
+        )
+        yield _expect(
+            gxe.ExpectColumnValuesToBeBetween,
+            "rows per source",
+            "source",
+            "add examples from the small source, drop it, or lower validate.min_rows_per_source",
+            column="source_rows",
+            min_value=cfg.min_rows_per_source,
+        )
 
 
 def _rows(gxe, cfg, max_seq_len: int, texts: list[str]):
     """Each row: nulls, blanks, lengths in characters and tokens, control characters, the loss mask."""
     max_chars = {"prompt": cfg.max_prompt_chars, "response": cfg.max_response_chars}
     for field in FIELDS:
-        yield _expect(gxe.ExpectColumnValuesToNotBeNull, "no nulls", field, "fill or drop rows with a missing field",
-                    column=f"chars_{field}")
-        yield _expect(gxe.ExpectColumnValuesToBeInSet, "no blank strings", field,
-                    "fill or drop rows whose field is blank (zero-width and other invisible characters count as "
-                    "blank)", column=f"blank_{field}", value_set=[False])
-        yield _expect(gxe.ExpectColumnValuesToBeBetween, "characters", field,
-                    f"shorten, fill or drop the rows, or raise validate.max_{field}_chars (or lower validate.min_chars)",
-                    column=f"chars_{field}", min_value=cfg.min_chars, max_value=max_chars[field])
-    yield _expect(gxe.ExpectColumnValuesToBeBetween, "tokens after the chat template (longer ones are truncated)",
-                "messages", "shorten or drop long examples, or raise prepare.max_seq_len (or lower validate.min_fit_share)",
-                column="tokens", max_value=max_seq_len, mostly=cfg.min_fit_share)
-    yield _expect(gxe.ExpectColumnValuesToBeInSet, "no blank assistant turn (each turn of multi-turn and tool rows)",
-                "messages", "fill the empty assistant turn, drop the row, or mark the turn \"train\": false (a trained "
-                "empty turn teaches the model to answer nothing)", column="blank_turn", value_set=[False])
+        yield _expect(
+            gxe.ExpectColumnValuesToNotBeNull,
+            "no nulls",
+            field,
+            "fill or drop rows with a missing field",
+            column=f"chars_{field}",
+        )
+        yield _expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "no blank strings",
+            field,
+            "fill or drop rows whose field is blank (zero-width and other invisible characters count as blank)",
+            column=f"blank_{field}",
+            value_set=[False],
+        )
+        yield _expect(
+            gxe.ExpectColumnValuesToBeBetween,
+            "characters",
+            field,
+            f"shorten, fill or drop the rows, or raise validate.max_{field}_chars (or lower validate.min_chars)",
+            column=f"chars_{field}",
+            min_value=cfg.min_chars,
+            max_value=max_chars[field],
+        )
+    yield _expect(
+        gxe.ExpectColumnValuesToBeBetween,
+        "tokens after the chat template (longer ones are truncated)",
+        "messages",
+        "shorten or drop long examples, or raise prepare.max_seq_len (or lower validate.min_fit_share)",
+        column="tokens",
+        max_value=max_seq_len,
+        mostly=cfg.min_fit_share,
+    )
+    yield _expect(
+        gxe.ExpectColumnValuesToBeInSet,
+        "no blank assistant turn (each turn of multi-turn and tool rows)",
+        "messages",
+        'fill the empty assistant turn, drop the row, or mark the turn "train": false (a trained '
+        "empty turn teaches the model to answer nothing)",
+        column="blank_turn",
+        value_set=[False],
+    )
     for field in texts:
-        yield _expect(gxe.ExpectColumnValuesToBeInSet, "control characters (other than tab and line ends; bidirectional "
-                    "overrides and isolates)", field, "strip terminal escapes, NUL bytes and bidirectional overrides "
-                    "(U+202A-U+202E, U+2066-U+2069) from the export", column=f"control_in_{field}", value_set=[False])
-        yield _expect(gxe.ExpectColumnValuesToBeInSet, "special-token strings of the tokenizer in the text", field,
-                    "remove or rewrite the marker (e.g. a copied chat transcript): prepare tokenizes it as plain text, "
-                    "never as the control token, but the model still learns to write it",
-                    column=f"special_token_in_{field}", value_set=[False])
-    yield _expect(gxe.ExpectColumnValuesToBeInSet, "no supervised token left after truncation", "messages",
-                "shorten the prompt (the response is cut away), drop the row, or raise prepare.max_seq_len",
-                column="no_supervised_tokens", value_set=[False])
-    yield _expect(gxe.ExpectColumnValuesToBeInSet, "end-of-turn token of every assistant turn supervised", "messages",
-                "use a chat template that ends each assistant turn with the eos or another special token "
-                "(the model must learn to stop); see pipeline/prepare.py ChatRenderer",
-                column="end_of_turn_unsupervised", value_set=[False])
-    yield _expect(gxe.ExpectColumnMeanToBeBetween, "share of tokens that carry loss (sampled rows)", "messages",
-                "longer responses or shorter prompts; check the template marks every assistant turn (see "
-                "pipeline/prepare.py ChatRenderer), or set validate.min_supervised_share / max_supervised_share",
-                column="supervised_share", min_value=cfg.min_supervised_share, max_value=cfg.max_supervised_share)
+        yield _expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "control characters (other than tab and line ends; bidirectional overrides and isolates)",
+            field,
+            "strip terminal escapes, NUL bytes and bidirectional overrides "
+            "(U+202A-U+202E, U+2066-U+2069) from the export",
+            column=f"control_in_{field}",
+            value_set=[False],
+        )
+        yield _expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "special-token strings of the tokenizer in the text",
+            field,
+            "remove or rewrite the marker (e.g. a copied chat transcript): prepare tokenizes it as plain text, "
+            "never as the control token, but the model still learns to write it",
+            column=f"special_token_in_{field}",
+            value_set=[False],
+        )
+    yield _expect(
+        gxe.ExpectColumnValuesToBeInSet,
+        "no supervised token left after truncation",
+        "messages",
+        "shorten the prompt (the response is cut away), drop the row, or raise prepare.max_seq_len",
+        column="no_supervised_tokens",
+        value_set=[False],
+    )
+    yield _expect(
+        gxe.ExpectColumnValuesToBeInSet,
+        "end-of-turn token of every assistant turn supervised",
+        "messages",
+        "use a chat template that ends each assistant turn with the eos or another special token "
+        "(the model must learn to stop); see pipeline/prepare.py ChatRenderer",
+        column="end_of_turn_unsupervised",
+        value_set=[False],
+    )
+    yield _expect(
+        gxe.ExpectColumnMeanToBeBetween,
+        "share of tokens that carry loss (sampled rows)",
+        "messages",
+        "longer responses or shorter prompts; check the template marks every assistant turn (see "
+        "pipeline/prepare.py ChatRenderer), or set validate.min_supervised_share / max_supervised_share",
+        column="supervised_share",
+        min_value=cfg.min_supervised_share,
+        max_value=cfg.max_supervised_share,
+    )
 
 
 def _duplicates_and_leaks(gxe, cfg, replay: bool):
     """Exact, normalised and fuzzy duplicates; eval items in the training data."""
-    yield _expect(gxe.ExpectCompoundColumnsToBeUnique, "exact duplicate pairs", "prompt,response",
-                # equal pairs have equal normalised pairs: unique pair_id is unique (pair_id, normalized_pair_id)
-                "drop the repeated (prompt, response) pairs", column_list=["pair_id", "normalized_pair_id"])
-    yield _expect(gxe.ExpectColumnValuesToBeUnique,
-                "near-duplicate pairs (Unicode forms, case, whitespace, punctuation and invisible characters ignored)",
-                "prompt,response", "drop near-duplicates: they over-weight one example", column="normalized_pair_id")
-    yield _expect(gxe.ExpectColumnValuesToBeInSet, "training prompt also in an eval set (exact or shared n-gram)",
-                "prompt", "remove eval items from the training data: they inflate the golden score (a shared "
-                "instruction template of validate.leak_ngram words or more also matches: raise validate.leak_ngram "
-                "above its length)",
-                column="leaks_eval", value_set=[False])
+    yield _expect(
+        gxe.ExpectCompoundColumnsToBeUnique,
+        "exact duplicate pairs",
+        "prompt,response",
+        # equal pairs have equal normalised pairs: unique pair_id is unique (pair_id, normalized_pair_id)
+        "drop the repeated (prompt, response) pairs",
+        column_list=["pair_id", "normalized_pair_id"],
+    )
+    yield _expect(
+        gxe.ExpectColumnValuesToBeUnique,
+        "near-duplicate pairs (Unicode forms, case, whitespace, punctuation and invisible characters ignored)",
+        "prompt,response",
+        "drop near-duplicates: they over-weight one example",
+        column="normalized_pair_id",
+    )
+    yield _expect(
+        gxe.ExpectColumnValuesToBeInSet,
+        "training prompt also in an eval set (exact or shared n-gram)",
+        "prompt",
+        "remove eval items from the training data: they inflate the golden score (a shared "
+        "instruction template of validate.leak_ngram words or more also matches: raise validate.leak_ngram "
+        "above its length)",
+        column="leaks_eval",
+        value_set=[False],
+    )
     if cfg.near_duplicate_jaccard is not None and not replay:
-        yield _expect(gxe.ExpectColumnValuesToBeInSet,
-                    f"fuzzy near-duplicates (MinHash LSH, word 3-gram Jaccard >= {cfg.near_duplicate_jaccard})",
-                    "prompt,response", "drop the rows that repeat an earlier one with small edits, or raise "
-                    "validate.near_duplicate_jaccard", column="fuzzy_duplicate", value_set=[False],
-                    mostly=1 - cfg.max_fuzzy_duplicate_share)
+        yield _expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            f"fuzzy near-duplicates (MinHash LSH, word 3-gram Jaccard >= {cfg.near_duplicate_jaccard})",
+            "prompt,response",
+            "drop the rows that repeat an earlier one with small edits, or raise validate.near_duplicate_jaccard",
+            column="fuzzy_duplicate",
+            value_set=[False],
+            mostly=1 - cfg.max_fuzzy_duplicate_share,
+        )
 
 
 def _privacy(gxe, cfg, texts: list[str], replay: bool):
     """PII and secrets per text field, boilerplate, and (replay) the share of the mix."""
     for field in texts:
-        yield _expect(gxe.ExpectColumnValuesToBeInSet, "PII: e-mail addresses and card numbers", field,
-                    "scrub or drop the rows, or raise validate.max_pii_share",
-                    column=f"pii_in_{field}", value_set=[False], mostly=1 - cfg.max_pii_share)
-        yield _expect(gxe.ExpectColumnValuesToBeInSet, "PII: phone numbers (libphonenumber: international, and "
-                    f"national in {', '.join(cfg.phone_regions) or 'no region'})", field,
-                    "scrub or drop the rows, or raise validate.max_pii_share (validate.phone_regions: national formats)",
-                    column=f"phone_in_{field}", value_set=[False], mostly=1 - cfg.max_pii_share)
-        yield _expect(gxe.ExpectColumnValuesToBeInSet, "secrets (detect-secrets: keys, tokens, private keys, passwords)",
-                    field, "remove the credential (and rotate it), drop the rows, or raise validate.max_secret_share",
-                    column=f"secret_in_{field}", value_set=[False], mostly=1 - cfg.max_secret_share)
-    yield _expect(gxe.ExpectColumnValuesToBeInSet, "boilerplate responses (stock refusals, 'as an AI model')",
-                "response", "rewrite or drop the responses, or raise validate.max_boilerplate_share",
-                column="boilerplate", value_set=[False], mostly=1 - cfg.max_boilerplate_share)
+        yield _expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "PII: e-mail addresses and card numbers",
+            field,
+            "scrub or drop the rows, or raise validate.max_pii_share",
+            column=f"pii_in_{field}",
+            value_set=[False],
+            mostly=1 - cfg.max_pii_share,
+        )
+        yield _expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "PII: phone numbers (libphonenumber: international, and "
+            f"national in {', '.join(cfg.phone_regions) or 'no region'})",
+            field,
+            "scrub or drop the rows, or raise validate.max_pii_share (validate.phone_regions: national formats)",
+            column=f"phone_in_{field}",
+            value_set=[False],
+            mostly=1 - cfg.max_pii_share,
+        )
+        yield _expect(
+            gxe.ExpectColumnValuesToBeInSet,
+            "secrets (detect-secrets: keys, tokens, private keys, passwords)",
+            field,
+            "remove the credential (and rotate it), drop the rows, or raise validate.max_secret_share",
+            column=f"secret_in_{field}",
+            value_set=[False],
+            mostly=1 - cfg.max_secret_share,
+        )
+    yield _expect(
+        gxe.ExpectColumnValuesToBeInSet,
+        "boilerplate responses (stock refusals, 'as an AI model')",
+        "response",
+        "rewrite or drop the responses, or raise validate.max_boilerplate_share",
+        column="boilerplate",
+        value_set=[False],
+        mostly=1 - cfg.max_boilerplate_share,
+    )
     if replay:  # one number for the whole mix, carried as a constant column so GX reports it with the rest
-        yield _expect(gxe.ExpectColumnMaxToBeBetween, "replay share of the mixed training set", "replay",
-                    "set prepare.replay_share inside validate.min_replay_share..max_replay_share (the method: 10-20%)",
-                    column="mixed_share", min_value=cfg.min_replay_share, max_value=cfg.max_replay_share)
+        yield _expect(
+            gxe.ExpectColumnMaxToBeBetween,
+            "replay share of the mixed training set",
+            "replay",
+            "set prepare.replay_share inside validate.min_replay_share..max_replay_share (the method: 10-20%)",
+            column="mixed_share",
+            min_value=cfg.min_replay_share,
+            max_value=cfg.max_replay_share,
+        )
 
 
-def run_suite(frame: pd.DataFrame, cfg, max_seq_len: int, replay: pd.DataFrame | None = None,
-              docs_dir: Path | None = None) -> list[dict]:
+def run_suite(
+    frame: pd.DataFrame, cfg, max_seq_len: int, replay: pd.DataFrame | None = None, docs_dir: Path | None = None
+) -> list[dict]:
     """One record per expectation: what it checks, what it saw, pass/fail, first offending rows.
     `replay` (`add_replay_columns`) is validated by the same checks in its own suite; `docs_dir` gets
     Data Docs."""
@@ -653,28 +823,39 @@ def run_suite(frame: pd.DataFrame, cfg, max_seq_len: int, replay: pd.DataFrame |
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     if docs_dir is not None:
-        context.add_data_docs_site(site_name="contract", site_config={
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(Path(docs_dir).resolve())},
-        })
+        context.add_data_docs_site(
+            site_name="contract",
+            site_config={
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(Path(docs_dir).resolve()),
+                },
+            },
+        )
     source = context.data_sources.add_pandas("data")
     batches = [("train", frame, build_suite(cfg, max_seq_len, set(frame.columns)))]
     if replay is not None:
         batches.append(("replay", replay, build_suite(cfg, max_seq_len, set(replay.columns), replay=True)))
     checks = []
     for name, data, suite in batches:
-        definition = context.validation_definitions.add(gx.ValidationDefinition(
-            name=name, suite=context.suites.add(suite),
-            data=source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(
+                name=name,
+                suite=context.suites.add(suite),
+                data=source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all"),
+            )
+        )
         # GX fingerprints the batch with pandas' hash (7 s for the text columns of a million rows),
         # or, where a column holds lists (the turns), by pickling the whole frame: the expectations
         # read only the numeric and flag columns of add_derived_columns, so GX gets only those
         checked = data.select_dtypes(include=["number", "bool"])
         # SUMMARY: the count and the first rows; COMPLETE would list every bad row of a bad million
-        result = definition.run(batch_parameters={"dataframe": checked},
-                                result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES})
+        result = definition.run(
+            batch_parameters={"dataframe": checked},
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES},
+        )
         checks += [{"data": name, **_check(r, data)} for r in result.results]
     if docs_dir is not None:
         context.build_data_docs(site_names=["contract"])
@@ -694,15 +875,19 @@ def _measure(config, details: dict, data: pd.DataFrame) -> tuple:
         lengths = data[column]
         too_short = kwargs.get("min_value") is not None and lengths.min() < kwargs["min_value"]
         row = lengths.idxmin() if too_short else lengths.idxmax()
-        return int(lengths[row]), f"{'shortest' if too_short else 'longest'} {int(lengths[row]):,} characters " \
-                                  f"({_unit_of(data)} {row})"
+        return int(
+            lengths[row]
+        ), f"{'shortest' if too_short else 'longest'} {int(lengths[row]):,} characters ({_unit_of(data)} {row})"
     if kind == "expect_column_values_to_be_between" and column in UNITS:
         values = data[column]
         smallest = kwargs.get("max_value") is None  # a floor: the smallest value is the one at risk
         row = values.idxmin() if smallest else values.idxmax()
         value = int(values[row])
         what = f"source {data['source'][row]!r}: " if column == "source_rows" else ""
-        return value, f"{'smallest' if smallest else 'largest'} {what}{value:,} {UNITS[column]} ({_unit_of(data)} {row})"
+        return (
+            value,
+            f"{'smallest' if smallest else 'largest'} {what}{value:,} {UNITS[column]} ({_unit_of(data)} {row})",
+        )
     if column == "supervised_share":
         shares = data[column].dropna()
         if shares.empty:
@@ -710,8 +895,11 @@ def _measure(config, details: dict, data: pd.DataFrame) -> tuple:
         too_low = kwargs["min_value"] is not None and shares.mean() < kwargs["min_value"]
         row = shares.idxmin() if too_low else shares.idxmax()
         value = round(float(shares.mean()), 4)
-        return value, f"average {value:.2%} over {len(shares):,} sampled rows; " \
-                      f"{'lowest' if too_low else 'highest'} {shares[row]:.2%} ({_unit_of(data)} {row})"
+        return (
+            value,
+            f"average {value:.2%} over {len(shares):,} sampled rows; "
+            f"{'lowest' if too_low else 'highest'} {shares[row]:.2%} ({_unit_of(data)} {row})",
+        )
     if column and column.startswith("special_token_in_") and details.get("unexpected_count"):
         field = column.removeprefix("special_token_in_")
         text = data[field][data[column]].iloc[0]
@@ -734,8 +922,10 @@ def _check(r, data: pd.DataFrame) -> dict:
     config = r.expectation_config
     kwargs = config.kwargs
     details = r.result or {}
-    rows = [int(i["row"]) if isinstance(i, dict) else int(i)  # dicts name the index, "row"
-            for i in details.get("partial_unexpected_index_list") or []]
+    rows = [
+        int(i["row"]) if isinstance(i, dict) else int(i)  # dicts name the index, "row"
+        for i in details.get("partial_unexpected_index_list") or []
+    ]
     threshold = {k: _plain(kwargs[k]) for k in ("min_value", "max_value", "mostly") if kwargs.get(k) is not None}
     if kwargs.get("value_set") is not None:  # a flag column: what share may be flagged
         threshold = {"max_share": round(1 - threshold.pop("mostly", 1.0), 6)}
@@ -747,7 +937,8 @@ def _check(r, data: pd.DataFrame) -> dict:
         "threshold": threshold,
         "observed": _plain(observed),
         "observed_text": observed_text,
-        "failing_share": round(details.get("unexpected_percent", 0.0) / 100, 6) if "unexpected_percent" in details
+        "failing_share": round(details.get("unexpected_percent", 0.0) / 100, 6)
+        if "unexpected_percent" in details
         else None,
         "passed": bool(r.success),
         "rows": rows,
@@ -779,26 +970,35 @@ def failure_message(files: dict[str, str], checks: list[dict]) -> str:
         more = f" (+{c['failing_rows'] - len(c['rows'])} more)" if c["failing_rows"] > len(c["rows"]) else ""
         field = f" field '{c['field']}'" if c["field"] else ""
         expected = f", expected {c['threshold']}" if c["threshold"] else ""
-        lines.append(f"  {path}: {c['check']}{field}: {c['observed_text']}{expected}{where}{more} "
-                     f"[{c['expectation']}]; fix: {c['how_to_fix']}")
+        lines.append(
+            f"  {path}: {c['check']}{field}: {c['observed_text']}{expected}{where}{more} "
+            f"[{c['expectation']}]; fix: {c['how_to_fix']}"
+        )
     return "\n".join(lines)
 
 
 def render_markdown(files: dict[str, str], checks: list[dict]) -> str:
     passed = all(c["passed"] for c in checks)
     named = ", ".join(f"`{files[d]}`" for d in dict.fromkeys(c["data"] for c in checks))
-    lines = [f"## Data contract: {'PASSED' if passed else 'FAILED'} ({named})", "",
-             "| file | check | field | expected | observed | result | first lines (JSONL) or rows (Parquet) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"## Data contract: {'PASSED' if passed else 'FAILED'} ({named})",
+        "",
+        "| file | check | field | expected | observed | result | first lines (JSONL) or rows (Parquet) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for c in checks:
         expected = ", ".join(f"{k}={v}" for k, v in c["threshold"].items()) or "-"
         observed = c["observed_text"]
-        lines.append(f"| {Path(files[c['data']]).name} | {c['check']} | {c['field'] or '-'} | {expected} | "
-                     f"{observed} | {'pass' if c['passed'] else '**FAIL**'} | "
-                     f"{', '.join(map(str, c['rows'])) or '-'} |")
+        lines.append(
+            f"| {Path(files[c['data']]).name} | {c['check']} | {c['field'] or '-'} | {expected} | "
+            f"{observed} | {'pass' if c['passed'] else '**FAIL**'} | "
+            f"{', '.join(map(str, c['rows'])) or '-'} |"
+        )
     failed = [c for c in checks if not c["passed"]]
     if failed:
         lines += ["", "How to fix:", ""]
-        lines += [f"- {c['check']} ({Path(files[c['data']]).name}, {c['field'] or 'table'}): {c['how_to_fix']}"
-                  for c in failed]
+        lines += [
+            f"- {c['check']} ({Path(files[c['data']]).name}, {c['field'] or 'table'}): {c['how_to_fix']}"
+            for c in failed
+        ]
     return "\n".join(lines) + "\n"

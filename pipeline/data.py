@@ -66,18 +66,39 @@ from pipeline.files import DataError
 PAIR_FIELDS = ("prompt", "response")
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT's `from` -> role; exports also write the chat roles themselves; LLaMA-Factory's tool turns
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant",
-                  "observation": "tool", "tool": "tool", "function_call": "assistant"}
-MESSAGE_FIELDS = ("role", "content", "name", "reasoning_content", "thinking", "tool_calls", "tool_call_id", "train",
-                  "weight")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "gpt": "assistant",
+    "user": "user",
+    "assistant": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function_call": "assistant",
+}
+MESSAGE_FIELDS = (
+    "role",
+    "content",
+    "name",
+    "reasoning_content",
+    "thinking",
+    "tool_calls",
+    "tool_call_id",
+    "train",
+    "weight",
+)
 SHAREGPT_FIELDS = ("from", "value", "name", "train", "weight")
-SHAPES = ("'prompt' and 'response' (optional 'system', 'source'), 'messages' or ShareGPT 'conversations' "
-          "(optional 'source', 'tools')")
+SHAPES = (
+    "'prompt' and 'response' (optional 'system', 'source'), 'messages' or ShareGPT 'conversations' "
+    "(optional 'source', 'tools')"
+)
 OTHER_SHAPE_FIELDS = {"messages", "conversations", "system", "tools"}  # a row with one is not a plain pair
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 FORMATS = "JSONL (.jsonl or .json, one object a line; .gz compressed) or Parquet (.parquet)"
-ROLE_ORDER = ("an optional system turn, then user and assistant turns alternating (tool turns only right after an "
-              "assistant turn with tool_calls, then an assistant turn), ending with an assistant turn")
+ROLE_ORDER = (
+    "an optional system turn, then user and assistant turns alternating (tool turns only right after an "
+    "assistant turn with tool_calls, then an assistant turn), ending with an assistant turn"
+)
 
 
 def load_examples(path: str | Path, text: str | bytes | None = None) -> pd.DataFrame:
@@ -110,18 +131,23 @@ def _columns(rows, name: str, parquet: bool) -> tuple[dict, list[int]]:
     try:
         for number, row in rows:
             prompt, response = row.get("prompt"), row.get("response")
-            if (type(prompt) is str and type(response) is str and "messages" not in row and "system" not in row
-                    and "tools" not in row):
+            if (
+                type(prompt) is str
+                and type(response) is str
+                and "messages" not in row
+                and "system" not in row
+                and "tools" not in row
+            ):
                 # the common case, a plain pair of strings: nothing to check (a million rows a few seconds)
                 turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
                 context = row_tools = None
             else:
-                turns, prompt, response, context, row_tools = _structured(row, _where(name, number, parquet),
-                                                                          parquet)
+                turns, prompt, response, context, row_tools = _structured(row, _where(name, number, parquet), parquet)
             source = row.get("source")
             if source is not None and type(source) is not str:
-                raise DataError(f"{_where(name, number, parquet)}: field 'source' must be a string, "
-                                f"got {type(source).__name__}")
+                raise DataError(
+                    f"{_where(name, number, parquet)}: field 'source' must be a string, got {type(source).__name__}"
+                )
             numbers.append(number)
             messages.append(turns)
             prompts.append(prompt)  # a null stays null, for the contract's not-null expectation
@@ -158,8 +184,9 @@ def _structured(row: dict, where: str, parquet: bool) -> tuple:
     if row.get("tools") is not None:
         row_tools = _tools(row["tools"], where)
     if parquet:
-        _refuse_struct_nulls(turns, row_tools, where, "conversations" if "conversations" in row
-                             and "messages" not in row else "messages")
+        _refuse_struct_nulls(
+            turns, row_tools, where, "conversations" if "conversations" in row and "messages" not in row else "messages"
+        )
     return turns, prompt, response, context, row_tools
 
 
@@ -171,14 +198,16 @@ def _assistant_text(turn: dict) -> str:
         return turn["content"]
     calls = [json.dumps(c["function"], ensure_ascii=False) for c in turn.get("tool_calls", ())]
     reasoning = turn.get("reasoning_content")
-    return "\n".join([*([reasoning] if reasoning is not None else []), turn["content"], *calls]) + \
-        ("\n" if reasoning is None and not calls else "")
+    return "\n".join([*([reasoning] if reasoning is not None else []), turn["content"], *calls]) + (
+        "\n" if reasoning is None and not calls else ""
+    )
 
 
 def _refuse_struct_nulls(turns: list[dict], tools: list[dict] | None, where: str, field: str) -> None:
     """Parquet stores objects as structs that hold every key of every row, null where a row has
     none: tool-call arguments or tool specs read back so gain keys nobody wrote. A null inside
     them is refused; JSON strings keep them as written."""
+
     def holds_null(value) -> bool:
         if isinstance(value, dict):
             return any(holds_null(v) for v in value.values())
@@ -186,8 +215,10 @@ def _refuse_struct_nulls(turns: list[dict], tools: list[dict] | None, where: str
             return any(holds_null(v) for v in value)
         return value is None
 
-    why = ("holds a null: in Parquet an object becomes a struct with every key of every row (null where absent); "
-           "store it as a JSON string")
+    why = (
+        "holds a null: in Parquet an object becomes a struct with every key of every row (null where absent); "
+        "store it as a JSON string"
+    )
     for i, turn in enumerate(turns):
         for k, call in enumerate(turn.get("tool_calls", ())):
             if holds_null(call["function"]["arguments"]):
@@ -246,7 +277,7 @@ def _plain_pairs(data: bytes):
     if not data or data[:1] != b"{":
         return None
     try:  # the first line tells a file of messages at once, before pyarrow parses all of it
-        first = json.loads(data[:data.find(b"\n")] if b"\n" in data else data)
+        first = json.loads(data[: data.find(b"\n")] if b"\n" in data else data)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     if not isinstance(first, dict) or not set(PAIR_FIELDS) <= first.keys() or first.keys() & OTHER_SHAPE_FIELDS:
@@ -263,9 +294,13 @@ def _plain_pairs(data: bytes):
     names = set(table.column_names)
     texts = [table.column(n) for n in (*PAIR_FIELDS, "source") if n in names]
     # other fields are ignored, as below; nested ones could hide a repeated key, so they go below
-    if (table.num_rows != len(starts) + 1 or not set(PAIR_FIELDS) <= names or names & OTHER_SHAPE_FIELDS
-            or any(not pa.types.is_string(c.type) or c.null_count for c in texts)
-            or any(pa.types.is_nested(c.type) for c in table.columns)):
+    if (
+        table.num_rows != len(starts) + 1
+        or not set(PAIR_FIELDS) <= names
+        or names & OTHER_SHAPE_FIELDS
+        or any(not pa.types.is_string(c.type) or c.null_count for c in texts)
+        or any(pa.types.is_nested(c.type) for c in table.columns)
+    ):
         return None
     try:
         table.validate(full=True)  # the reader does not check that strings are UTF-8
@@ -281,8 +316,10 @@ def _pairs_frame(table) -> pd.DataFrame:
     prompts, responses = table.column("prompt").to_pylist(), table.column("response").to_pylist()
     gc.disable()  # a million small dicts: the cyclic collector would rescan them over and over
     try:
-        messages = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-                    for prompt, response in zip(prompts, responses)]
+        messages = [
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            for prompt, response in zip(prompts, responses, strict=True)
+        ]
     finally:
         gc.enable()
     columns = {"messages": messages, "prompt": prompts, "response": responses}
@@ -327,8 +364,10 @@ def _jsonl_rows(name: str, text: str | bytes):
                 except json.JSONDecodeError as err:
                     raise DataError(f"{name}:{number}: malformed JSON ({err.msg})") from None
         except _DuplicateKey as err:
-            raise DataError(f"{name}:{number}: duplicate key {err.args[0]!r} in one JSON object (only the last "
-                            "value would be read); keep one") from None
+            raise DataError(
+                f"{name}:{number}: duplicate key {err.args[0]!r} in one JSON object (only the last "
+                "value would be read); keep one"
+            ) from None
         if not isinstance(row, dict):
             raise DataError(f"{name}:{number}: expected a JSON object, got {type(row).__name__}")
         yield number, row
@@ -365,15 +404,19 @@ def _turns(row: dict, where: str) -> list[dict]:
                 raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
         # a null becomes "" in the turns (always strings, for the tokenizer) and stays null in the
         # prompt/response columns, where the contract reports every null row at once
-        turns = [{"role": "user", "content": row["prompt"] or ""},
-                 {"role": "assistant", "content": row["response"] or ""}]
+        turns = [
+            {"role": "user", "content": row["prompt"] or ""},
+            {"role": "assistant", "content": row["response"] or ""},
+        ]
         return [{"role": "system", "content": row["system"]}, *turns] if row.get("system") is not None else turns
     messages = row["messages"]
     if not isinstance(messages, list):
-        raise DataError(f"{where}: field 'messages' must be a list of {{role, content}} turns, "
-                        f"got {type(messages).__name__}")
-    return _checked_order([_message(turn, where, f"messages[{i}]") for i, turn in enumerate(messages)],
-                          where, "messages")
+        raise DataError(
+            f"{where}: field 'messages' must be a list of {{role, content}} turns, got {type(messages).__name__}"
+        )
+    return _checked_order(
+        [_message(turn, where, f"messages[{i}]") for i, turn in enumerate(messages)], where, "messages"
+    )
 
 
 def _checked_order(turns: list[dict], where: str, field: str) -> list[dict]:
@@ -387,13 +430,22 @@ def _checked_order(turns: list[dict], where: str, field: str) -> list[dict]:
         if turn["role"] not in expected:
             break
         role = turn["role"]
-        expected = ({"assistant"} if role == "user" else {"tool"} if "tool_calls" in turn
-                    else {"user"} if role == "assistant" else {"tool", "assistant"})
+        expected = (
+            {"assistant"}
+            if role == "user"
+            else {"tool"}
+            if "tool_calls" in turn
+            else {"user"}
+            if role == "assistant"
+            else {"tool", "assistant"}
+        )
     else:
         if roles[-1] == "assistant":
             if all(t.get("train", True) is False for t in turns if t["role"] == "assistant"):
-                raise DataError(f"{where}: field '{field}': every assistant turn is marked not trained (train false "
-                                "or weight 0): the row teaches nothing; drop it or train a turn")
+                raise DataError(
+                    f"{where}: field '{field}': every assistant turn is marked not trained (train false "
+                    "or weight 0): the row teaches nothing; drop it or train a turn"
+                )
             return turns
     raise DataError(f"{where}: field '{field}': role order {roles}; expected {ROLE_ORDER}")
 
@@ -411,14 +463,17 @@ def _message(turn, where: str, at: str) -> dict:
         raise DataError(f"{where}: field '{at}.role': unknown role {role!r}; expected one of {list(ROLES)}")
     unknown = [k for k in turn if k not in MESSAGE_FIELDS]
     if unknown:
-        raise DataError(f"{where}: field '{at}.{unknown[0]}': not a field a message may carry "
-                        f"({', '.join(MESSAGE_FIELDS)}); rename or remove it (an unknown field is never dropped silently)")
+        raise DataError(
+            f"{where}: field '{at}.{unknown[0]}': not a field a message may carry "
+            f"({', '.join(MESSAGE_FIELDS)}); rename or remove it (an unknown field is never dropped silently)"
+        )
     message = {"role": role}
     calls = turn.get("tool_calls")
     if calls is not None:
         if role != "assistant":
-            raise DataError(f"{where}: field '{at}.tool_calls': only an assistant turn calls tools, "
-                            f"this is a {role} turn")
+            raise DataError(
+                f"{where}: field '{at}.tool_calls': only an assistant turn calls tools, this is a {role} turn"
+            )
         if not isinstance(calls, list):
             raise DataError(f"{where}: field '{at}.tool_calls' must be a list of calls, got {type(calls).__name__}")
     if "content" not in turn and not calls:
@@ -429,8 +484,10 @@ def _message(turn, where: str, at: str) -> dict:
     elif content is None and calls:
         content = ""  # an assistant turn that only calls tools
     elif type(content) is not str:
-        raise DataError(f"{where}: field '{at}.content' must be a string, got {type(content).__name__}"
-                        + (" (null only on an assistant turn with tool_calls)" if content is None else ""))
+        raise DataError(
+            f"{where}: field '{at}.content' must be a string, got {type(content).__name__}"
+            + (" (null only on an assistant turn with tool_calls)" if content is None else "")
+        )
     message["content"] = content
     reasoning = {k: turn[k] for k in ("reasoning_content", "thinking") if turn.get(k) is not None}
     if reasoning:
@@ -449,8 +506,9 @@ def _message(turn, where: str, at: str) -> dict:
         if value is None:
             continue
         if key == "tool_call_id" and role != "tool":
-            raise DataError(f"{where}: field '{at}.tool_call_id': only a tool turn answers a call, "
-                            f"this is a {role} turn")
+            raise DataError(
+                f"{where}: field '{at}.tool_call_id': only a tool turn answers a call, this is a {role} turn"
+            )
         if type(value) is not str:
             raise DataError(f"{where}: field '{at}.{key}' must be a string, got {type(value).__name__}")
         message[key] = value
@@ -469,8 +527,10 @@ def _trained(turn: dict, where: str, at: str) -> bool | None:
         flags.append(("train", train))
     if weight is not None:
         if type(weight) not in (int, float) or weight not in (0, 1):
-            raise DataError(f"{where}: field '{at}.weight' must be 0 (not trained) or 1 (trained), got {weight!r}: "
-                            "training has no partial weights; drop the turn's flag or the row")
+            raise DataError(
+                f"{where}: field '{at}.weight' must be 0 (not trained) or 1 (trained), got {weight!r}: "
+                "training has no partial weights; drop the turn's flag or the row"
+            )
         flags.append(("weight", weight == 1))
     if len({v for _, v in flags}) > 1:
         raise DataError(f"{where}: fields '{at}.train' and '{at}.weight' disagree; keep one")
@@ -478,8 +538,10 @@ def _trained(turn: dict, where: str, at: str) -> bool | None:
         return None
     key, value = flags[0]
     if value and turn.get("role", "assistant") != "assistant":
-        raise DataError(f"{where}: field '{at}.{key}': only assistant turns are trained, this is a {turn['role']} "
-                        "turn; remove the flag (its text is context the model reads)")
+        raise DataError(
+            f"{where}: field '{at}.{key}': only assistant turns are trained, this is a {turn['role']} "
+            "turn; remove the flag (its text is context the model reads)"
+        )
     return value
 
 
@@ -488,9 +550,10 @@ def _text_parts(parts: list, where: str, at: str) -> str:
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or type(part.get("text")) is not str:
-            what = f"a {kind!r} part" if kind else "not a {\"type\": \"text\", \"text\": ...} part"
-            raise DataError(f"{where}: field '{at}[{j}]': {what}; only text parts are trained "
-                            "(drop the part, or the row)")
+            what = f"a {kind!r} part" if kind else 'not a {"type": "text", "text": ...} part'
+            raise DataError(
+                f"{where}: field '{at}[{j}]': {what}; only text parts are trained (drop the part, or the row)"
+            )
         texts.append(part["text"])
     return "".join(texts)
 
@@ -522,8 +585,10 @@ def _tool_call(call, where: str, at: str) -> dict:
             why = f"duplicate key {err.args[0]!r}" if isinstance(err, _DuplicateKey) else f"malformed JSON ({err.msg})"
             raise DataError(f"{where}: field '{fat}.arguments': {why}; write the arguments as a JSON object") from None
     if not isinstance(arguments, dict):
-        raise DataError(f"{where}: field '{fat}.arguments' must be a JSON object (or a string holding one), "
-                        f"got {type(arguments).__name__}")
+        raise DataError(
+            f"{where}: field '{fat}.arguments' must be a JSON object (or a string holding one), "
+            f"got {type(arguments).__name__}"
+        )
     normalised = {"type": "function", "function": {"name": name, "arguments": arguments}}
     if call.get("id") is not None:
         if type(call["id"]) is not str:
@@ -546,8 +611,10 @@ def _tools(tools, where: str) -> list[dict] | None:
         spec = tool.get("function", tool) if isinstance(tool, dict) else None
         named = isinstance(spec, dict) and type(spec.get("name")) is str
         if not named or tool.get("type") not in (None, "function"):
-            raise DataError(f"{where}: field 'tools[{k}]' must be a function spec "
-                            "{\"type\": \"function\", \"function\": {\"name\", \"description\", \"parameters\"}}")
+            raise DataError(
+                f"{where}: field 'tools[{k}]' must be a function spec "
+                '{"type": "function", "function": {"name", "description", "parameters"}}'
+            )
         specs.append({"type": "function", "function": spec})
     return specs or None
 
@@ -555,21 +622,26 @@ def _tools(tools, where: str) -> list[dict] | None:
 def _sharegpt(conversations, where: str) -> list[dict]:
     """ShareGPT's [{"from", "value"}] as normalised messages, each `from` mapped to a role."""
     if not isinstance(conversations, list):
-        raise DataError(f"{where}: field 'conversations' must be a list of {{from, value}} turns, "
-                        f"got {type(conversations).__name__}")
+        raise DataError(
+            f"{where}: field 'conversations' must be a list of {{from, value}} turns, "
+            f"got {type(conversations).__name__}"
+        )
     messages = []
     for i, turn in enumerate(conversations):
         at = f"conversations[{i}]"
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"{where}: field '{at}' must be an object with 'from' and 'value'")
         if turn["from"] not in SHAREGPT_ROLES:
-            raise DataError(f"{where}: field '{at}.from': unknown speaker {turn['from']!r}; expected "
-                            f"one of {list(SHAREGPT_ROLES)}")
+            raise DataError(
+                f"{where}: field '{at}.from': unknown speaker {turn['from']!r}; expected one of {list(SHAREGPT_ROLES)}"
+            )
         unknown = [k for k in turn if k not in SHAREGPT_FIELDS]
         if unknown:
-            raise DataError(f"{where}: field '{at}.{unknown[0]}': not a field a ShareGPT turn may carry "
-                            f"({', '.join(SHAREGPT_FIELDS)}); rename or remove it (an unknown field is never dropped "
-                            "silently)")
+            raise DataError(
+                f"{where}: field '{at}.{unknown[0]}': not a field a ShareGPT turn may carry "
+                f"({', '.join(SHAREGPT_FIELDS)}); rename or remove it (an unknown field is never dropped "
+                "silently)"
+            )
         value = turn["value"]
         if turn["from"] == "function_call":
             message = {"role": "assistant", "content": "", "tool_calls": _function_call_value(value, where, at)}
@@ -591,7 +663,11 @@ def _function_call_value(value, where: str, at: str) -> list[dict]:
             value = None
     calls = value if isinstance(value, list) else [value]
     if not calls or not all(isinstance(c, dict) for c in calls):
-        raise DataError(f"{where}: field '{at}.value': a function_call turn holds {{\"name\", \"arguments\"}} as "
-                        "JSON (or a list of them)")
-    return [_tool_call(call, where, f"{at}.value[{k}]" if isinstance(value, list) else f"{at}.value")
-            for k, call in enumerate(calls)]
+        raise DataError(
+            f'{where}: field \'{at}.value\': a function_call turn holds {{"name", "arguments"}} as '
+            "JSON (or a list of them)"
+        )
+    return [
+        _tool_call(call, where, f"{at}.value[{k}]" if isinstance(value, list) else f"{at}.value")
+        for k, call in enumerate(calls)
+    ]

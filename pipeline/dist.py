@@ -17,9 +17,9 @@ import gc
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ STRATEGIES = ("single", "fsdp2", "zero3", "zero3_offload")
 @dataclass(frozen=True)
 class Strategy:
     """How the model is spread over devices (pipeline/train/strategies.py implements each)."""
+
     name: str
     sharded: bool  # parameters, gradients and optimizer state split over ranks; one process per GPU
     deepspeed: bool  # DeepSpeed's ZeRO-3 engine rather than torch's fully_shard
@@ -39,8 +40,7 @@ class Strategy:
     def of(cls, name: str) -> Strategy:
         if name not in STRATEGIES:
             raise ValueError(f"train.strategy={name!r}: not one of {', '.join(STRATEGIES)}")
-        return cls(name, sharded=name != "single", deepspeed=name.startswith("zero3"),
-                   offload=name == "zero3_offload")
+        return cls(name, sharded=name != "single", deepspeed=name.startswith("zero3"), offload=name == "zero3_offload")
 
     @property
     def fsdp(self) -> bool:
@@ -66,7 +66,7 @@ class Runtime:
     rank: int
     world_size: int
     device: torch.device
-    node: int = 0        # torchrun's GROUP_RANK: which machine
+    node: int = 0  # torchrun's GROUP_RANK: which machine
     nodes: int = 1
     local_rank: int = 0  # rank within the node
 
@@ -111,8 +111,10 @@ def pick_device(name: str) -> torch.device:
 
 # ------------------------------------------------------------------ the relaunch under torchrun
 
-def _torchrun(argv: list[str], per_node: str, nodes: int = 1, node_rank: str = "0", master: str = "",
-              port: str = "29500") -> list[str]:
+
+def _torchrun(
+    argv: list[str], per_node: str, nodes: int = 1, node_rank: str = "0", master: str = "", port: str = "29500"
+) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", per_node]
     if nodes == 1:
         launcher.append("--standalone")  # a free local port: two runs on one machine never collide
@@ -130,16 +132,20 @@ def training_command(strategy: Strategy, argv: list[str], env) -> list[str] | No
         return None
     per_node = env.get("SKYPILOT_NUM_GPUS_PER_NODE") or str(torch.cuda.device_count())
     if int(per_node) < 1:
-        raise RuntimeError(f"train.strategy={strategy.name} needs one process per GPU and this machine has none: "
-                           "set SKYPILOT_NUM_GPUS_PER_NODE (processes per node; gloo on CPU) or run "
-                           "`torchrun --nproc-per-node N -m pipeline.cli train`")
+        raise RuntimeError(
+            f"train.strategy={strategy.name} needs one process per GPU and this machine has none: "
+            "set SKYPILOT_NUM_GPUS_PER_NODE (processes per node; gloo on CPU) or run "
+            "`torchrun --nproc-per-node N -m pipeline.cli train`"
+        )
     nodes = int(env.get("SKYPILOT_NUM_NODES", "1"))
     if nodes == 1:
         return _torchrun(argv, per_node)
     missing = [name for name in ("SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS") if not env.get(name)]
     if missing:
-        raise RuntimeError(f"train.strategy={strategy.name} on SKYPILOT_NUM_NODES={nodes} nodes: {', '.join(missing)} "
-                           "not set (SkyPilot sets them on every node; by hand, set them or run torchrun)")
+        raise RuntimeError(
+            f"train.strategy={strategy.name} on SKYPILOT_NUM_NODES={nodes} nodes: {', '.join(missing)} "
+            "not set (SkyPilot sets them on every node; by hand, set them or run torchrun)"
+        )
     master = env["SKYPILOT_NODE_IPS"].split()[0]  # one address per line, node 0 first
     return _torchrun(argv, per_node, nodes, env["SKYPILOT_NODE_RANK"], master, env.get("MASTER_PORT", "29500"))
 
@@ -165,14 +171,17 @@ def relaunch_under_torchrun(command: list[str] | None, why: str, say: Callable[[
 
 # ------------------------------------------------------------------ the process group
 
+
 def init_runtime(strategy: Strategy, device_name: str, collective_timeout_minutes: int = 60) -> Runtime:
     """This process's Runtime for `strategy`: one process when unsharded, else a rank of the
     process group torchrun started."""
     if not strategy.sharded:
         return Runtime(0, 1, pick_device(device_name))
     if "WORLD_SIZE" not in os.environ:
-        raise RuntimeError(f"train.strategy={strategy.name} runs under torchrun, e.g. "
-                           "`torchrun --nproc-per-node 8 -m pipeline.cli train` (see sky/train.yaml)")
+        raise RuntimeError(
+            f"train.strategy={strategy.name} runs under torchrun, e.g. "
+            "`torchrun --nproc-per-node 8 -m pipeline.cli train` (see sky/train.yaml)"
+        )
     return join_process_group(device_name, collective_timeout_minutes)
 
 
@@ -195,12 +204,19 @@ def join_process_group(device_name: str, collective_timeout_minutes: int = 60) -
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=collective_timeout_minutes))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=collective_timeout_minutes)
+        )
     world_size = dist.get_world_size()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return Runtime(dist.get_rank(), world_size, device, node=int(os.environ.get("GROUP_RANK", "0")),
-                   nodes=world_size // per_node, local_rank=local_rank)
+    return Runtime(
+        dist.get_rank(),
+        world_size,
+        device,
+        node=int(os.environ.get("GROUP_RANK", "0")),
+        nodes=world_size // per_node,
+        local_rank=local_rank,
+    )
 
 
 def close(runtime: Runtime) -> None:
@@ -213,6 +229,7 @@ def close(runtime: Runtime) -> None:
 
 
 # ------------------------------------------------------------------ rank questions without a Runtime
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of the process group, (0, 1) outside one."""

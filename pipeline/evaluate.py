@@ -9,8 +9,9 @@ When each runs: the full suite on the base model (cached by the base weights' ha
 the gate's order of preference until one passes (`evaluate_in_order`): usually exactly one.
 
 On every GPU of the node: `sft evaluate` re-runs itself under torchrun, one process per GPU
-(pipeline/dist.py's `data_parallel_command`), and lm-eval's HF backend shards each task's requests by rank and gathers the samples
-on rank 0 (`data_parallel_lm`), with the same tasks, chat template and generation settings.
+(pipeline/dist.py's `data_parallel_command`), and lm-eval's HF backend shards each task's requests by
+rank and gathers the samples on rank 0 (`data_parallel_lm`), with the same tasks, chat template and
+generation settings.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -37,12 +38,14 @@ def check_parity(lm, training_tokenizer, prompt: str = "Say hello.", template=No
     from pipeline.prepare import IGNORE, tokenize_pair
 
     ids, labels = tokenize_pair(training_tokenizer, prompt, "hello", template)
-    trained = ids[:next(i for i, label in enumerate(labels) if label != IGNORE)]  # up to the first supervised token
+    trained = ids[: next(i for i, label in enumerate(labels) if label != IGNORE)]  # up to the first supervised token
     evaluated = lm.tok_encode(lm.apply_chat_template([{"role": "user", "content": prompt}]))
     if evaluated != trained:
-        raise ValueError("train/eval mismatch: lm-eval renders the chat prompt differently from prepare "
-                         f"(training ids {trained[:12]}..., evaluation ids {evaluated[:12]}...); "
-                         "check the tokenizer's chat template and BOS handling")
+        raise ValueError(
+            "train/eval mismatch: lm-eval renders the chat prompt differently from prepare "
+            f"(training ids {trained[:12]}..., evaluation ids {evaluated[:12]}...); "
+            "check the tokenizer's chat template and BOS handling"
+        )
 
 
 @functools.cache
@@ -83,8 +86,9 @@ def tasks_index(include_path: str, tasks: set[str]):
     return local if tasks <= set(local.all_tasks) else task_manager(include_path, registry=True)
 
 
-def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: list[str] | None = None,
-              template=None) -> dict[str, dict]:
+def run_tasks(
+    model, tokenizer, cfg, log=print, training_tokenizer=None, names: list[str] | None = None, template=None
+) -> dict[str, dict]:
     """{metric name: {"task", "metric", "score", "n", "items": {item id: score}}} for one model,
     on the metrics `names` (default: all of evaluate.metrics). Under torchrun every rank evaluates
     its share and rank 0 alone gets the results (None elsewhere)."""
@@ -99,8 +103,14 @@ def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that we pass a model object: we mean to
     backend = data_parallel_lm() if world()[1] > 1 else HFLM
     # chat prompts take prepare's template kwargs (prepare.chat_template_kwargs), as training did
-    lm = backend(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
-                 max_gen_toks=cfg.max_gen_toks, device=str(model.device), chat_template_args=dict(template.kwargs))
+    lm = backend(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=cfg.batch_size,
+        max_gen_toks=cfg.max_gen_toks,
+        device=str(model.device),
+        chat_template_args=dict(template.kwargs),
+    )
     wanted = {name: spec for name, spec in cfg.metrics.items() if names is None or name in names}
     manager = tasks_index(str(Path(cfg.include_path).resolve()), {spec.task for spec in wanted.values()})
     if any(spec.chat for spec in wanted.values()):
@@ -112,9 +122,18 @@ def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: 
             continue
         tasks = sorted({spec.task for spec in group.values()})
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, apply_chat_template=chat, limit=cfg.limit,
-            bootstrap_iters=0, log_samples=True, random_seed=0, numpy_random_seed=0,
-            torch_random_seed=0, fewshot_random_seed=0, verbosity="WARNING",
+            model=lm,
+            tasks=tasks,
+            task_manager=manager,
+            apply_chat_template=chat,
+            limit=cfg.limit,
+            bootstrap_iters=0,
+            log_samples=True,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+            verbosity="WARNING",
         )
         if results is None:  # a rank other than 0: its samples went to rank 0
             continue
@@ -124,20 +143,30 @@ def run_tasks(model, tokenizer, cfg, log=print, training_tokenizer=None, names: 
             reported = [k for k in results["results"][spec.task] if k.startswith(f"{spec.metric},")]
             if not reported:
                 available = sorted({k.split(",")[0] for k in results["results"][spec.task] if "," in k})
-                raise KeyError(f"evaluate.metrics.{name}: task {spec.task!r} has no metric {spec.metric!r}; "
-                               f"it reports {[m for m in available if not m.endswith('_stderr')]}")
+                raise KeyError(
+                    f"evaluate.metrics.{name}: task {spec.task!r} has no metric {spec.metric!r}; "
+                    f"it reports {[m for m in available if not m.endswith('_stderr')]}"
+                )
             # registry tasks name their answer-extraction filter (mmlu_pro: "custom-extract"); local ones "none"
             key = f"{spec.metric},none" if f"{spec.metric},none" in reported else sorted(reported)[0]
             filter_name = key.split(",", 1)[1]
             # per-item scores keyed by item id (task and document), so the gate pairs models item by item
-            items = {f"{task}/{sample['doc_id']}": float(sample[spec.metric]) for task in leaf_tasks(results, spec.task)
-                     for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])
-                     if sample.get("filter", filter_name) == filter_name}
+            items = {
+                f"{task}/{sample['doc_id']}": float(sample[spec.metric])
+                for task in leaf_tasks(results, spec.task)
+                for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])
+                if sample.get("filter", filter_name) == filter_name
+            }
             if not items:
                 raise ValueError(f"evaluate.metrics.{name}: task {spec.task!r} scored no items")
             score = results["results"][spec.task][key]
-            out[name] = {"task": spec.task, "metric": spec.metric, "score": round(float(score), 4),
-                         "n": len(items), "items": items}
+            out[name] = {
+                "task": spec.task,
+                "metric": spec.metric,
+                "score": round(float(score), 4),
+                "n": len(items),
+                "items": items,
+            }
             log(f"  {name:<10} {spec.task}/{spec.metric} = {score:.4f} (n={len(items)})")
     return out if is_main() else None
 
@@ -161,8 +190,9 @@ def load_model(path: Path):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def evaluate_models(paths: dict[str, Path], cfg, log=print, training_tokenizer=None,
-                    names: list[str] | None = None, template=None) -> dict[str, dict]:
+def evaluate_models(
+    paths: dict[str, Path], cfg, log=print, training_tokenizer=None, names: list[str] | None = None, template=None
+) -> dict[str, dict]:
     """{model name: run_tasks(...)} for each named model folder."""
     results = {}
     for name, path in paths.items():
@@ -172,8 +202,9 @@ def evaluate_models(paths: dict[str, Path], cfg, log=print, training_tokenizer=N
     return results
 
 
-def evaluate_in_order(paths: dict[str, Path], cfg, accept: Callable[[str, dict], bool], log=print,
-                      training_tokenizer=None, template=None) -> dict[str, dict]:
+def evaluate_in_order(
+    paths: dict[str, Path], cfg, accept: Callable[[str, dict], bool], log=print, training_tokenizer=None, template=None
+) -> dict[str, dict]:
     """The full suite on each model in the given order (the gate's preference), stopping after
     the first one `accept(name, results)` takes: a passing checkpoint is evaluated once."""
     from pipeline.dist import from_rank_zero, is_main
@@ -199,8 +230,12 @@ def suite_fingerprint(cfg, base_sha256: str) -> str:
     of the per-item results)."""
     import lm_eval
 
-    digest = hashlib.sha256(json.dumps({"base": base_sha256, "evaluate": cfg.model_dump(exclude={"base_cache"}),
-                                        "lm_eval": lm_eval.__version__}, sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            {"base": base_sha256, "evaluate": cfg.model_dump(exclude={"base_cache"}), "lm_eval": lm_eval.__version__},
+            sort_keys=True,
+        ).encode()
+    )
     digest.update(Path(__file__).read_bytes())
     tasks = sorted(p for p in Path(cfg.include_path).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     data: set[Path] = set()

@@ -90,8 +90,9 @@ def family_of(config, where: str = "base") -> Family:
         return SUPPORTED[model_type]
     why = REFUSED_BECAUSE.get(model_type, "no test proves the training engine reproduces its own forward")
     supported = ", ".join(f"{k} ({f.name})" for k, f in SUPPORTED.items())
-    raise UnsupportedModel(f"{where}: model_type {model_type!r} is not supported: {why}. "
-                           f"Supported model types: {supported}")
+    raise UnsupportedModel(
+        f"{where}: model_type {model_type!r} is not supported: {why}. Supported model types: {supported}"
+    )
 
 
 def text_config(config: dict):
@@ -119,14 +120,16 @@ def check_model(config, max_seq_len: int, where: str = "base") -> Family:
         raise UnsupportedModel(
             f"{where}: attention_dropout {dropout}: flex attention (the GPU path) runs no attention dropout, so "
             "training would crash or differ from what tests/test_families.py proves; use a checkpoint whose "
-            "config.json sets attention_dropout: 0.0")
+            "config.json sets attention_dropout: 0.0"
+        )
     positions = _get(config, "max_position_embeddings")
     if positions and max_seq_len > positions:
         raise UnsupportedModel(
             f"params.yaml prepare.max_seq_len {max_seq_len} is beyond {where}'s max_position_embeddings "
             f"{positions}: tokens past position {positions} sit where the model never trained. Lower "
             f"prepare.max_seq_len to at most {positions}, or pick a base whose config.json extends its "
-            "positions (rope scaling such as YaRN raises max_position_embeddings)")
+            "positions (rope scaling such as YaRN raises max_position_embeddings)"
+        )
     return family
 
 
@@ -201,13 +204,21 @@ class Router:
         # the family's modeling module (FSDP2 wraps the class in one of its own: walk the MRO)
         modules = (sys.modules[c.__module__] for c in type(model).__mro__)
         self.balance = next(m.load_balancing_loss_func for m in modules if hasattr(m, "load_balancing_loss_func"))
-        spec = next(m._can_record_outputs["router_logits"] for m in model.modules()
-                    if "router_logits" in (getattr(m, "_can_record_outputs", None) or {}))
-        routers = [m for name, m in model.named_modules() if isinstance(m, spec.target_class)
-                   and (not spec.layer_name or name.endswith(spec.layer_name))]
+        spec = next(
+            m._can_record_outputs["router_logits"]
+            for m in model.modules()
+            if "router_logits" in (getattr(m, "_can_record_outputs", None) or {})
+        )
+        routers = [
+            m
+            for name, m in model.named_modules()
+            if isinstance(m, spec.target_class) and (not spec.layer_name or name.endswith(spec.layer_name))
+        ]
         if not routers:
-            raise UnsupportedModel(f"{model.config.model_type}: no router modules to take the load-balancing loss "
-                                   "from; set train.router_aux_loss_coef: 0 to train without it")
+            raise UnsupportedModel(
+                f"{model.config.model_type}: no router modules to take the load-balancing loss "
+                "from; set train.router_aux_loss_coef: 0 to train without it"
+            )
         self.logits: list = []
         self.forward_logits: list = []
 
@@ -220,7 +231,7 @@ class Router:
     def recording(self):
         self.logits = []
         yield
-        self.forward_logits = self.logits[:len(self.hooks)]
+        self.forward_logits = self.logits[: len(self.hooks)]
 
     def loss(self, real):
         """`real`: [rows, length] True on the tokens of examples (the padding is not routed)."""

@@ -26,8 +26,10 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), text: str | Non
         if raw.startswith(b"\x1f\x8b"):
             raise DataError(f"{path}: gzip-compressed; this file is read as plain JSONL: store it uncompressed")
         if raw.startswith(b"\xef\xbb\xbf"):
-            raise DataError(f"{path}:1: starts with a UTF-8 byte-order mark; this file is read as plain JSONL: "
-                            "save it without the BOM")
+            raise DataError(
+                f"{path}:1: starts with a UTF-8 byte-order mark; this file is read as plain JSONL: "
+                "save it without the BOM"
+            )
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -134,8 +136,13 @@ def atomic_dir(path: str | Path):
 def copy_project(source: Path, dest: Path, skip=lambda name: False) -> list[str]:
     """Copy the project's files as git sees them (tracked, and untracked but not ignored: no .venv, no
     outputs DVC ignores) from `source` to `dest`, leaving out the relative paths `skip` names."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=source,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     copied = []
     for name in filter(None, listed):
         if (Path(source) / name).is_file() and not skip(name):

@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.artifacts import Decision, RunCost, TrainingMetrics, Verdict
 
-
 # Power: a paired difference of mean d over n items with standard deviation s is detected (two-sided
 # 5% test, 80% power) when |d| >= (1.96 + 0.84) * s / sqrt(n). Where base and candidate agree on every
 # item, the observed s is 0; the variance is then floored at 3/n (the rule of three: the upper 95%
@@ -63,15 +62,20 @@ class Rule(BaseModel):
     def _one_kind(self):
         bounds = [k for k in ("min", "max", "max_drop", "max_rise") if getattr(self, k) is not None]
         if len(bounds) != 1:
-            raise ValueError(f"rule for {self.metric!r} needs exactly one of 'min', 'max', 'max_drop' or 'max_rise'"
-                             f"{f' (it has {bounds})' if bounds else ''}; write two rules for a band")
+            raise ValueError(
+                f"rule for {self.metric!r} needs exactly one of 'min', 'max', 'max_drop' or 'max_rise'"
+                f"{f' (it has {bounds})' if bounds else ''}; write two rules for a band"
+            )
         regression = self.max_drop is not None or self.max_rise is not None
         if (self.allow_underpowered or self.reads != "unfavourable") and not regression:
-            raise ValueError(f"rule for {self.metric!r}: 'reads' and 'allow_underpowered' apply to max_drop / "
-                             "max_rise rules only")
+            raise ValueError(
+                f"rule for {self.metric!r}: 'reads' and 'allow_underpowered' apply to max_drop / max_rise rules only"
+            )
         if self.allow_underpowered and not (self.reason or "").strip():
-            raise ValueError(f"rule for {self.metric!r}: allow_underpowered needs a 'reason' (why a change the "
-                             "eval set cannot detect is acceptable)")
+            raise ValueError(
+                f"rule for {self.metric!r}: allow_underpowered needs a 'reason' (why a change the "
+                "eval set cannot detect is acceptable)"
+            )
         return self
 
     def check(self, candidate: dict[str, float], base: dict[str, float], interval: dict | None = None) -> dict:
@@ -88,22 +92,32 @@ class Rule(BaseModel):
         result.update(rule=f"{name} vs base <= {limit}", threshold=limit, reads=self.reads)
         for who, score in (("candidate", value), ("base", base.get(self.metric))):
             if not _finite(score):
-                return {**result, "passed": False, "problem": f"{who} score {score!r} is missing or not a finite number"}
+                return {
+                    **result,
+                    "passed": False,
+                    "problem": f"{who} score {score!r} is missing or not a finite number",
+                }
         result[name] = round(sign * (value - base[self.metric]), 4)
         if not interval:
             return {**result, "passed": False, "problem": "no per-item scores to pair with the base"}
         ends = sorted((round(sign * interval["low"], 4) + 0.0, round(sign * interval["high"], 4) + 0.0))
         read = ends[1] if self.reads == "unfavourable" else ends[0]  # + 0.0 above: no "-0.0" in reports
         detectable = interval["detectable"]
-        result.update({f"{name}_ci": ends, "read": read, "detectable": detectable, "n": interval["n"],
-                       "passed": read <= limit})
+        result.update(
+            {f"{name}_ci": ends, "read": read, "detectable": detectable, "n": interval["n"], "passed": read <= limit}
+        )
         if detectable > limit:
             needed = math.ceil(interval["n"] * (detectable / limit) ** 2) if limit > 0 else None
-            result["underpowered"] = (f"{interval['n']} items detect a change of {detectable:.3f}, more than the "
-                                      f"limit {limit}" + (f" (about {needed} items would)" if needed else ""))
+            result["underpowered"] = (
+                f"{interval['n']} items detect a change of {detectable:.3f}, more than the "
+                f"limit {limit}" + (f" (about {needed} items would)" if needed else "")
+            )
             if not self.allow_underpowered:
-                result.update(passed=False, problem=f"underpowered: {result['underpowered']}; grow the eval set or "
-                                                    "set allow_underpowered: true with a reason")
+                result.update(
+                    passed=False,
+                    problem=f"underpowered: {result['underpowered']}; grow the eval set or "
+                    "set allow_underpowered: true with a reason",
+                )
             else:
                 result["allowed_because"] = self.reason
         return result
@@ -135,8 +149,14 @@ class VersusLora(BaseModel):
     max_extra_drop: float = Field(0.05, ge=0)
     ship: Literal["full", "best"] = "full"
 
-    def check(self, scores: dict[str, float], lora_name: str | None, lora_scores: dict[str, float],
-              items: dict[str, dict], lora_items: dict[str, dict]) -> list[dict]:
+    def check(
+        self,
+        scores: dict[str, float],
+        lora_name: str | None,
+        lora_scores: dict[str, float],
+        items: dict[str, dict],
+        lora_items: dict[str, dict],
+    ) -> list[dict]:
         """The candidate's results against the LoRA baseline, as rule results."""
         checks = [(self.metric, "gain", self.min_gain)]
         if self.forgetting:
@@ -144,14 +164,27 @@ class VersusLora(BaseModel):
         results = []
         for metric, kind, limit in checks:
             rule = f"gain vs LoRA >= {limit}" if kind == "gain" else f"drop vs LoRA <= {limit}"
-            result = {"metric": metric, "rule": rule, "threshold": limit, "observed": scores.get(metric),
-                      "base": lora_scores.get(metric), "versus": "lora", "against": lora_name,
-                      "reads": "unfavourable",
-                      "why": "full SFT must beat the LoRA baseline to earn its cost" if kind == "gain"
-                      else "full SFT may not forget more than the LoRA baseline"}
+            result = {
+                "metric": metric,
+                "rule": rule,
+                "threshold": limit,
+                "observed": scores.get(metric),
+                "base": lora_scores.get(metric),
+                "versus": "lora",
+                "against": lora_name,
+                "reads": "unfavourable",
+                "why": "full SFT must beat the LoRA baseline to earn its cost"
+                if kind == "gain"
+                else "full SFT may not forget more than the LoRA baseline",
+            }
             if lora_name is None:
-                results.append({**result, "passed": False, "problem": "no LoRA baseline with full-suite results "
-                                "(dvc.yaml stages lora and evaluate_lora)"})
+                results.append(
+                    {
+                        **result,
+                        "passed": False,
+                        "problem": "no LoRA baseline with full-suite results (dvc.yaml stages lora and evaluate_lora)",
+                    }
+                )
                 continue
             if metric not in items or metric not in lora_items:
                 results.append({**result, "passed": False, "problem": "no per-item scores to pair with LoRA's"})
@@ -162,9 +195,17 @@ class VersusLora(BaseModel):
             else:
                 ends = sorted((-change["high"] + 0.0, -change["low"] + 0.0))
                 read, passed = ends[1], ends[1] <= limit
-            results.append({**result, f"{kind}_ci": ends, kind: round(change["delta"] if kind == "gain"
-                                                                      else -change["delta"], 4) + 0.0,
-                            "read": read, "detectable": change["detectable"], "n": change["n"], "passed": passed})
+            results.append(
+                {
+                    **result,
+                    f"{kind}_ci": ends,
+                    kind: round(change["delta"] if kind == "gain" else -change["delta"], 4) + 0.0,
+                    "read": read,
+                    "detectable": change["detectable"],
+                    "n": change["n"],
+                    "passed": passed,
+                }
+            )
         return results
 
 
@@ -190,8 +231,10 @@ def load_policy(path: str | Path, metrics: set[str] | None = None) -> Policy:
     if metrics is not None:
         for i, rule in enumerate(policy.rules):
             if rule.metric not in metrics:
-                raise ValueError(f"{path}: rules.{i}.metric: {rule.metric!r} is not in params.yaml evaluate.metrics "
-                                 f"({', '.join(sorted(metrics))}); a rule on a metric nobody measures never fails")
+                raise ValueError(
+                    f"{path}: rules.{i}.metric: {rule.metric!r} is not in params.yaml evaluate.metrics "
+                    f"({', '.join(sorted(metrics))}); a rule on a metric nobody measures never fails"
+                )
         if policy.select_by not in metrics:
             raise ValueError(f"{path}: select_by: {policy.select_by!r} is not in params.yaml evaluate.metrics")
         versus = policy.versus_lora
@@ -201,14 +244,17 @@ def load_policy(path: str | Path, metrics: set[str] | None = None) -> Policy:
     return policy
 
 
-def paired_bootstrap(base: dict[str, float], candidate: dict[str, float], iterations: int = 2000,
-                     seed: int = 0) -> dict:
+def paired_bootstrap(
+    base: dict[str, float], candidate: dict[str, float], iterations: int = 2000, seed: int = 0
+) -> dict:
     """Candidate minus base on the same items (paired by item id), with a 95% percentile interval
     over resampled items and the smallest change the items can detect. Refuses item sets that differ."""
     if set(base) != set(candidate) or not base:
         only_base, only_cand = sorted(set(base) - set(candidate)), sorted(set(candidate) - set(base))
-        raise ValueError(f"paired items differ: {len(base)} base, {len(candidate)} candidate items "
-                         f"(only in base: {only_base[:3]}, only in candidate: {only_cand[:3]})")
+        raise ValueError(
+            f"paired items differ: {len(base)} base, {len(candidate)} candidate items "
+            f"(only in base: {only_base[:3]}, only in candidate: {only_cand[:3]})"
+        )
     ids = sorted(base)
     base_arr = np.array([base[i] for i in ids], dtype=float)
     cand_arr = np.array([candidate[i] for i in ids], dtype=float)
@@ -218,13 +264,22 @@ def paired_bootstrap(base: dict[str, float], candidate: dict[str, float], iterat
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, diff.size, size=(iterations, diff.size))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
-    return {"delta": round(float(diff.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4),
-            "n": int(diff.size), "detectable": round(detectable_change(diff), 4)}
+    return {
+        "delta": round(float(diff.mean()), 4),
+        "low": round(float(low), 4),
+        "high": round(float(high), 4),
+        "n": int(diff.size),
+        "detectable": round(detectable_change(diff), 4),
+    }
 
 
-def check_candidate(policy: Policy, base: dict[str, float], scores: dict[str, float],
-                    base_items: dict[str, dict[str, float]] | None = None,
-                    items: dict[str, dict[str, float]] | None = None) -> tuple[list[dict], dict[str, dict]]:
+def check_candidate(
+    policy: Policy,
+    base: dict[str, float],
+    scores: dict[str, float],
+    base_items: dict[str, dict[str, float]] | None = None,
+    items: dict[str, dict[str, float]] | None = None,
+) -> tuple[list[dict], dict[str, dict]]:
     """Every rule's result for one candidate, and its change against the base per metric (paired
     bootstrap over the same items, for each metric both have per-item scores of)."""
     base_items, items = base_items or {}, items or {}
@@ -259,9 +314,14 @@ def ranked(scores: dict[str, dict[str, float]], metric: str) -> list[str]:
     return sorted(reversed(list(scores)), key=lambda name: -_rank(scores[name].get(metric)))
 
 
-def decide(policy: Policy, base: dict[str, float], candidates: dict[str, dict[str, float]],
-           hashes: dict[str, str], items: dict[str, dict[str, dict[str, float]]] | None = None,
-           lora: dict[str, dict[str, float]] | None = None) -> Verdict:
+def decide(
+    policy: Policy,
+    base: dict[str, float],
+    candidates: dict[str, dict[str, float]],
+    hashes: dict[str, str],
+    items: dict[str, dict[str, dict[str, float]]] | None = None,
+    lora: dict[str, dict[str, float]] | None = None,
+) -> Verdict:
     """The verdict: every candidate's rule results, the chosen one and its weights' hash.
 
     `candidates` are the full-SFT checkpoints, `lora` the LoRA baseline's (both oldest first).
@@ -279,8 +339,10 @@ def decide(policy: Policy, base: dict[str, float], candidates: dict[str, dict[st
     complete = [name for name, scores in candidates.items() if needed <= scores.keys()]
     if not complete:
         missing = sorted(needed - next(iter(candidates.values())).keys())
-        raise ValueError(f"no checkpoint has results for every metric the policy names (missing {missing}); "
-                         "run the full suite on one (`sft evaluate --model chosen`)")
+        raise ValueError(
+            f"no checkpoint has results for every metric the policy names (missing {missing}); "
+            "run the full suite on one (`sft evaluate --model chosen`)"
+        )
     items, lora = items or {}, lora or {}
     overlap = sorted(set(lora) & set(candidates))
     if overlap:
@@ -288,15 +350,17 @@ def decide(policy: Policy, base: dict[str, float], candidates: dict[str, dict[st
     lora_complete = [name for name, scores in lora.items() if needed <= scores.keys()]
     checks, intervals = {}, {}
     for name in lora_complete + complete:
-        checks[name], intervals[name] = check_candidate(policy, base, {**candidates, **lora}[name], items.get("base"),
-                                                        items.get(name))
+        checks[name], intervals[name] = check_candidate(
+            policy, base, {**candidates, **lora}[name], items.get("base"), items.get(name)
+        )
     versus = policy.versus_lora
     baseline = ranked({name: lora[name] for name in lora_complete}, policy.select_by)[:1] if versus else []
     reference = baseline[0] if baseline else None
     if versus:
         for name in complete:
-            checks[name] = checks[name] + versus.check(candidates[name], reference, lora.get(reference, {}),
-                                                       items.get(name, {}), items.get(reference, {}))
+            checks[name] = checks[name] + versus.check(
+                candidates[name], reference, lora.get(reference, {}), items.get(name, {}), items.get(reference, {})
+            )
     passing = [name for name in lora_complete + complete if all(r["passed"] for r in checks[name])]
     full_passing = [name for name in complete if name in passing]
     lora_passing = [name for name in lora_complete if name in passing]
@@ -304,21 +368,26 @@ def decide(policy: Policy, base: dict[str, float], candidates: dict[str, dict[st
     # ties go to the later checkpoint (candidates are ordered oldest first)
     chosen = ranked({name: {**candidates, **lora}[name] for name in (shippable or complete)}, policy.select_by)[0]
     kinds = {**{name: "full" for name in candidates}, **{name: "lora" for name in lora}}
-    return Verdict.model_validate({
-        "passed": bool(shippable),
-        "chosen": chosen,
-        "kind": kinds[chosen],
-        "sha256": hashes[chosen],
-        "select_by": policy.select_by,
-        "rules": checks[chosen],
-        "failed_rules": [r["metric"] + (" vs LoRA" if r.get("versus") else "") for r in checks[chosen]
-                         if not r["passed"]],
-        "change_vs_base": intervals[chosen],
-        "base": base,
-        "lora_baseline": reference,
-        "candidates": {name: {"scores": scores, "kind": kinds[name], "passed": name in passing,
-                              "full_suite": name in checks} for name, scores in {**candidates, **lora}.items()},
-    })
+    return Verdict.model_validate(
+        {
+            "passed": bool(shippable),
+            "chosen": chosen,
+            "kind": kinds[chosen],
+            "sha256": hashes[chosen],
+            "select_by": policy.select_by,
+            "rules": checks[chosen],
+            "failed_rules": [
+                r["metric"] + (" vs LoRA" if r.get("versus") else "") for r in checks[chosen] if not r["passed"]
+            ],
+            "change_vs_base": intervals[chosen],
+            "base": base,
+            "lora_baseline": reference,
+            "candidates": {
+                name: {"scores": scores, "kind": kinds[name], "passed": name in passing, "full_suite": name in checks}
+                for name, scores in {**candidates, **lora}.items()
+            },
+        }
+    )
 
 
 def render_markdown(verdict: Verdict) -> str:
@@ -351,26 +420,36 @@ def render_markdown(verdict: Verdict) -> str:
             outcome += f": {r.problem}"
         elif r.allowed_because:
             outcome += f" (underpowered, allowed: {r.allowed_because})"
-        lines.append(f"| {r.metric} | {r.rule}{ci} | {base} | {observed} | {read} | {detectable} | "
-                     f"{outcome} | {r.why or ''} |")
+        lines.append(
+            f"| {r.metric} | {r.rule}{ci} | {base} | {observed} | {read} | {detectable} | {outcome} | {r.why or ''} |"
+        )
     if verdict.change_vs_base:
-        lines += ["", f"Change against the base (forgetting), `{verdict.chosen}` "
-                  "(paired bootstrap, 95% CI):", "",
-                  "| metric | base | candidate | change | 95% CI | items |", "| --- | ---: | ---: | ---: | --- | ---: |"]
+        lines += [
+            "",
+            f"Change against the base (forgetting), `{verdict.chosen}` (paired bootstrap, 95% CI):",
+            "",
+            "| metric | base | candidate | change | 95% CI | items |",
+            "| --- | ---: | ---: | ---: | --- | ---: |",
+        ]
         for metric, c in verdict.change_vs_base.items():
-            lines.append(f"| {metric} | {_fmt(verdict.base[metric])} | {_fmt(verdict.chosen_scores[metric])} | "
-                         f"{c.delta:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] | {c.n} |")
+            lines.append(
+                f"| {metric} | {_fmt(verdict.base[metric])} | {_fmt(verdict.chosen_scores[metric])} | "
+                f"{c.delta:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] | {c.n} |"
+            )
     if verdict.plot:
         lines += ["", f"![base vs candidate]({verdict.plot})"]
     metrics = list(verdict.base)
-    lines += ["", "Every checkpoint (the full suite runs on the best by golden until one passes):", "",
-              "| model | " + " | ".join(metrics) + " | gate |",
-              "| --- | " + " | ".join("---:" for _ in metrics) + " | --- |",
-              "| base | " + " | ".join(_fmt(verdict.base[m]) for m in metrics) + " | - |"]
+    lines += [
+        "",
+        "Every checkpoint (the full suite runs on the best by golden until one passes):",
+        "",
+        "| model | " + " | ".join(metrics) + " | gate |",
+        "| --- | " + " | ".join("---:" for _ in metrics) + " | --- |",
+        "| base | " + " | ".join(_fmt(verdict.base[m]) for m in metrics) + " | - |",
+    ]
     for name, c in verdict.candidates.items():
         gate = ("pass" if c.passed else "fail") if c.full_suite else "golden only"
-        lines.append(f"| {name} | " + " | ".join(_fmt(c.scores.get(m)) for m in metrics)
-                     + f" | {gate} |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(c.scores.get(m)) for m in metrics) + f" | {gate} |")
     return "\n".join(lines) + "\n"
 
 
@@ -386,8 +465,10 @@ def plot_change(verdict: Verdict, path: Path) -> None:
     chosen = verdict.chosen_scores
     base = [verdict.base[m] for m in metrics]
     cand = [chosen[m] for m in metrics]
-    errors = [[chosen[m] - (verdict.base[m] + change[m].low) for m in metrics],
-              [(verdict.base[m] + change[m].high) - chosen[m] for m in metrics]]
+    errors = [
+        [chosen[m] - (verdict.base[m] + change[m].low) for m in metrics],
+        [(verdict.base[m] + change[m].high) - chosen[m] for m in metrics],
+    ]
     x = np.arange(len(metrics))
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(metrics), 3.2), dpi=110)
     ax.bar(x - 0.2, base, 0.4, label="base", color="#9aa5b1")
@@ -409,13 +490,19 @@ def run_cost(metrics: TrainingMetrics, prices: dict[str, float]) -> RunCost:
     hours = metrics.seconds * metrics.world_size / 3600
     device = metrics.device
     price = next((usd for name, usd in prices.items() if name.split("-")[0].lower() in device.lower()), None)
-    return RunCost(device=device, world_size=metrics.world_size, seconds=metrics.seconds, tokens=metrics.tokens,
-                   device_hours=round(hours, 4),
-                   usd=round(hours * price, 2) if price is not None and device != "cpu" else None)
+    return RunCost(
+        device=device,
+        world_size=metrics.world_size,
+        seconds=metrics.seconds,
+        tokens=metrics.tokens,
+        device_hours=round(hours, 4),
+        usd=round(hours * price, 2) if price is not None and device != "cpu" else None,
+    )
 
 
-def decision_record(policy: Policy, verdict: Verdict, items: dict[str, dict[str, dict[str, float]]],
-                    costs: dict[str, RunCost]) -> Decision:
+def decision_record(
+    policy: Policy, verdict: Verdict, items: dict[str, dict[str, dict[str, float]]], costs: dict[str, RunCost]
+) -> Decision:
     """Whether full SFT earned its cost: learning (select_by) against forgetting for base, every LoRA
     and full checkpoint; full minus LoRA on every metric with its paired 95% interval; each run's
     measured cost; and the verdict in words."""
@@ -423,19 +510,34 @@ def decision_record(policy: Policy, verdict: Verdict, items: dict[str, dict[str,
     forgetting = policy.versus_lora.forgetting if policy.versus_lora else None
     candidates = verdict.candidates
     # the full checkpoint the gate judged (the one that ships), else the best with full-suite results
-    full = [verdict.chosen] if verdict.kind == "full" else ranked(
-        {n: c.scores for n, c in candidates.items() if c.kind == "full" and c.full_suite}, metric)
+    full = (
+        [verdict.chosen]
+        if verdict.kind == "full"
+        else ranked({n: c.scores for n, c in candidates.items() if c.kind == "full" and c.full_suite}, metric)
+    )
     full_ref, lora_ref = (full[0] if full else None), verdict.lora_baseline
     change = {}
     if full_ref and lora_ref:
         for name in candidates[full_ref].scores:
             if name in items.get(full_ref, {}) and name in items.get(lora_ref, {}):
                 change[name] = paired_bootstrap(items[lora_ref][name], items[full_ref][name])
-    models = [{"model": "base", "kind": "base", metric: verdict.base.get(metric),
-               "forgetting": verdict.base.get(forgetting) if forgetting else None}]
+    models = [
+        {
+            "model": "base",
+            "kind": "base",
+            metric: verdict.base.get(metric),
+            "forgetting": verdict.base.get(forgetting) if forgetting else None,
+        }
+    ]
     for name, c in candidates.items():
-        models.append({"model": name, "kind": c.kind, metric: c.scores.get(metric),
-                       "forgetting": c.scores.get(forgetting) if forgetting else None})
+        models.append(
+            {
+                "model": name,
+                "kind": c.kind,
+                metric: c.scores.get(metric),
+                "forgetting": c.scores.get(forgetting) if forgetting else None,
+            }
+        )
     if not policy.versus_lora:
         text = "No LoRA comparison: the policy has no versus_lora section."
     elif lora_ref is None:
@@ -444,44 +546,79 @@ def decision_record(policy: Policy, verdict: Verdict, items: dict[str, dict[str,
         full_rules = verdict.rules if verdict.kind == "full" else []
         earned = bool(full_rules) and all(r.passed for r in full_rules if r.versus)
         gain = change.get(metric)
-        gain_text = (f"{metric} {gain['delta']:+.4f} over LoRA, 95% CI [{gain['low']:+.4f}, {gain['high']:+.4f}]"
-                     if gain else f"no paired {metric} comparison")
-        ratio = (costs["full"].device_hours / costs["lora"].device_hours
-                 if costs.get("full") and costs.get("lora") and costs["lora"].device_hours else None)
+        gain_text = (
+            f"{metric} {gain['delta']:+.4f} over LoRA, 95% CI [{gain['low']:+.4f}, {gain['high']:+.4f}]"
+            if gain
+            else f"no paired {metric} comparison"
+        )
+        ratio = (
+            costs["full"].device_hours / costs["lora"].device_hours
+            if costs.get("full") and costs.get("lora") and costs["lora"].device_hours
+            else None
+        )
         cost_text = f" at {ratio:.1f}x LoRA's training cost" if ratio else ""
         if earned:
             text = f"Full SFT earned its cost: `{full_ref}` {gain_text}{cost_text}."
         elif verdict.kind == "lora":
-            text = (f"LoRA is enough: `{lora_ref}` passes every rule and full SFT does not beat it ({gain_text}); "
-                    f"the policy says `ship: best`, so the merged LoRA model `{verdict.chosen}` ships.")
+            text = (
+                f"LoRA is enough: `{lora_ref}` passes every rule and full SFT does not beat it ({gain_text}); "
+                f"the policy says `ship: best`, so the merged LoRA model `{verdict.chosen}` ships."
+            )
         else:
-            text = (f"Full SFT did not earn its cost over LoRA (`{lora_ref}`): {gain_text}{cost_text}"
-                    + ("; LoRA is enough" if candidates[lora_ref].passed else "") + ".")
-    return Decision.model_validate({
-        "select_by": metric, "forgetting": forgetting, "full": full_ref, "lora": lora_ref,
-        "shipped": verdict.chosen if verdict.passed else None, "kind": verdict.kind,
-        "full_minus_lora": change, "models": models, "cost": costs, "verdict": text})
+            text = (
+                f"Full SFT did not earn its cost over LoRA (`{lora_ref}`): {gain_text}{cost_text}"
+                + ("; LoRA is enough" if candidates[lora_ref].passed else "")
+                + "."
+            )
+    return Decision.model_validate(
+        {
+            "select_by": metric,
+            "forgetting": forgetting,
+            "full": full_ref,
+            "lora": lora_ref,
+            "shipped": verdict.chosen if verdict.passed else None,
+            "kind": verdict.kind,
+            "full_minus_lora": change,
+            "models": models,
+            "cost": costs,
+            "verdict": text,
+        }
+    )
 
 
 def render_decision(record: Decision) -> str:
     metric, forgetting = record.select_by, record.forgetting
     lines = ["", "## Full SFT against LoRA", "", record.verdict, ""]
     if record.full_minus_lora:
-        lines += [f"Full (`{record.full}`) minus LoRA (`{record.lora}`), paired by item:", "",
-                  "| metric | change | 95% CI | items |", "| --- | ---: | --- | ---: |"]
+        lines += [
+            f"Full (`{record.full}`) minus LoRA (`{record.lora}`), paired by item:",
+            "",
+            "| metric | change | 95% CI | items |",
+            "| --- | ---: | --- | ---: |",
+        ]
         for name, c in record.full_minus_lora.items():
             lines.append(f"| {name} | {c.delta:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] | {c.n} |")
         lines.append("")
-    lines += [f"| model | kind | {metric} (learning) | {forgetting or '-'} (forgetting) |", "| --- | --- | ---: | ---: |"]
+    lines += [
+        f"| model | kind | {metric} (learning) | {forgetting or '-'} (forgetting) |",
+        "| --- | --- | ---: | ---: |",
+    ]
     for m in record.models:  # plain dicts: one key is the select_by metric's own name
         lines.append(f"| {m['model']} | {m['kind']} | {_fmt(m[metric])} | {_fmt(m['forgetting'])} |")
     if record.cost:
-        lines += ["", "Measured training cost (the whole run, every epoch):", "",
-                  "| run | device | seconds | device-hours | tokens | USD |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "Measured training cost (the whole run, every epoch):",
+            "",
+            "| run | device | seconds | device-hours | tokens | USD |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
         for run, c in record.cost.items():
             usd = f"{c.usd:.2f}" if c.usd is not None else "-"
-            lines.append(f"| {run} | {c.world_size} x {c.device} | {c.seconds:,.0f} | {c.device_hours:.4f} "
-                         f"| {c.tokens:,} | {usd} |")
+            lines.append(
+                f"| {run} | {c.world_size} x {c.device} | {c.seconds:,.0f} | {c.device_hours:.4f} "
+                f"| {c.tokens:,} | {usd} |"
+            )
     if record.plot:
         lines += ["", f"![learning against forgetting]({record.plot})"]
     return "\n".join(lines) + "\n"

@@ -44,9 +44,17 @@ class GitHub:
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
         url = f"{self.api_url.rstrip('/')}/repos/{self.repository}{path}"
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method=method, headers={
-            "Accept": "application/vnd.github+json", "Authorization": f"Bearer {self.token}",
-            "X-GitHub-Api-Version": "2022-11-28", "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            url,
+            data=data,
+            method=method,
+            headers={
+                "Accept": "application/vnd.github+json",
+                "Authorization": f"Bearer {self.token}",
+                "X-GitHub-Api-Version": "2022-11-28",
+                "Content-Type": "application/json",
+            },
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read() or b"{}")
@@ -100,8 +108,9 @@ def job_page(env: dict[str, str]) -> str | None:
     return urlunsplit((parts.scheme, host, f"{parts.path}/{match.group(1)}", "", ""))
 
 
-def set_status(github: GitHub, sha: str, state: str, description: str, target_url: str | None = None,
-               context: str = CONTEXT) -> dict:
+def set_status(
+    github: GitHub, sha: str, state: str, description: str, target_url: str | None = None, context: str = CONTEXT
+) -> dict:
     if state not in STATES:
         raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
     body = {"state": state, "description": truncate(description), "context": context}
@@ -121,20 +130,28 @@ def require_success(github: GitHub, sha: str, creator: str, context: str = CONTE
     ReleaseRefused saying what the commit has instead. Anyone with `statuses: write` can set a status
     named eval-gate; only the configured account's counts."""
     if not creator.strip():
-        raise ReleaseRefused("no eval-gate account configured: set the repository variable EVAL_GATE_ACCOUNT to the "
-                             "login of EVAL_GATE_TOKEN's account (docs/ci.md)")
-    statuses = [s for s in github.request("GET", f"/commits/{sha}/statuses?per_page=100") if s.get("context") == context]
+        raise ReleaseRefused(
+            "no eval-gate account configured: set the repository variable EVAL_GATE_ACCOUNT to the "
+            "login of EVAL_GATE_TOKEN's account (docs/ci.md)"
+        )
+    statuses = [
+        s for s in github.request("GET", f"/commits/{sha}/statuses?per_page=100") if s.get("context") == context
+    ]
     if not statuses:
         raise ReleaseRefused(f"{sha}: no '{context}' status; train this commit (train.yml) before releasing it")
     status = next((s for s in statuses if (s.get("creator") or {}).get("login") == creator), None)  # newest first
     if status is None:
         latest = statuses[0]
-        raise ReleaseRefused(f"{sha}: no '{context}' status set by {creator!r} (EVAL_GATE_ACCOUNT), the training job's "
-                             f"account; the latest is {latest['state']} by {(latest.get('creator') or {}).get('login')!r} "
-                             f"({latest.get('description') or '-'}), and a status from another account proves nothing")
+        raise ReleaseRefused(
+            f"{sha}: no '{context}' status set by {creator!r} (EVAL_GATE_ACCOUNT), the training job's "
+            f"account; the latest is {latest['state']} by {(latest.get('creator') or {}).get('login')!r} "
+            f"({latest.get('description') or '-'}), and a status from another account proves nothing"
+        )
     if status["state"] != "success":
-        raise ReleaseRefused(f"{sha}: '{context}' is {status['state']} ({status.get('description') or '-'}); "
-                             "only a passing gate is released")
+        raise ReleaseRefused(
+            f"{sha}: '{context}' is {status['state']} ({status.get('description') or '-'}); "
+            "only a passing gate is released"
+        )
     return status
 
 
@@ -163,15 +180,28 @@ def upsert_comment(github: GitHub, number: int, body: str, marker: str = COMMENT
 # The training job runs from a synced workdir without .git, so its dvc.lock and metrics reach git
 # through the Git Data API: one commit on top of the trained commit, on branch results/<sha>.
 # The release checks that branch out: its dvc.lock names the exact checkpoint and card to pull.
-RESULT_FILES = ("dvc.lock", *(path.as_posix() for path in (
-    PATHS.contract, PATHS.prepare_stats, PATHS.metrics("train"), PATHS.metrics("lora"),
-    *(PATHS.evaluate / f"{name}.json" for name in ("base", "checkpoints", "suite", "lora")),
-    PATHS.verdict, *(PATHS.gate / name for name in ("gate.md", "change.png", "decision.json", "decision.png")))))
+RESULT_FILES = (
+    "dvc.lock",
+    *(
+        path.as_posix()
+        for path in (
+            PATHS.contract,
+            PATHS.prepare_stats,
+            PATHS.metrics("train"),
+            PATHS.metrics("lora"),
+            *(PATHS.evaluate / f"{name}.json" for name in ("base", "checkpoints", "suite", "lora")),
+            PATHS.verdict,
+            *(PATHS.gate / name for name in ("gate.md", "change.png", "decision.json", "decision.png")),
+        )
+    ),
+)
 # DVCLive's per-step metrics and plots: `dvc plots diff` on the results
 RESULT_DIRS = tuple((getattr(PATHS, run) / "live").as_posix() for run in ("train", "lora"))
 # only when the gate passed: the manifest of card/, and the job's signed attestation of it for this commit
-RELEASE_FILES = tuple(path.as_posix() for path in (PATHS.manifest, PATHS.release / "attestation.json",
-                                                   PATHS.release / "attestation.json.sig"))
+RELEASE_FILES = tuple(
+    path.as_posix()
+    for path in (PATHS.manifest, PATHS.release / "attestation.json", PATHS.release / "attestation.json.sig")
+)
 
 
 def is_result_path(name: str) -> bool:
@@ -184,8 +214,9 @@ def result_paths(root: Path = Path(".")) -> list[str]:
     missing = [name for name in RESULT_FILES + RESULT_DIRS if not (root / name).exists()]
     if missing:
         raise FileNotFoundError(", ".join(missing))
-    found = [str(f.relative_to(root)) for folder in RESULT_DIRS for f in sorted((root / folder).rglob("*"))
-             if f.is_file()]
+    found = [
+        str(f.relative_to(root)) for folder in RESULT_DIRS for f in sorted((root / folder).rglob("*")) if f.is_file()
+    ]
     return list(RESULT_FILES) + [name for name in RELEASE_FILES if (root / name).is_file()] + found
 
 
@@ -204,8 +235,10 @@ def take_results(checkout: Path, sha: str, dest: Path = Path(".")) -> list[str]:
 
     parent = git("rev-parse", "HEAD^")
     if parent != sha:
-        raise ReleaseRefused(f"{checkout}: the results commit sits on {parent[:12]}, not on the tagged commit "
-                             f"{sha[:12]}; these are another commit's results")
+        raise ReleaseRefused(
+            f"{checkout}: the results commit sits on {parent[:12]}, not on the tagged commit "
+            f"{sha[:12]}; these are another commit's results"
+        )
     changed = git("diff", "--name-only", "HEAD^", "HEAD").split()
     extra = [name for name in changed if not is_result_path(name)]
     if extra:
@@ -229,8 +262,9 @@ def push_results(github: GitHub, sha: str, files: dict[str, bytes]) -> str:
         blob = github.request("POST", "/git/blobs", {"content": base64.b64encode(data).decode(), "encoding": "base64"})
         entries.append({"path": path, "mode": "100644", "type": "blob", "sha": blob["sha"]})
     tree = github.request("POST", "/git/trees", {"base_tree": base_tree, "tree": entries})["sha"]
-    commit = github.request("POST", "/git/commits", {"message": f"Training results for {sha}", "tree": tree,
-                                                     "parents": [sha]})["sha"]
+    commit = github.request(
+        "POST", "/git/commits", {"message": f"Training results for {sha}", "tree": tree, "parents": [sha]}
+    )["sha"]
     branch = results_branch(sha)
     try:
         github.request("POST", "/git/refs", {"ref": f"refs/heads/{branch}", "sha": commit})

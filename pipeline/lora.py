@@ -22,8 +22,14 @@ def checkpoint_path(name: str, full_root: Path, lora_root: Path) -> Path:
 def adapter_config(cfg):
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, use_dora=cfg.dora, lora_dropout=cfg.dropout,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
+    return PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        use_dora=cfg.dora,
+        lora_dropout=cfg.dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
 
 
 def add_adapters(model, cfg, seed: int = 0):
@@ -60,11 +66,11 @@ def merged(model, state: dict | None = None):
     """(plain model, its state dict): the adapters folded into the base weights by peft's own
     merge, on a CPU copy built from `state` (the full PEFT state dict; a sharded run gathers it on
     rank 0), so the training model keeps its adapters."""
+    import copy
+
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
-
-    import copy
 
     state = model.state_dict() if state is None else state
     base = model.get_base_model()
@@ -79,12 +85,15 @@ def merged(model, state: dict | None = None):
     with init_empty_weights(include_buffers=False):  # parameters on meta, filled below; rotary tables real
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         skeleton = get_peft_model(skeleton, model.peft_config["default"])
-    missing, unexpected = skeleton.load_state_dict({k: v.detach().to("cpu") for k, v in state.items()},
-                                                   strict=False, assign=True)
+    missing, unexpected = skeleton.load_state_dict(
+        {k: v.detach().to("cpu") for k, v in state.items()}, strict=False, assign=True
+    )
     tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(f"adapter merge: state dict does not match the model (missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]})")
+        raise ValueError(
+            f"adapter merge: state dict does not match the model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
     plain = skeleton.merge_and_unload()
     if config.tie_word_embeddings:
         plain.tie_weights()
@@ -95,8 +104,11 @@ def training_hooks(model) -> dict:
     """What pipeline.train.loop.train needs to know of an adapted model, as its keyword arguments:
     only the adapters train, each epoch's checkpoint is the merged model, and the causal LM inside
     the wrapper is the one whose layers, config and output layer the engine works on."""
-    return {"trainable": [p for p in model.parameters() if p.requires_grad], "export": merged,
-            "plain": model.get_base_model()}
+    return {
+        "trainable": [p for p in model.parameters() if p.requires_grad],
+        "export": merged,
+        "plain": model.get_base_model(),
+    }
 
 
 def is_adapted(model) -> bool:

@@ -70,53 +70,142 @@ PEAK_BF16_TFLOPS = {"H100-80GB": 989, "H200-141GB": 989}
 # plan needs no download. `Shape.from_config` reads them as it reads a downloaded config.json.
 PUBLISHED = {
     # meta-llama/Llama-3.1-8B-Instruct config.json
-    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         tie_word_embeddings=False, max_position_embeddings=131072),
+    "llama-3.1-8b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    ),
     # meta-llama/Llama-3.1-70B-Instruct config.json
-    "llama-3.1-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                          tie_word_embeddings=False, max_position_embeddings=131072),
+    "llama-3.1-70b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    ),
     # meta-llama/Llama-3.3-70B-Instruct config.json (@6f6073b4): the Llama-3.1-70B architecture
-    "llama-3.3-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                          tie_word_embeddings=False, max_position_embeddings=131072),
+    "llama-3.3-70b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    ),
     # meta-llama/Llama-3.2-1B-Instruct config.json
-    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         tie_word_embeddings=True, max_position_embeddings=131072),
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+    ),
     # Qwen/Qwen3-8B config.json (@b968826d), as quoted in public code (e.g. lumenrl's model-registry
     # tests); 8.19B parameters, the model card's 8.2B
-    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                     tie_word_embeddings=False, max_position_embeddings=40960),
+    "qwen3-8b": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+        max_position_embeddings=40960,
+    ),
     # Qwen/Qwen3-30B-A3B config.json (@ad44e777), as quoted in public code (a vLLM-side qwen3_moe test
     # config): every layer MoE (decoder_sparse_step 1, no mlp_only_layers), no shared expert
-    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-                          decoder_sparse_step=1, mlp_only_layers=[], num_hidden_layers=48,
-                          num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                          tie_word_embeddings=False, max_position_embeddings=40960),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe",
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        tie_word_embeddings=False,
+        max_position_embeddings=40960,
+    ),
     # google/gemma-3-27b-it config.json (@005ad340; Gemma3ForConditionalGeneration), text_config as
     # published (quoted in TensorRT-LLM's Gemma 3 tests): it leaves out vocab_size (the config class's
     # 262,208) and tie_word_embeddings (tied); the vision tower is not trained (pipeline/base.py)
-    "gemma-3-27b": dict(model_type="gemma3", text_config=dict(
-        model_type="gemma3_text", head_dim=128, hidden_size=5376, intermediate_size=21504, num_attention_heads=32,
-        num_hidden_layers=62, num_key_value_heads=16, query_pre_attn_scalar=168, sliding_window=1024)),
+    "gemma-3-27b": dict(
+        model_type="gemma3",
+        text_config=dict(
+            model_type="gemma3_text",
+            head_dim=128,
+            hidden_size=5376,
+            intermediate_size=21504,
+            num_attention_heads=32,
+            num_hidden_layers=62,
+            num_key_value_heads=16,
+            query_pre_attn_scalar=168,
+            sliding_window=1024,
+        ),
+    ),
     # openai/gpt-oss-20b config.json (@6cee5e81), as quoted in public code (gpt-oss ports' config tests):
     # 32 experts of 2,880, 4 a token, biases on attention and experts, attention sinks; 20.91B
     # parameters (the model card's 21B, 3.6B active without the input embeddings)
-    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
-                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
-                        num_local_experts=32, num_experts_per_tok=4, experts_per_token=4, attention_bias=True,
-                        sliding_window=128, tie_word_embeddings=False, max_position_embeddings=131072),
+    "gpt-oss-20b": dict(
+        model_type="gpt_oss",
+        vocab_size=201088,
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_hidden_layers=24,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        num_local_experts=32,
+        num_experts_per_tok=4,
+        experts_per_token=4,
+        attention_bias=True,
+        sliding_window=128,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    ),
     # mistralai/Mistral-Small-3.2-24B-Instruct-2506 config.json (@95a6d26c; Mistral3ForConditionalGeneration),
     # text_config as quoted in public code (TensorRT-LLM's Mistral Small 3.1 fixture, the same text
     # tower; a memory estimator counting 23,572,403,200 text parameters)
-    "mistral-small-3.2-24b": dict(model_type="mistral3", text_config=dict(
-        model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-        sliding_window=None, tie_word_embeddings=False)),
+    "mistral-small-3.2-24b": dict(
+        model_type="mistral3",
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=131072,
+            hidden_size=5120,
+            intermediate_size=32768,
+            num_hidden_layers=40,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=131072,
+            sliding_window=None,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 # The Hub repositories each shape describes (a preset's base.model names one of them)
@@ -182,22 +271,28 @@ class Shape:
         moe_layers = None
         if experts and hasattr(text, "decoder_sparse_step"):  # Qwen MoE: some layers may stay dense
             skip = set(getattr(text, "mlp_only_layers", None) or [])
-            moe_layers = sum(1 for i in range(layers)
-                             if i not in skip and (i + 1) % text.decoder_sparse_step == 0)
+            moe_layers = sum(1 for i in range(layers) if i not in skip and (i + 1) % text.decoder_sparse_step == 0)
         shared = getattr(text, "shared_expert_intermediate_size", 0) or 0
         traits = FAMILY_TRAITS.get(text.model_type, {})
-        return cls(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
-                   intermediate_size=text.intermediate_size, num_hidden_layers=layers,
-                   num_attention_heads=text.num_attention_heads,
-                   num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-                   tie_word_embeddings=bool(text.tie_word_embeddings),
-                   head_dim=getattr(text, "head_dim", None), model_type=text.model_type, num_experts=experts,
-                   num_experts_per_tok=getattr(text, "num_experts_per_tok", 0) if experts else 0,
-                   moe_intermediate_size=getattr(text, "moe_intermediate_size", None),
-                   shared_expert_intermediate_size=shared if experts else 0, moe_layers=moe_layers,
-                   attention_bias=bool(getattr(text, "attention_bias", False)),
-                   qkv_bias=bool(getattr(text, "qkv_bias", traits.get("qkv_bias", False))),
-                   **{k: v for k, v in traits.items() if k != "qkv_bias"})
+        return cls(
+            vocab_size=text.vocab_size,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            tie_word_embeddings=bool(text.tie_word_embeddings),
+            head_dim=getattr(text, "head_dim", None),
+            model_type=text.model_type,
+            num_experts=experts,
+            num_experts_per_tok=getattr(text, "num_experts_per_tok", 0) if experts else 0,
+            moe_intermediate_size=getattr(text, "moe_intermediate_size", None),
+            shared_expert_intermediate_size=shared if experts else 0,
+            moe_layers=moe_layers,
+            attention_bias=bool(getattr(text, "attention_bias", False)),
+            qkv_bias=bool(getattr(text, "qkv_bias", traits.get("qkv_bias", False))),
+            **{k: v for k, v in traits.items() if k != "qkv_bias"},
+        )
 
     @property
     def head_width(self) -> int:
@@ -285,14 +380,23 @@ def activation_values(shape: Shape, compiled: bool) -> int:
     return 6 * h + 4 * q + 2 * kv + 4 * i + routing + extra_norms
 
 
-def memory_per_gpu(shape: Shape, strategy: str, gpus: int, tokens_per_gpu: int, checkpointing: bool,
-                   compiled: bool = True, supervised_share: float = 1.0, compute_bytes: int = 2) -> dict:
+def memory_per_gpu(
+    shape: Shape,
+    strategy: str,
+    gpus: int,
+    tokens_per_gpu: int,
+    checkpointing: bool,
+    compiled: bool = True,
+    supervised_share: float = 1.0,
+    compute_bytes: int = 2,
+) -> dict:
     """GiB per GPU, by component (see the module's docstring). `supervised_share`: the share of
     tokens whose logits are computed (the engine projects only where a loss is taken; 1.0 is the
     safe side); `compute_bytes` 4 for fp32 compute (CPU)."""
     p, h, tokens = shape.params, shape.hidden_size, tokens_per_gpu
-    state_bytes = {"single": 16 * p, "fsdp2": 16 * p / gpus, "zero3": 16 * p / gpus,
-                   "zero3_offload": 4 * p / gpus}[strategy]
+    state_bytes = {"single": 16 * p, "fsdp2": 16 * p / gpus, "zero3": 16 * p / gpus, "zero3_offload": 4 * p / gpus}[
+        strategy
+    ]
     root = shape.vocab_size * h * (1 if shape.tie_word_embeddings else 2)
     gathered = 0 if strategy == "single" else 2 * 2 * shape.layer_params() + 6 * root
     layer = tokens * activation_values(shape, compiled) * compute_bytes
@@ -305,10 +409,16 @@ def memory_per_gpu(shape: Shape, strategy: str, gpus: int, tokens_per_gpu: int, 
     rows = tokens * supervised_share
     chunk = min(rows, max(1, CHUNK_ELEMENTS // shape.vocab_size)) * shape.vocab_size
     head_copy = 2 * head if strategy == "single" and compute_bytes == 2 else 0  # fp32 master cast for the matmul
-    loss_head = (chunk * (4 + compute_bytes if compute_bytes < 4 else 4) + 4 * head + head_copy
-                 + 2 * rows * h * residual_bytes)
-    parts = {"model_state": state_bytes, "gathered": gathered, "activations": activations, "backward": layer,
-             "loss_head": loss_head}
+    loss_head = (
+        chunk * (4 + compute_bytes if compute_bytes < 4 else 4) + 4 * head + head_copy + 2 * rows * h * residual_bytes
+    )
+    parts = {
+        "model_state": state_bytes,
+        "gathered": gathered,
+        "activations": activations,
+        "backward": layer,
+        "loss_head": loss_head,
+    }
     parts = {k: v / GIB for k, v in parts.items()}
     parts["total"] = sum(parts.values())
     return parts
@@ -319,8 +429,17 @@ def host_gib_per_node(shape: Shape, strategy: str, nodes: int) -> float:
     return 18 * shape.params / nodes / GIB if strategy == "zero3_offload" else 0.0
 
 
-def smallest_fit(shape: Shape, strategy: str, gpu: str, gpus_per_node: int, tokens_per_gpu: int,
-                 checkpointing: bool, headroom: float = 0.9, max_nodes: int = 64, **run) -> tuple[int | None, float]:
+def smallest_fit(
+    shape: Shape,
+    strategy: str,
+    gpu: str,
+    gpus_per_node: int,
+    tokens_per_gpu: int,
+    checkpointing: bool,
+    headroom: float = 0.9,
+    max_nodes: int = 64,
+    **run,
+) -> tuple[int | None, float]:
     """The fewest nodes whose per-GPU memory fits in `headroom` of the card; (None, need) if none do.
     `run`: memory_per_gpu's compiled and supervised_share."""
     for nodes in range(1, max_nodes + 1):
@@ -333,14 +452,30 @@ def smallest_fit(shape: Shape, strategy: str, gpu: str, gpus_per_node: int, toke
     return None, need
 
 
-def plan(shape: Shape, tokens_per_run: int, tokens_per_gpu: int, gpus_per_node: int, mfu: float,
-         prices: dict[str, float], checkpointing: bool = True, compiled: bool = True,
-         supervised_share: float = 1.0) -> list[dict]:
+def plan(
+    shape: Shape,
+    tokens_per_run: int,
+    tokens_per_gpu: int,
+    gpus_per_node: int,
+    mfu: float,
+    prices: dict[str, float],
+    checkpointing: bool = True,
+    compiled: bool = True,
+    supervised_share: float = 1.0,
+) -> list[dict]:
     rows = []
     for strategy in STRATEGIES:
         for gpu in GPUS:
-            nodes, need = smallest_fit(shape, strategy, gpu, gpus_per_node, tokens_per_gpu, checkpointing,
-                                       compiled=compiled, supervised_share=supervised_share)
+            nodes, need = smallest_fit(
+                shape,
+                strategy,
+                gpu,
+                gpus_per_node,
+                tokens_per_gpu,
+                checkpointing,
+                compiled=compiled,
+                supervised_share=supervised_share,
+            )
             row = {"strategy": strategy, "gpu": gpu, "nodes": nodes, "gib_per_gpu": round(need, 1)}
             if nodes:
                 row["host_gib_per_node"] = round(host_gib_per_node(shape, strategy, nodes), 1)
@@ -359,15 +494,21 @@ def plan(shape: Shape, tokens_per_run: int, tokens_per_gpu: int, gpus_per_node: 
 
 def render_markdown(name: str, shape: Shape, rows: list[dict], tokens_per_run: int, mfu: float) -> str:
     active = f", {shape.active_params / 1e9:.2f}B active" if shape.num_experts else ""
-    lines = [f"## GPU plan: {name} ({shape.params / 1e9:.2f}B parameters{active})", "",
-             f"{tokens_per_run:,} tokens per run; throughput assumed at {mfu:.0%} MFU.", "",
-             "| strategy | GPU | nodes | GiB per GPU | host GiB per node (offload) | hours | cost (USD) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"## GPU plan: {name} ({shape.params / 1e9:.2f}B parameters{active})",
+        "",
+        f"{tokens_per_run:,} tokens per run; throughput assumed at {mfu:.0%} MFU.",
+        "",
+        "| strategy | GPU | nodes | GiB per GPU | host GiB per node (offload) | hours | cost (USD) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if r["nodes"]:
             host = r["host_gib_per_node"] or "-"
-            lines.append(f"| {r['strategy']} | {r['gpu']} | {r['nodes']} | {r['gib_per_gpu']} | {host} | {r['hours']} | "
-                         f"{r['cost']:,.0f} |")
+            lines.append(
+                f"| {r['strategy']} | {r['gpu']} | {r['nodes']} | {r['gib_per_gpu']} | {host} | {r['hours']} | "
+                f"{r['cost']:,.0f} |"
+            )
         else:
             lines.append(f"| {r['strategy']} | {r['gpu']} | does not fit | {r['gib_per_gpu']} | - | - | - |")
     return "\n".join(lines) + "\n"

@@ -25,27 +25,42 @@ _IMAGE = re.compile(r"^\s*!\[[^\]]*\]\([^)]*\)\s*$")
 
 # What decides whether a model ships: a PR that changes any of it says so first, in bold (docs/ci.md:
 # CODEOWNERS review for evals/, and rulesets for the release path).
-GUARDED = ("evals/", ".github/release-signers", ".github/workflows/", ".github/CODEOWNERS", "sky/train.yaml", "dvc.yaml",
-           "pipeline/gate.py", "pipeline/evaluate.py", "pipeline/card.py", "pipeline/publish.py", "pipeline/signing.py",
-           "pipeline/github.py", "pipeline/cli.py")
+GUARDED = (
+    "evals/",
+    ".github/release-signers",
+    ".github/workflows/",
+    ".github/CODEOWNERS",
+    "sky/train.yaml",
+    "dvc.yaml",
+    "pipeline/gate.py",
+    "pipeline/evaluate.py",
+    "pipeline/card.py",
+    "pipeline/publish.py",
+    "pipeline/signing.py",
+    "pipeline/github.py",
+    "pipeline/cli.py",
+)
 
 
-def guarded_changes(base: str, eval_sets: list[str], root: Path = Path("."), read=None,
-                    policy: str | None = None) -> list[str]:
+def guarded_changes(
+    base: str, eval_sets: list[str], root: Path = Path("."), read=None, policy: str | None = None
+) -> list[str]:
     """The files of the gate's policy (`policy`, wherever params.yaml points), eval suite and release
     path this branch changes against `base` (git), and the eval sets (DVC-tracked data) whose bytes
     differ from `base`'s; an eval set that cannot be read at `base` is named as not compared."""
     import hashlib
     import subprocess
 
-    changed = subprocess.run(["git", "diff", "--name-only", f"{base}...HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.split()
+    changed = subprocess.run(
+        ["git", "diff", "--name-only", f"{base}...HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
     found = [name for name in changed if name.startswith(GUARDED) or name == policy]
     if read is None:
         import dvc.api
 
         def read(path: str, rev: str) -> bytes:
             return dvc.api.read(path, rev=rev, mode="rb", repo=str(root))
+
     for path in eval_sets:
         current = Path(root) / path
         try:
@@ -59,13 +74,18 @@ def guarded_changes(base: str, eval_sets: list[str], root: Path = Path("."), rea
     return found
 
 
-def build_comment(root: Path = Path("."), sections=SECTIONS, head: str | None = None,
-                  guarded: list[str] | None = None) -> str:
+def build_comment(
+    root: Path = Path("."), sections=SECTIONS, head: str | None = None, guarded: list[str] | None = None
+) -> str:
     lines = [COMMENT_MARKER, "## SFT pipeline report" + (f" for {head[:12]}" if head else ""), ""]
     if guarded:
-        lines += ["**This pull request changes what decides whether a model ships (the eval gate's policy, "
-                  "its eval sets or the release path): " + ", ".join(f"`{name}`" for name in guarded)
-                  + ". It needs the review of evals/'s code owners (docs/ci.md).**", ""]
+        lines += [
+            "**This pull request changes what decides whether a model ships (the eval gate's policy, "
+            "its eval sets or the release path): "
+            + ", ".join(f"`{name}`" for name in guarded)
+            + ". It needs the review of evals/'s code owners (docs/ci.md).**",
+            "",
+        ]
     for title, name in sections:
         path = Path(root) / name
         lines += ["<details open>" if "gate" in name else "<details>", f"<summary>{title}</summary>", ""]

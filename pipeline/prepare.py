@@ -62,16 +62,22 @@ def freeze_template_clock() -> None:
     from transformers.utils import chat_template_utils
 
     if not hasattr(chat_template_utils, "datetime"):
-        raise RuntimeError("transformers no longer reads the clock through chat_template_utils.datetime: "
-                           "chat templates would print the day of the run; update freeze_template_clock")
+        raise RuntimeError(
+            "transformers no longer reads the clock through chat_template_utils.datetime: "
+            "chat templates would print the day of the run; update freeze_template_clock"
+        )
     chat_template_utils.datetime = _TemplateClock
 
 
 def render_prompt(tokenizer, prompt: str, options: TemplateOptions | None = None) -> str:
     """The exact text the model sees before its answer, in training and in evaluation."""
     freeze_template_clock()
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False, **(options or TemplateOptions()).kwargs)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        tokenize=False,
+        **(options or TemplateOptions()).kwargs,
+    )
 
 
 def as_conversation(row: dict):
@@ -116,6 +122,7 @@ class TemplateOptions:
     history: what to do with an assistant turn the template renders differently once later turns
     follow: "own_example" trains it as its own example, with the history the template renders before
     it (what the model sees at inference); "context_only" leaves it without loss; "refuse" raises."""
+
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     history: str = "own_example"
 
@@ -178,8 +185,14 @@ def _library():
     checked here so an upgrade that moves them fails loudly, not silently)."""
     from transformers.utils import chat_template_utils as ctu
 
-    names = ("_compile_jinja_template", "_get_control_token_patterns", "mark_control_tokens", "encode_marked_chat",
-             "_alias_reasoning_fields", "_get_template_literal_text")
+    names = (
+        "_compile_jinja_template",
+        "_get_control_token_patterns",
+        "mark_control_tokens",
+        "encode_marked_chat",
+        "_alias_reasoning_fields",
+        "_get_template_literal_text",
+    )
     missing = [n for n in names if not hasattr(ctu, n)]
     if missing:
         raise RuntimeError(f"transformers.utils.chat_template_utils lacks {missing}: update pipeline/prepare.py")
@@ -220,6 +233,7 @@ class _Probe(str):
                 return _Probe(method(), log)
             log.reads.append((origin, name))
             return method(*args, **kwargs)
+
         return call
 
     def __add__(self, other):
@@ -236,11 +250,26 @@ def _recording(name):
     def op(self, *args):
         self._note(name)
         return getattr(str, name)(self, *args)
+
     return op
 
 
-for _name in ("__len__", "__contains__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__getitem__",
-              "__iter__", "__mod__", "__mul__", "__rmul__", "__format__"):
+for _name in (
+    "__len__",
+    "__contains__",
+    "__eq__",
+    "__ne__",
+    "__lt__",
+    "__le__",
+    "__gt__",
+    "__ge__",
+    "__getitem__",
+    "__iter__",
+    "__mod__",
+    "__mul__",
+    "__rmul__",
+    "__format__",
+):
     setattr(_Probe, _name, _recording(_name))
 _Probe.__bool__ = lambda self: (self._note("__bool__"), str.__len__(self) > 0)[1]
 
@@ -279,8 +308,9 @@ class ChatRenderer:
         literal = self.lib._get_template_literal_text(self.template)
         named = {str(t) for t in tokenizer.special_tokens_map.values() if isinstance(t, str)}
         # the tokens a turn body can end with: the template's own control tokens and the named specials
-        self.end_tokens = tuple(sorted({t for t in control if not t.isspace() and (t in literal or t in named)},
-                                       key=len, reverse=True))
+        self.end_tokens = tuple(
+            sorted({t for t in control if not t.isspace() and (t in literal or t in named)}, key=len, reverse=True)
+        )
         self.closing = self._closing_suffix()
         self._layouts: dict = {}
         self._capable: set = set()
@@ -288,8 +318,9 @@ class ChatRenderer:
     # -- rendering
 
     def jinja(self, messages: list[dict], tools=None, generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
-                                                  tokenize=False, **self.options.kwargs)
+        return self.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False, **self.options.kwargs
+        )
 
     def _closing_suffix(self) -> str:
         """What the template appends only after a conversation's last turn (Phi-3.5's eos), found with
@@ -310,20 +341,28 @@ class ChatRenderer:
     def _ends_with_token(self, text: str) -> bool:
         """Whether `text` ends with one of the template's end tokens (one of the data's, marked, does not count)."""
         return text.endswith(self.end_tokens) and any(
-            text.endswith(t) and not text[:-len(t)].endswith(self.lib._CONTROL_TOKEN_START) for t in self.end_tokens)
+            text.endswith(t) and not text[: -len(t)].endswith(self.lib._CONTROL_TOKEN_START) for t in self.end_tokens
+        )
 
     def _turn_length(self, turn: str) -> int:
         """Characters of a turn's rendering (at the end of a conversation) the model generates: up to
         and including the end token its body ends with; all of it where the body ends in plain text."""
-        body = turn[:-len(self.closing)] if self.closing and turn.endswith(self.closing) else turn
+        body = turn[: -len(self.closing)] if self.closing and turn.endswith(self.closing) else turn
         stripped = body.rstrip()
         return len(stripped) if self._ends_with_token(stripped) else len(body)
 
     @staticmethod
     def _shape(messages: list[dict]) -> tuple:
         """Each message's role and fields: what decides a rendering's layout (see `_layout`)."""
-        return tuple((m["role"], "content" in m, "reasoning_content" in m,
-                      "tool_calls" in m or "name" in m or "tool_call_id" in m) for m in messages)
+        return tuple(
+            (
+                m["role"],
+                "content" in m,
+                "reasoning_content" in m,
+                "tool_calls" in m or "name" in m or "tool_call_id" in m,
+            )
+            for m in messages
+        )
 
     def _layout(self, messages: list[dict], generation_prompt: bool, shape: tuple | None = None):
         """The rendering of this role sequence as literal segments around printed fields, or None
@@ -337,18 +376,30 @@ class ChatRenderer:
     def _probes(self, messages: list[dict], tag: int, log: _Reads | None):
         # markers with whitespace, a quote and a backslash at the edges: trimming and escaping show
         probe = (lambda text, origin: _Probe(text, log, origin)) if log else (lambda text, origin: text)
-        return [{"role": m["role"], **{f: probe(f' \n"\ue000{tag}.{i}.{f}\\\ue001"\n ', (i, f))
-                                        for f in ("content", "reasoning_content") if f in m}}
-                for i, m in enumerate(messages)]
+        return [
+            {
+                "role": m["role"],
+                **{
+                    f: probe(f' \n"\ue000{tag}.{i}.{f}\\\ue001"\n ', (i, f))
+                    for f in ("content", "reasoning_content")
+                    if f in m
+                },
+            }
+            for i, m in enumerate(messages)
+        ]
 
     def _learn(self, messages: list[dict], generation_prompt: bool):
         log = _Reads()
         probes = self._probes(messages, 0, log)
         try:
             compiled = self.lib._compile_jinja_template(self.template)
-            text = compiled.render(messages=self.lib._alias_reasoning_fields(probes), tools=None, documents=None,
-                                   add_generation_prompt=generation_prompt,
-                                   **{**self.tokenizer.special_tokens_map, **self.options.kwargs})
+            text = compiled.render(
+                messages=self.lib._alias_reasoning_fields(probes),
+                tools=None,
+                documents=None,
+                add_generation_prompt=generation_prompt,
+                **{**self.tokenizer.special_tokens_map, **self.options.kwargs},
+            )
         except Exception:
             return None
         if log.reads:
@@ -381,7 +432,7 @@ class ChatRenderer:
     def _join(layout, messages: list[dict]) -> str:
         segments, fields = layout
         parts = [segments[0]]
-        for (i, f, trim), after in zip(fields, segments[1:]):
+        for (i, f, trim), after in zip(fields, segments[1:], strict=True):
             value = messages[i][f]
             parts += (value.strip() if trim else value, after)
         return "".join(parts)
@@ -409,21 +460,30 @@ class ChatRenderer:
                 continue
             if "reasoning_content" in m:
                 m["reasoning_content"] = f"\ue000reasoning{i}\ue001"  # a marker no template writes
-            turn = self._render(probe[:i + 1], tools, False, row)[len(self._render(probe[:i], tools, True, row)):]
+            turn = self._render(probe[: i + 1], tools, False, row)[len(self._render(probe[:i], tools, True, row)) :]
             if "reasoning_content" in m and m["reasoning_content"] not in turn:
-                raise TemplateError(row, f"assistant turn {i} has reasoning_content but the chat template does not "
-                                         "render reasoning (it has no place for it): use a template that renders "
-                                         "reasoning, or drop the reasoning from the data")
+                raise TemplateError(
+                    row,
+                    f"assistant turn {i} has reasoning_content but the chat template does not "
+                    "render reasoning (it has no place for it): use a template that renders "
+                    "reasoning, or drop the reasoning from the data",
+                )
             for k, call in enumerate(m.get("tool_calls") or []):
                 name = call.get("function", call).get("name", "")
                 if name and name not in turn:
-                    raise TemplateError(row, f"assistant turn {i} has tool_calls but the chat template does not "
-                                             f"render tool call {k} ({name!r}): it has no place for tool calls")
+                    raise TemplateError(
+                        row,
+                        f"assistant turn {i} has tool_calls but the chat template does not "
+                        f"render tool call {k} ({name!r}): it has no place for tool calls",
+                    )
         for tool in tools or []:
             name = tool.get("function", tool).get("name", "")
             if name and name not in self._render(probe, tools, False, row):
-                raise TemplateError(row, f"the row has tools but the chat template does not render tool {name!r}: "
-                                         "it has no place for tool definitions")
+                raise TemplateError(
+                    row,
+                    f"the row has tools but the chat template does not render tool {name!r}: "
+                    "it has no place for tool definitions",
+                )
         self._capable.add(key)
 
     # -- the examples of a conversation
@@ -442,35 +502,46 @@ class ChatRenderer:
             if not _trained(message):
                 continue
             prompt = self._render(messages[:i], tools, True, row, shape[:i])
-            upto = full if i == len(messages) - 1 else self._render(messages[:i + 1], tools, False, row, shape[:i + 1])
+            upto = (
+                full if i == len(messages) - 1 else self._render(messages[: i + 1], tools, False, row, shape[: i + 1])
+            )
             if not upto.startswith(prompt):
                 at = len(os.path.commonprefix([prompt, upto]))
-                raise TemplateError(row, f"the chat template renders the prompt of assistant turn {i} (the turns "
-                                         "before it and the generation prompt) otherwise once the turn follows: "
-                                         f"the prompt reads {prompt[max(0, at - 40):at + 40]!r}, with the turn "
-                                         f"{upto[max(0, at - 40):at + 40]!r}; training would show a prompt that "
-                                         "inference never renders (DeepSeek-R1 distills open a think block in the "
-                                         "prompt and drop it from the turn; Mistral Nemo prints the system message "
-                                         "only when a user turn is last): use a template whose turns follow its "
-                                         "prompt, or leave out what it moves (the system message)")
-            span = (len(prompt), len(prompt) + self._turn_length(upto[len(prompt):]))
-            if full.startswith(upto[:span[1]]):
+                raise TemplateError(
+                    row,
+                    f"the chat template renders the prompt of assistant turn {i} (the turns "
+                    "before it and the generation prompt) otherwise once the turn follows: "
+                    f"the prompt reads {prompt[max(0, at - 40) : at + 40]!r}, with the turn "
+                    f"{upto[max(0, at - 40) : at + 40]!r}; training would show a prompt that "
+                    "inference never renders (DeepSeek-R1 distills open a think block in the "
+                    "prompt and drop it from the turn; Mistral Nemo prints the system message "
+                    "only when a user turn is last): use a template whose turns follow its "
+                    "prompt, or leave out what it moves (the system message)",
+                )
+            span = (len(prompt), len(prompt) + self._turn_length(upto[len(prompt) :]))
+            if full.startswith(upto[: span[1]]):
                 in_full.append(span)
                 continue
             if not full.startswith(prompt):
                 at = len(os.path.commonprefix([prompt, full]))
-                raise TemplateError(row, f"the chat template moves or drops content of the turns before assistant "
-                                         f"turn {i} once later turns follow (e.g. a system message printed only in "
-                                         "the last user turn): the prompt at inference reads "
-                                         f"{prompt[max(0, at - 40):at + 40]!r}, the whole conversation "
-                                         f"{full[max(0, at - 40):at + 40]!r}; no example shows the model both: "
-                                         "split the conversation, or drop the system message")
+                raise TemplateError(
+                    row,
+                    f"the chat template moves or drops content of the turns before assistant "
+                    f"turn {i} once later turns follow (e.g. a system message printed only in "
+                    "the last user turn): the prompt at inference reads "
+                    f"{prompt[max(0, at - 40) : at + 40]!r}, the whole conversation "
+                    f"{full[max(0, at - 40) : at + 40]!r}; no example shows the model both: "
+                    "split the conversation, or drop the system message",
+                )
             if self.options.history == "refuse":
                 at = len(os.path.commonprefix([upto, full]))
-                raise TemplateError(row, f"the chat template renders assistant turn {i} differently once later "
-                                         f"turns follow ({upto[at:at + 40]!r} becomes {full[at:at + 40]!r}, e.g. "
-                                         "earlier reasoning dropped); set prepare.history_turns: own_example to "
-                                         "train it as its own example, or context_only to train it as context only")
+                raise TemplateError(
+                    row,
+                    f"the chat template renders assistant turn {i} differently once later "
+                    f"turns follow ({upto[at : at + 40]!r} becomes {full[at : at + 40]!r}, e.g. "
+                    "earlier reasoning dropped); set prepare.history_turns: own_example to "
+                    "train it as its own example, or context_only to train it as context only",
+                )
             if self.options.history == "own_example":
                 own.append(Example(upto, [span], marked is not None))
         return ([Example(full, in_full, marked is not None)] if in_full or not own else []) + own
@@ -478,14 +549,18 @@ class ChatRenderer:
     def _mark(self, messages: list[dict], tools):
         """Messages and tools with control-token strings wrapped in transformers' markers, or None when
         no string holds one (the common case: nothing to do)."""
-        strings = [m.get(f) for m in messages for f in ("content", "reasoning_content")] + \
-                  [json.dumps(m["tool_calls"], ensure_ascii=False, default=str) for m in messages
-                   if m.get("tool_calls")] + ([json.dumps(tools, ensure_ascii=False, default=str)] if tools else [])
+        strings = (
+            [m.get(f) for m in messages for f in ("content", "reasoning_content")]
+            + [json.dumps(m["tool_calls"], ensure_ascii=False, default=str) for m in messages if m.get("tool_calls")]
+            + ([json.dumps(tools, ensure_ascii=False, default=str)] if tools else [])
+        )
         text = "\0".join(s for s in strings if isinstance(s, str))
         if not any(c in text for c in self._first_chars) or not self._in_data_re.search(text):
             return None
-        return (self.lib.mark_control_tokens(messages, self.control_re),
-                self.lib.mark_control_tokens(tools, self.control_re) if tools else tools)
+        return (
+            self.lib.mark_control_tokens(messages, self.control_re),
+            self.lib.mark_control_tokens(tools, self.control_re) if tools else tools,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,6 +572,7 @@ class Tokenized:
     """Examples as flat arrays: example i is ids[offsets[i]:offsets[i + 1]], labels alike; it comes
     from conversation rows[i] (a conversation makes more than one example where its template renders
     a trained turn differently once later turns follow: see TemplateOptions.history)."""
+
     ids: np.ndarray  # int32
     labels: np.ndarray  # int32, IGNORE where there is no loss
     offsets: np.ndarray  # int64, one more than there are examples
@@ -535,11 +611,16 @@ class Tokenized:
     def concat(parts: list[Tokenized]) -> Tokenized:
         """The parts one after another; their rows keep counting on (part k's rows after part k-1's)."""
         shifts = np.cumsum([0] + [p.offsets[-1] for p in parts[:-1]])
-        offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, shifts)]).astype(np.int64)
+        offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, shifts, strict=True)]).astype(
+            np.int64
+        )
         row_shifts = np.cumsum([0] + [int(p.rows.max()) + 1 if len(p) else 0 for p in parts[:-1]])
-        return Tokenized(np.concatenate([p.ids for p in parts]).astype(np.int32),
-                         np.concatenate([p.labels for p in parts]).astype(np.int32), offsets,
-                         np.concatenate([p.rows + s for p, s in zip(parts, row_shifts)]).astype(np.int64))
+        return Tokenized(
+            np.concatenate([p.ids for p in parts]).astype(np.int32),
+            np.concatenate([p.labels for p in parts]).astype(np.int32),
+            offsets,
+            np.concatenate([p.rows + s for p, s in zip(parts, row_shifts, strict=True)]).astype(np.int64),
+        )
 
 
 @contextmanager
@@ -576,6 +657,7 @@ def _marked_token_spans(tokenizer, renderer: ChatRenderer, example: Example) -> 
     def boundary(char: int) -> int:
         before = encode(tokenizer, example.text[:char])
         return len(os.path.commonprefix([before, ids]))
+
     return ids, [(boundary(s), boundary(e)) for s, e in example.spans if e > s]
 
 
@@ -617,11 +699,12 @@ _FORKED: tuple | None = None
 
 def _encode_forked(span: tuple[int, int]) -> Tokenized:
     tokenizer, conversations, options = _FORKED
-    return _encode_chunk(tokenizer, ChatRenderer(tokenizer, options), conversations[span[0]:span[1]], span[0])
+    return _encode_chunk(tokenizer, ChatRenderer(tokenizer, options), conversations[span[0] : span[1]], span[0])
 
 
-def tokenize_conversations(tokenizer, conversations: list, workers: int | None = None,
-                           options: TemplateOptions | None = None) -> Tokenized:
+def tokenize_conversations(
+    tokenizer, conversations: list, workers: int | None = None, options: TemplateOptions | None = None
+) -> Tokenized:
     """Token ids exactly as `apply_chat_template` gives them (control-token strings in the data as
     text, as with its sanitize_control_tokens); loss on the span of every trained assistant turn.
     A conversation is a list of messages, or {"messages", "tools"} (see as_conversation); `rows` of
@@ -666,8 +749,9 @@ def token_lengths(tokenizer, conversations: list, options: TemplateOptions | Non
     return lengths
 
 
-def tokenize_pair(tokenizer, prompt: str, response: str,
-                  options: TemplateOptions | None = None) -> tuple[list[int], list[int]]:
+def tokenize_pair(
+    tokenizer, prompt: str, response: str, options: TemplateOptions | None = None
+) -> tuple[list[int], list[int]]:
     """One exchange's token ids and labels; only the response's span (its preamble, text and
     end-of-turn token) carries loss. The ids are the chat template's for the whole exchange, so text
     after the end-of-turn token (a newline in many templates) ends the ids, masked."""
@@ -689,10 +773,15 @@ def cache_key(path: str | Path, tokenizer, options: TemplateOptions | None = Non
 
     options = options or TemplateOptions()
     digest = hashlib.sha256()
-    for part in (Path(path).read_bytes(), tokenizer.backend_tokenizer.to_str().encode(),
-                 str(tokenizer.chat_template).encode(), repr(sorted(tokenizer.special_tokens_map.items())).encode(),
-                 json.dumps([dict(options.kwargs), options.history], sort_keys=True, default=str).encode(),
-                 Path(__file__).read_bytes(), f"{tokenizers.__version__} {transformers.__version__}".encode()):
+    for part in (
+        Path(path).read_bytes(),
+        tokenizer.backend_tokenizer.to_str().encode(),
+        str(tokenizer.chat_template).encode(),
+        repr(sorted(tokenizer.special_tokens_map.items())).encode(),
+        json.dumps([dict(options.kwargs), options.history], sort_keys=True, default=str).encode(),
+        Path(__file__).read_bytes(),
+        f"{tokenizers.__version__} {transformers.__version__}".encode(),
+    ):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()
 
@@ -701,21 +790,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SFT_CACHE_DIR", DEFAULT_CACHE_DIR))
 
 
-def tokenize_file(tokenizer, path: str | Path, load, cache: Path | None = None,
-                  options: TemplateOptions | None = None) -> tuple[Tokenized, bool]:
+def tokenize_file(
+    tokenizer, path: str | Path, load, cache: Path | None = None, options: TemplateOptions | None = None
+) -> tuple[Tokenized, bool]:
     """The file's examples tokenized, from the cache when the same file, tokenizer and template
     options were seen before (returns True then); `load(path)` gives the conversations on a miss."""
     cache = cache_dir() if cache is None else cache
     stored = cache / f"{cache_key(path, tokenizer, options)}.npz"
     if stored.exists():
         with np.load(stored) as saved:
-            return Tokenized(saved["ids"], np.where(saved["supervised"], saved["ids"], IGNORE).astype(np.int32),
-                             saved["offsets"], saved["rows"]), True
+            return Tokenized(
+                saved["ids"],
+                np.where(saved["supervised"], saved["ids"], IGNORE).astype(np.int32),
+                saved["offsets"],
+                saved["rows"],
+            ), True
     tokenized = tokenize_conversations(tokenizer, load(path), options=options)
     stored.parent.mkdir(parents=True, exist_ok=True)
     tmp = stored.with_suffix(".tmp.npz")  # a crash mid-write never leaves a truncated entry behind
-    np.savez(tmp, ids=tokenized.ids, supervised=tokenized.labels != IGNORE, offsets=tokenized.offsets,
-             rows=tokenized.rows)
+    np.savez(
+        tmp, ids=tokenized.ids, supervised=tokenized.labels != IGNORE, offsets=tokenized.offsets, rows=tokenized.rows
+    )
     tmp.replace(stored)
     return tokenized, False
 
@@ -779,7 +874,7 @@ def pack_bins(lengths, capacity: int) -> list[list[int]]:
     values, starts = np.unique(lengths[order], return_index=True)
     ends = list(starts[1:]) + [len(order)]
     # each length's indices, highest first, so pop() hands out the lowest index first
-    groups = {int(v): order[a:b][::-1].tolist() for v, a, b in zip(values, starts, ends)}
+    groups = {int(v): order[a:b][::-1].tolist() for v, a, b in zip(values, starts, ends, strict=True)}
     bins: list[list[int]] = []
     while groups:
         longest = max(groups)
@@ -837,9 +932,11 @@ def _as_tokenized(examples) -> Tokenized:
     if isinstance(examples, Tokenized):
         return examples
     lengths = [len(ids) for ids, _ in examples]
-    return Tokenized(np.fromiter(chain.from_iterable(i for i, _ in examples), np.int32, sum(lengths)),
-                     np.fromiter(chain.from_iterable(l for _, l in examples), np.int32, sum(lengths)),
-                     np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return Tokenized(
+        np.fromiter(chain.from_iterable(i for i, _ in examples), np.int32, sum(lengths)),
+        np.fromiter(chain.from_iterable(ids for _, ids in examples), np.int32, sum(lengths)),
+        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    )
 
 
 def pack_examples(examples, max_len: int, pad_id: int) -> Packed:
@@ -861,7 +958,7 @@ def bucket_order(lengths, bucket_rows: int, seed: int) -> np.ndarray:
     a batch to its longest row leaves little padding, while chunks keep the epoch shuffled."""
     lengths = np.asarray(lengths)
     order = np.random.default_rng(seed).permutation(len(lengths))
-    chunks = [order[i:i + bucket_rows] for i in range(0, len(order), bucket_rows)]
+    chunks = [order[i : i + bucket_rows] for i in range(0, len(order), bucket_rows)]
     return np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks]) if chunks else order
 
 
@@ -873,31 +970,52 @@ def bucket_examples(examples, max_len: int, pad_id: int, bucket_rows: int, seed:
     kept = examples.select(bucket_order(np.minimum(examples.lengths, max_len), bucket_rows, seed), max_len)
     rows = len(kept)
     input_ids, labels, positions, fill = _rows(kept, np.arange(rows), rows, max_len, pad_id)
-    return Packed(input_ids, labels, positions, _stats(len(examples), kept, input_ids, truncated),
-                  lengths=fill.astype(np.int32))
+    return Packed(
+        input_ids, labels, positions, _stats(len(examples), kept, input_ids, truncated), lengths=fill.astype(np.int32)
+    )
 
 
-def prepare_tokenized(train: Tokenized, replay: Tokenized | None, max_len: int, replay_share: float, seed: int,
-                      pad_id: int, pack: bool = True, bucket_rows: int = 256) -> Packed:
+def prepare_tokenized(
+    train: Tokenized,
+    replay: Tokenized | None,
+    max_len: int,
+    replay_share: float,
+    seed: int,
+    pad_id: int,
+    pack: bool = True,
+    bucket_rows: int = 256,
+) -> Packed:
     """Mix replay into the training examples, then pack them (or bucket them, one a row)."""
     replay_count = len(replay) if replay is not None else 0
-    mixed = mix_replay(list(range(len(train))), list(range(len(train), len(train) + replay_count)),
-                       replay_share, seed)
+    mixed = mix_replay(list(range(len(train))), list(range(len(train), len(train) + replay_count)), replay_share, seed)
     examples = Tokenized.concat([train, replay]) if replay_count else train
     examples = examples.select(mixed)
-    packed = (pack_examples(examples, max_len, pad_id) if pack
-              else bucket_examples(examples, max_len, pad_id, bucket_rows, seed))
+    packed = (
+        pack_examples(examples, max_len, pad_id)
+        if pack
+        else bucket_examples(examples, max_len, pad_id, bucket_rows, seed)
+    )
     packed.stats["packed"] = pack
     packed.stats["replay_rows"] = len(mixed) - len(train)
     packed.stats["replay_share"] = round((len(mixed) - len(train)) / max(len(mixed), 1), 4)
     return packed
 
 
-def prepare(tokenizer, train: list[dict], replay: list[dict], max_len: int, replay_share: float, seed: int,
-            pack: bool = True, bucket_rows: int = 256, options: TemplateOptions | None = None) -> Packed:
+def prepare(
+    tokenizer,
+    train: list[dict],
+    replay: list[dict],
+    max_len: int,
+    replay_share: float,
+    seed: int,
+    pack: bool = True,
+    bucket_rows: int = 256,
+    options: TemplateOptions | None = None,
+) -> Packed:
     """Rows (prompt/response or messages) -> packed (or length-bucketed) training rows."""
     tokenized = tokenize_conversations(tokenizer, [as_conversation(r) for r in train + replay], options=options)
     train_part = tokenized.select(tokenized.of_rows(range(len(train))))
     replay_part = tokenized.select(tokenized.of_rows(range(len(train), len(train) + len(replay)))) if replay else None
-    return prepare_tokenized(train_part, replay_part, max_len, replay_share, seed, tokenizer.pad_token_id,
-                             pack, bucket_rows)
+    return prepare_tokenized(
+        train_part, replay_part, max_len, replay_share, seed, tokenizer.pad_token_id, pack, bucket_rows
+    )

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import ArtifactError, Verdict, read
-from pipeline.files import (combine_digests, file_manifest, manifest_differences, sha256_file, sha256_files,
-                            weight_files)
+from pipeline.files import combine_digests, file_manifest, manifest_differences, sha256_file, sha256_files, weight_files
 
 
 class PublishRefused(ValueError):
@@ -36,8 +35,13 @@ class Published:
     created: bool  # False: the tag already named these weights, nothing was pushed
 
 
-def check_release(folder: Path, gate_path: Path, manifest_path: Path | None = None,
-                  signers: Path | None = None, commit: str | None = None) -> Verdict:
+def check_release(
+    folder: Path,
+    gate_path: Path,
+    manifest_path: Path | None = None,
+    signers: Path | None = None,
+    commit: str | None = None,
+) -> Verdict:
     """The gate verdict, if the signed attestation, the manifest, the folder's files and the verdict
     all agree (module docstring); else PublishRefused. Without `manifest_path`, only the verdict and
     the weights are checked."""
@@ -52,8 +56,10 @@ def check_release(folder: Path, gate_path: Path, manifest_path: Path | None = No
             raise PublishRefused(str(err)) from None
         attestation = _load_json(attestation_path, "the training job writes it with `sft sign`")
         if not commit or attestation.get("commit") != commit:
-            raise PublishRefused(f"{attestation_path}: commit {str(attestation.get('commit'))[:12]} is not the tagged "
-                                 f"commit {str(commit)[:12]}; a signed verdict of another commit proves nothing here")
+            raise PublishRefused(
+                f"{attestation_path}: commit {str(attestation.get('commit'))[:12]} is not the tagged "
+                f"commit {str(commit)[:12]}; a signed verdict of another commit proves nothing here"
+            )
         if not Path(manifest_path).is_file() or attestation.get("manifest_sha256") != sha256_file(manifest_path):
             raise PublishRefused(f"{manifest_path}: not the manifest the training job signed (manifest_sha256)")
     if not gate_path.is_file():
@@ -64,8 +70,9 @@ def check_release(folder: Path, gate_path: Path, manifest_path: Path | None = No
         raise PublishRefused(f"{err}; nothing is published") from None
     if not verdict.passed:
         failed = [r.metric for r in verdict.rules if not r.passed]
-        raise PublishRefused(f"{gate_path}: passed is not true (failing rules: {', '.join(failed) or '-'}); "
-                             "nothing is published")
+        raise PublishRefused(
+            f"{gate_path}: passed is not true (failing rules: {', '.join(failed) or '-'}); nothing is published"
+        )
     _check_consistent(verdict, gate_path)
     expected = verdict.sha256
     if len(expected) != 64:
@@ -78,8 +85,10 @@ def check_release(folder: Path, gate_path: Path, manifest_path: Path | None = No
     actual = sha256_files(weights)
     if actual != expected:
         names = ", ".join(w.name for w in weights)
-        raise PublishRefused(f"{folder}: weights ({names}) sha256 {actual} differs from {gate_path} sha256 "
-                             f"{expected}; these are not the weights the gate passed")
+        raise PublishRefused(
+            f"{folder}: weights ({names}) sha256 {actual} differs from {gate_path} sha256 "
+            f"{expected}; these are not the weights the gate passed"
+        )
     return verdict
 
 
@@ -98,12 +107,15 @@ def _check_consistent(verdict: Verdict, gate_path: Path) -> None:
     or whose chosen checkpoint is no candidate.)"""
     failing = [r.metric for r in verdict.rules if not r.passed]
     if failing or verdict.failed_rules:
-        raise PublishRefused(f"{gate_path}: passed is true but rule(s) {', '.join(failing or verdict.failed_rules)} "
-                             "did not pass; the verdict contradicts itself")
+        raise PublishRefused(
+            f"{gate_path}: passed is true but rule(s) {', '.join(failing or verdict.failed_rules)} "
+            "did not pass; the verdict contradicts itself"
+        )
     chosen = verdict.candidates[verdict.chosen]
     if not chosen.full_suite or not chosen.passed:
-        raise PublishRefused(f"{gate_path}: candidates.{verdict.chosen}: the chosen checkpoint has no passing "
-                             "full-suite results")
+        raise PublishRefused(
+            f"{gate_path}: candidates.{verdict.chosen}: the chosen checkpoint has no passing full-suite results"
+        )
 
 
 def _check_files(folder: Path, gate_path: Path, verdict: Verdict, manifest: dict, manifest_path: Path) -> None:
@@ -114,8 +126,11 @@ def _check_files(folder: Path, gate_path: Path, verdict: Verdict, manifest: dict
     if manifest.get("gate_sha256") != sha256_file(gate_path):
         raise PublishRefused(f"{gate_path}: differs from the verdict {manifest_path} was signed for (gate_sha256)")
     missing, extra, changed = manifest_differences(listed, file_manifest(folder))
-    for problem, names in (("missing", missing), ("not in the signed manifest (added)", extra),
-                           ("changed since the gate (sha256 differs)", changed)):
+    for problem, names in (
+        ("missing", missing),
+        ("not in the signed manifest (added)", extra),
+        ("changed since the gate (sha256 differs)", changed),
+    ):
         if names:
             raise PublishRefused(f"{folder}: {', '.join(names)}: {problem}; {manifest_path} lists what the gate passed")
     gated = verdict.files or {}
@@ -123,8 +138,19 @@ def _check_files(folder: Path, gate_path: Path, verdict: Verdict, manifest: dict
         raise PublishRefused(f"{gate_path}: files: the checkpoint files the gate passed are not the manifest's")
 
 
-def publish(folder: Path, gate_path: Path, repo_id: str, tag: str, *, manifest_path: Path, signers: Path,
-            commit: str, endpoint: str | None = None, token: str | None = None, private: bool = True) -> Published:
+def publish(
+    folder: Path,
+    gate_path: Path,
+    repo_id: str,
+    tag: str,
+    *,
+    manifest_path: Path,
+    signers: Path,
+    commit: str,
+    endpoint: str | None = None,
+    token: str | None = None,
+    private: bool = True,
+) -> Published:
     """Check the release (signature first) for the tagged `commit`, then create the repo (private
     unless told), commit the folder once, tag it."""
     from huggingface_hub import HfApi
@@ -141,14 +167,16 @@ def publish(folder: Path, gate_path: Path, repo_id: str, tag: str, *, manifest_p
         lfs = {f.path: f.lfs.sha256 for f in remote if getattr(f, "lfs", None)}
         remote_sha = combine_digests(lfs) if sorted(lfs) == sorted(names) else None
         if remote_sha != verdict.sha256:
-            raise PublishRefused(f"{repo_id}@{tag}: the tag already exists on other weights ({remote_sha}); "
-                                 "use a new tag")
+            raise PublishRefused(
+                f"{repo_id}@{tag}: the tag already exists on other weights ({remote_sha}); use a new tag"
+            )
         return Published(repo_id, tag, tagged[tag], created=False)
 
     # create_commit skips files whose content the Hub already has, and makes no commit when all are
     # unchanged (a retry after the commit succeeded but the tag did not)
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder),
+        repo_id=repo_id,
+        folder_path=str(folder),
         commit_message=f"Release {tag}: {verdict.chosen} (weights sha256 {verdict.sha256[:12]})",
         commit_description=f"Passed the eval gate; weights sha256 {verdict.sha256}.",
     )

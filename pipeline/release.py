@@ -19,26 +19,40 @@ release_app = typer.Typer(no_args_is_help=True)
 
 
 @release_app.command()
-def publish(tag: str = typer.Option(..., envvar="RELEASE_TAG", help="release tag, e.g. v1.0.0"),
-            folder: Path = typer.Option(PATHS.card, help="the folder `sft card` wrote"),
-            gate_file: Path = typer.Option(PATHS.verdict, "--gate", help="the gate verdict"),
-            sha: str = typer.Option(..., envvar="GITHUB_SHA", help="the tagged commit: the signed verdict must be its own"),
-            manifest: Path = typer.Option(PATHS.manifest, help="the release manifest (signed through "
-                                                                               "release/attestation.json)"),
-            signers: Path = typer.Option(Path(".github/release-signers"), help="allowed signers (public keys)"),
-            repo_id: str = typer.Option(None, help="Hub repo (default: params.yaml card.repo_id)"),
-            endpoint: str = typer.Option(None, envvar="HF_ENDPOINT", help="Hub URL (default: huggingface.co)"),
-            token: str = typer.Option(None, envvar="HF_TOKEN", show_default=False),
-            public: bool = typer.Option(False, "--public", help="create the repo public (default: private)")):
+def publish(
+    tag: str = typer.Option(..., envvar="RELEASE_TAG", help="release tag, e.g. v1.0.0"),
+    folder: Path = typer.Option(PATHS.card, help="the folder `sft card` wrote"),
+    gate_file: Path = typer.Option(PATHS.verdict, "--gate", help="the gate verdict"),
+    sha: str = typer.Option(..., envvar="GITHUB_SHA", help="the tagged commit: the signed verdict must be its own"),
+    manifest: Path = typer.Option(
+        PATHS.manifest, help="the release manifest (signed through release/attestation.json)"
+    ),
+    signers: Path = typer.Option(Path(".github/release-signers"), help="allowed signers (public keys)"),
+    repo_id: str = typer.Option(None, help="Hub repo (default: params.yaml card.repo_id)"),
+    endpoint: str = typer.Option(None, envvar="HF_ENDPOINT", help="Hub URL (default: huggingface.co)"),
+    token: str = typer.Option(None, envvar="HF_TOKEN", show_default=False),
+    public: bool = typer.Option(False, "--public", help="create the repo public (default: private)"),
+):
     """Push the card folder to the Hub as one commit and tag it; only the weights the gate passed."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    from pipeline.publish import PublishRefused, publish as push
+    from pipeline.publish import PublishRefused
+    from pipeline.publish import publish as push
 
     repo_id = repo_id or params().card.repo_id
     try:
-        result = push(folder, gate_file, repo_id, tag, manifest_path=manifest, signers=signers, commit=sha,
-                      endpoint=endpoint, token=token, private=not public)
+        result = push(
+            folder,
+            gate_file,
+            repo_id,
+            tag,
+            manifest_path=manifest,
+            signers=signers,
+            commit=sha,
+            endpoint=endpoint,
+            token=token,
+            private=not public,
+        )
     except PublishRefused as err:
         fail(f"publish refused: {err}")
     except OfflineModeIsEnabled:
@@ -52,12 +66,15 @@ def publish(tag: str = typer.Option(..., envvar="RELEASE_TAG", help="release tag
 
 
 @release_app.command()
-def sign(sha: str = typer.Option(..., envvar="GIT_SHA", help="the trained commit the verdict is for"),
-         manifest: Path = typer.Option(PATHS.manifest, help="the release manifest `sft card` wrote")):
+def sign(
+    sha: str = typer.Option(..., envvar="GIT_SHA", help="the trained commit the verdict is for"),
+    manifest: Path = typer.Option(PATHS.manifest, help="the release manifest `sft card` wrote"),
+):
     """Attest that `manifest` is the verdict of commit SHA and sign it with RELEASE_SIGNING_KEY (the
     training job, after the DAG): release/attestation.json and its .sig."""
     from pipeline.files import sha256_file
-    from pipeline.signing import SignatureError, sign as sign_file, signing_key_from_env
+    from pipeline.signing import SignatureError, signing_key_from_env
+    from pipeline.signing import sign as sign_file
 
     if not manifest.is_file():
         fail(f"{manifest}: not found; run `sft card` (a failed gate has nothing to sign)")
@@ -80,19 +97,29 @@ def _github():
     missing = [name for name in ("GITHUB_REPOSITORY", "GITHUB_TOKEN") if not os.environ.get(name)]
     if missing:
         fail(f"status: set {' and '.join(missing)} (in Actions they are set for you; pass the token via env)")
-    return GitHub(os.environ.get("GITHUB_API_URL", "https://api.github.com"), os.environ["GITHUB_REPOSITORY"],
-                  os.environ["GITHUB_TOKEN"])
+    return GitHub(
+        os.environ.get("GITHUB_API_URL", "https://api.github.com"),
+        os.environ["GITHUB_REPOSITORY"],
+        os.environ["GITHUB_TOKEN"],
+    )
 
 
 @status_app.command("set")
-def status_set(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to mark"),
-               state: str = typer.Option(None, help="pending | success | failure | error"),
-               description: str = typer.Option("", help="with --state"),
-               from_gate: Path = typer.Option(None, help="a gate.json: success only if it passed"),
-               signed: Path = typer.Option(None, help="with --from-gate: a pass counts only if this file's "
-                                                      "signature (<file>.sig) is there (the training job)"),
-               target_url: str = typer.Option(None, help="link shown beside the status (inside a SkyPilot "
-                                              "managed job: the job's dashboard page when JOBS_DASHBOARD_URL is set)")):
+def status_set(
+    sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to mark"),
+    state: str = typer.Option(None, help="pending | success | failure | error"),
+    description: str = typer.Option("", help="with --state"),
+    from_gate: Path = typer.Option(None, help="a gate.json: success only if it passed"),
+    signed: Path = typer.Option(
+        None,
+        help="with --from-gate: a pass counts only if this file's signature (<file>.sig) is there (the training job)",
+    ),
+    target_url: str = typer.Option(
+        None,
+        help="link shown beside the status (inside a SkyPilot "
+        "managed job: the job's dashboard page when JOBS_DASHBOARD_URL is set)",
+    ),
+):
     """Set eval-gate: `--state pending --description ...` while training, `--from-gate gate/gate.json` after."""
     from pipeline.github import GitHubError, job_page, set_status, status_from_gate
 
@@ -111,9 +138,12 @@ def status_set(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to
 
 
 @status_app.command("require")
-def status_require(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to check"),
-                   creator: str = typer.Option("", envvar="EVAL_GATE_ACCOUNT",
-                                               help="the account whose eval-gate status counts (the job's token's)")):
+def status_require(
+    sha: str = typer.Option(..., envvar="GITHUB_SHA", help="commit to check"),
+    creator: str = typer.Option(
+        "", envvar="EVAL_GATE_ACCOUNT", help="the account whose eval-gate status counts (the job's token's)"
+    ),
+):
     """Exit 1 unless the commit's eval-gate status is success, set by the eval-gate account (the release check)."""
     from pipeline.github import GitHubError, ReleaseRefused, require_success
 
@@ -141,8 +171,10 @@ def results(sha: str = typer.Option(..., envvar="GIT_SHA", help="the trained com
 
 
 @release_app.command("take-results")
-def take_results_command(sha: str = typer.Option(..., envvar="GITHUB_SHA", help="the tagged commit"),
-                         checkout: Path = typer.Option(Path("results"), help="where results/<sha> is checked out")):
+def take_results_command(
+    sha: str = typer.Option(..., envvar="GITHUB_SHA", help="the tagged commit"),
+    checkout: Path = typer.Option(Path("results"), help="where results/<sha> is checked out"),
+):
     """Copy the training results (dvc.lock, metrics, the signed release manifest) from results/<sha>,
     refusing a results commit that is not directly on the tagged commit or that changes other files."""
     from pipeline.github import ReleaseRefused, take_results
@@ -155,11 +187,16 @@ def take_results_command(sha: str = typer.Option(..., envvar="GITHUB_SHA", help=
 
 
 @release_app.command("pr-comment")
-def pr_comment(out: Path = typer.Option(Path("pr-comment.md"), help="where to write the comment"),
-               post: int = typer.Option(None, help="PR number: create or update the one comment there"),
-               head: str = typer.Option(None, help="the PR head commit, named in the heading"),
-               base: str = typer.Option(None, help="the base branch's revision (origin/main): changes to the "
-                                                   "gate's policy, eval sets or release path are flagged")):
+def pr_comment(
+    out: Path = typer.Option(Path("pr-comment.md"), help="where to write the comment"),
+    post: int = typer.Option(None, help="PR number: create or update the one comment there"),
+    head: str = typer.Option(None, help="the PR head commit, named in the heading"),
+    base: str = typer.Option(
+        None,
+        help="the base branch's revision (origin/main): changes to the "
+        "gate's policy, eval sets or release path are flagged",
+    ),
+):
     """Assemble the PR comment (contract, params diff, plan, data stats, gate); optionally post it."""
     from pipeline.github import GitHubError, upsert_comment
     from pipeline.pr_comment import build_comment, guarded_changes

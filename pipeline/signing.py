@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 NAMESPACE = "sft-release"  # binds a signature to this use: a key's other signatures do not verify here
-IDENTITY = "sft-release"   # the principal named in the allowed-signers file
+IDENTITY = "sft-release"  # the principal named in the allowed-signers file
 
 
 class SignatureError(RuntimeError):
@@ -49,19 +49,26 @@ def verify(path: Path, signers: Path) -> None:
     """Raise SignatureError unless `<path>.sig` is a signature of `path` by a key in `signers`."""
     path, signers = Path(path), Path(signers)
     signature = path.with_name(path.name + ".sig")
-    if not signers.is_file() or not any(line.strip() and not line.lstrip().startswith("#")
-                                        for line in signers.read_text().splitlines()):
-        raise SignatureError(f"{signers}: no release signer configured; add the training job's public key "
-                             "(docs/ci.md, 'Signed verdicts')")
+    if not signers.is_file() or not any(
+        line.strip() and not line.lstrip().startswith("#") for line in signers.read_text().splitlines()
+    ):
+        raise SignatureError(
+            f"{signers}: no release signer configured; add the training job's public key "
+            "(docs/ci.md, 'Signed verdicts')"
+        )
     for needed in (path, signature):
         if not needed.is_file():
             raise SignatureError(f"{needed}: missing; the training job signs the verdict it reports")
-    done = _ssh_keygen(["-Y", "verify", "-f", str(signers), "-I", IDENTITY, "-n", NAMESPACE, "-s", str(signature)],
-                       stdin=path.read_bytes())
+    done = _ssh_keygen(
+        ["-Y", "verify", "-f", str(signers), "-I", IDENTITY, "-n", NAMESPACE, "-s", str(signature)],
+        stdin=path.read_bytes(),
+    )
     if done.returncode != 0:
         reason = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
-        raise SignatureError(f"{signature}: does not verify against {signers} ({reason[-1] if reason else 'no reason'});"
-                             " this verdict was not signed by the training job")
+        raise SignatureError(
+            f"{signature}: does not verify against {signers} ({reason[-1] if reason else 'no reason'});"
+            " this verdict was not signed by the training job"
+        )
 
 
 def generate_keypair(folder: Path) -> tuple[str, str]:

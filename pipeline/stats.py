@@ -44,13 +44,22 @@ def render_markdown(current: dict, other: dict | None = None, rev: str | None = 
         lines = ["## Training data", "", "| statistic | value |", "| --- | ---: |"]
         lines += [f"| {k} | {current[k]:,} |" for k in keys]
     else:
-        lines = [f"## Training data: this branch vs `{rev}`", "", f"| statistic | `{rev}` | this branch | change |",
-                 "| --- | ---: | ---: | ---: |"]
+        lines = [
+            f"## Training data: this branch vs `{rev}`",
+            "",
+            f"| statistic | `{rev}` | this branch | change |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         for k in keys:
             change = current[k] - other[k]
             lines.append(f"| {k} | {other[k]:,} | {current[k]:,} | {change:+,.4g} |")
-    lines += ["", "Token lengths (prompt + response, chat template applied):", "",
-              "| tokens | rows |" + (f" `{rev}` |" if other else ""), "| --- | ---: |" + (" ---: |" if other else "")]
+    lines += [
+        "",
+        "Token lengths (prompt + response, chat template applied):",
+        "",
+        "| tokens | rows |" + (f" `{rev}` |" if other else ""),
+        "| --- | ---: |" + (" ---: |" if other else ""),
+    ]
     labels = [label(i) for i in range(len(BINS) - 1)]
     for name in labels:
         if name in current["histogram"] or (other and name in other["histogram"]):

@@ -20,9 +20,19 @@ CHAMPION = "champion"  # the registry alias a model gets when, and only when, it
 
 
 # SkyPilot declares every variable of the task, so one a team did not set arrives empty: as unset
-SETTINGS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-            "MLFLOW_TRACKING_PASSWORD", "MLFLOW_REGISTERED_MODEL_NAME", "WANDB_PROJECT", "WANDB_ENTITY",
-            "WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR")
+SETTINGS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_REGISTERED_MODEL_NAME",
+    "WANDB_PROJECT",
+    "WANDB_ENTITY",
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_DIR",
+)
 # a tracker is a spectator: a server that does not answer costs a few retries, not minutes of idle GPUs
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
@@ -40,22 +50,34 @@ def check_trackers(names: list[str]) -> None:
     _unset_empty_settings()
     missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
-        raise RuntimeError(f"train.trackers lists {', '.join(missing)} but it is not installed: "
-                           f"pip install -c constraints.txt -e '.[{','.join(missing)}]'")
+        raise RuntimeError(
+            f"train.trackers lists {', '.join(missing)} but it is not installed: "
+            f"pip install -c constraints.txt -e '.[{','.join(missing)}]'"
+        )
     if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise RuntimeError("train.trackers lists mlflow but MLFLOW_TRACKING_URI is not set: point it at your "
-                           "tracking server (the repository variable on the cluster, docs/ci.md)")
-    if ("wandb" in names and not os.environ.get("WANDB_API_KEY")
-            and os.environ.get("WANDB_MODE") not in ("offline", "disabled")):
-        raise RuntimeError("train.trackers lists wandb but WANDB_API_KEY is not set (the repository secret on "
-                           "the cluster, docs/ci.md); WANDB_MODE=offline logs to ./wandb without an account")
+        raise RuntimeError(
+            "train.trackers lists mlflow but MLFLOW_TRACKING_URI is not set: point it at your "
+            "tracking server (the repository variable on the cluster, docs/ci.md)"
+        )
+    if (
+        "wandb" in names
+        and not os.environ.get("WANDB_API_KEY")
+        and os.environ.get("WANDB_MODE") not in ("offline", "disabled")
+    ):
+        raise RuntimeError(
+            "train.trackers lists wandb but WANDB_API_KEY is not set (the repository secret on "
+            "the cluster, docs/ci.md); WANDB_MODE=offline logs to ./wandb without an account"
+        )
 
 
 def _warn(tracker: str, doing: str, err: Exception) -> None:
     """A tracker failing mid-run is reported and dropped; the run and the verdict go on (DVCLive and
     the stage outputs hold everything it would have shown)."""
-    print(f"warning: {tracker} failed {doing} and is dropped for this stage: {type(err).__name__}: {err}",
-          file=sys.stderr, flush=True)
+    print(
+        f"warning: {tracker} failed {doing} and is dropped for this stage: {type(err).__name__}: {err}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -89,8 +111,9 @@ class TrainingRuns:
             try:
                 import mlflow
 
-                run = mlflow.start_run(run_name=run_name(stage), tags={"sft.stage": stage,
-                                                                        "sft.git_sha": os.environ.get("GIT_SHA", "")})
+                run = mlflow.start_run(
+                    run_name=run_name(stage), tags={"sft.stage": stage, "sft.git_sha": os.environ.get("GIT_SHA", "")}
+                )
                 self.ids["mlflow"] = run.info.run_id
                 mlflow.log_params(flat)
             except Exception as err:  # noqa: BLE001 - any tracker failure, reported
@@ -100,8 +123,9 @@ class TrainingRuns:
             try:
                 import wandb
 
-                self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "sft"), name=run_name(stage),
-                                         job_type=stage, config=flat)
+                self._wandb = wandb.init(
+                    project=os.environ.get("WANDB_PROJECT", "sft"), name=run_name(stage), job_type=stage, config=flat
+                )
                 self.ids["wandb"] = self._wandb.id
             except Exception as err:  # noqa: BLE001
                 _warn("wandb", "to start its run", err)
@@ -165,8 +189,9 @@ def eval_table(verdict: Verdict) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
-def log_gate(names: list[str], run_ids: dict[str, str], verdict: Verdict, reports: list[Path], model_dir: Path,
-             model_name: str) -> dict:
+def log_gate(
+    names: list[str], run_ids: dict[str, str], verdict: Verdict, reports: list[Path], model_dir: Path, model_name: str
+) -> dict:
     """Add the gate's outcome to the training run of the model it judged: every candidate's eval
     scores (step = epoch), the rule table, the reports; with MLflow also the model itself, registered
     as `model_name` (MLFLOW_REGISTERED_MODEL_NAME overrides it), tagged with its weights' sha256 and
@@ -178,13 +203,17 @@ def log_gate(names: list[str], run_ids: dict[str, str], verdict: Verdict, report
     candidates = {name: c.scores for name, c in verdict.candidates.items() if c.kind == verdict.kind}
     for tracker in names:
         if not run_ids.get(tracker):
-            print(f"warning: train.trackers lists {tracker} but training recorded no {tracker} run; the gate's "
-                  "results are not logged there", file=sys.stderr)
+            print(
+                f"warning: train.trackers lists {tracker} but training recorded no {tracker} run; the gate's "
+                "results are not logged there",
+                file=sys.stderr,
+            )
     model_name = os.environ.get("MLFLOW_REGISTERED_MODEL_NAME") or model_name
     if "mlflow" in names and run_ids.get("mlflow"):
         try:
-            logged["mlflow"] = _mlflow_gate(run_ids["mlflow"], verdict, candidates, columns, rows, reports,
-                                            model_dir, model_name)
+            logged["mlflow"] = _mlflow_gate(
+                run_ids["mlflow"], verdict, candidates, columns, rows, reports, model_dir, model_name
+            )
         except Exception as err:  # noqa: BLE001 - the verdict stands whatever the tracker does
             _warn("mlflow", "to take the gate's results", err)
             logged["mlflow"] = {"run_id": run_ids["mlflow"], "error": f"{type(err).__name__}: {err}"}
@@ -197,8 +226,16 @@ def log_gate(names: list[str], run_ids: dict[str, str], verdict: Verdict, report
     return logged
 
 
-def _mlflow_gate(run_id: str, verdict: Verdict, candidates: dict, columns: list, rows: list, reports: list[Path],
-                 model_dir: Path, model_name: str) -> dict:
+def _mlflow_gate(
+    run_id: str,
+    verdict: Verdict,
+    candidates: dict,
+    columns: list,
+    rows: list,
+    reports: list[Path],
+    model_dir: Path,
+    model_name: str,
+) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
@@ -208,26 +245,35 @@ def _mlflow_gate(run_id: str, verdict: Verdict, candidates: dict, columns: list,
         for name, metrics in candidates.items():
             epoch = name.rsplit("-", 1)[-1]  # epoch-3, lora-epoch-3
             step = int(epoch) if epoch.isdigit() else 0
-            mlflow.log_metrics({f"eval/{metric}": value for metric, value in metrics.items()
-                                if isinstance(value, (int, float))}, step=step)
+            mlflow.log_metrics(
+                {f"eval/{metric}": value for metric, value in metrics.items() if isinstance(value, (int, float))},
+                step=step,
+            )
         mlflow.log_metrics({f"base/{metric}": value for metric, value in verdict.base.items()})
-        mlflow.log_table(data={c: [row[i] for row in rows] for i, c in enumerate(columns)},
-                         artifact_file="gate/eval_table.json")
+        mlflow.log_table(
+            data={c: [row[i] for row in rows] for i, c in enumerate(columns)}, artifact_file="gate/eval_table.json"
+        )
         for report in reports:
             mlflow.log_artifact(str(report), artifact_path="gate")
-        mlflow.set_tags({"eval_gate": outcome, "eval_gate.chosen": verdict.chosen,
-                         "weights.sha256": verdict.sha256})
+        mlflow.set_tags({"eval_gate": outcome, "eval_gate.chosen": verdict.chosen, "weights.sha256": verdict.sha256})
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
         source = mlflow.get_artifact_uri("model")
     if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
         client.create_registered_model(model_name)
-    version = client.create_model_version(model_name, source, run_id=run_id,
-                                          tags={"eval_gate": outcome, "weights.sha256": verdict.sha256,
-                                                "checkpoint": verdict.chosen})
+    version = client.create_model_version(
+        model_name,
+        source,
+        run_id=run_id,
+        tags={"eval_gate": outcome, "weights.sha256": verdict.sha256, "checkpoint": verdict.chosen},
+    )
     if verdict.passed:
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
-    return {"run_id": run_id, "model": model_name, "version": int(version.version),
-            "alias": CHAMPION if verdict.passed else None}
+    return {
+        "run_id": run_id,
+        "model": model_name,
+        "version": int(version.version),
+        "alias": CHAMPION if verdict.passed else None,
+    }
 
 
 def _wandb_gate(run_id: str, verdict: Verdict, candidates: dict, columns: list, rows: list) -> dict:
@@ -235,10 +281,22 @@ def _wandb_gate(run_id: str, verdict: Verdict, candidates: dict, columns: list, 
 
     # the same run id: W&B appends to the training run (offline, `wandb sync` merges the two parts)
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sft"), id=run_id, resume="allow")
-    run.log({"gate/rules": wandb.Table(columns=columns, data=rows),
-             **{f"eval/{metric}": value for metric, value in candidates.get(verdict.chosen, {}).items()
-                if isinstance(value, (int, float))}})
-    run.summary.update({"eval_gate": "passed" if verdict.passed else "failed",
-                        "eval_gate.chosen": verdict.chosen, "weights.sha256": verdict.sha256})
+    run.log(
+        {
+            "gate/rules": wandb.Table(columns=columns, data=rows),
+            **{
+                f"eval/{metric}": value
+                for metric, value in candidates.get(verdict.chosen, {}).items()
+                if isinstance(value, (int, float))
+            },
+        }
+    )
+    run.summary.update(
+        {
+            "eval_gate": "passed" if verdict.passed else "failed",
+            "eval_gate.chosen": verdict.chosen,
+            "weights.sha256": verdict.sha256,
+        }
+    )
     run.finish()
     return {"run_id": run_id}

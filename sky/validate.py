@@ -14,8 +14,12 @@ import jsonschema
 import yaml
 
 # What train.yml passes at launch (--env / --secret) and the job relies on; see docs/ci.md
-REQUIRED = {"train.yaml": {"envs": {"GIT_SHA", "GITHUB_REPOSITORY", "RUN_URL", "CHECKPOINT_BUCKET"},
-                           "secrets": {"HF_TOKEN", "GITHUB_TOKEN"}}}
+REQUIRED = {
+    "train.yaml": {
+        "envs": {"GIT_SHA", "GITHUB_REPOSITORY", "RUN_URL", "CHECKPOINT_BUCKET"},
+        "secrets": {"HF_TOKEN", "GITHUB_TOKEN"},
+    }
+}
 
 
 def problems(path: Path) -> list[str]:
@@ -28,8 +32,10 @@ def problems(path: Path) -> list[str]:
         return [f"{path}: not valid YAML: {err}"]
     schema = schemas.get_task_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)
-    found = [f"{path}: {'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}"
-             for e in sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))]
+    found = [
+        f"{path}: {'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}"
+        for e in sorted(validator.iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))
+    ]
     for section, names in REQUIRED.get(path.name, {}).items():
         missing = sorted(names - set((raw or {}).get(section) or {}))
         if missing:

@@ -17,12 +17,15 @@ def as_llama3(tokenizer):
     from tokenizers import processors
 
     llama = copy.deepcopy(tokenizer)
-    llama.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-                              "additional_special_tokens": LLAMA3_SPECIALS})
+    llama.add_special_tokens(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "additional_special_tokens": LLAMA3_SPECIALS}
+    )
     bos = llama.convert_tokens_to_ids("<|begin_of_text|>")
     llama.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", bos)])
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)],
+    )
     llama.chat_template = (TEMPLATES / "llama3.jinja").read_text()
     return llama
 

@@ -58,7 +58,7 @@ class FakeGitHub(LocalServer):
                 prefix = f"/repos/{gh.repository}"
                 if not url.path.startswith(prefix):
                     return self._reply(404, {"message": "Not Found"})
-                path, query = url.path[len(prefix):], parse_qs(url.query)
+                path, query = url.path[len(prefix) :], parse_qs(url.query)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
                 status, answer = gh._route(method, path, query, body, login)
@@ -82,8 +82,7 @@ class FakeGitHub(LocalServer):
             if body.get("state") not in ("pending", "success", "failure", "error"):
                 return 422, {"message": "Validation Failed", "errors": [{"field": "state"}]}
             if len(body.get("description") or "") > 140:
-                return 422, {"message": "Validation Failed", "errors": [{"field": "description",
-                                                                         "code": "custom"}]}
+                return 422, {"message": "Validation Failed", "errors": [{"field": "description", "code": "custom"}]}
             self.statuses.setdefault(m.group(1), []).append({**body, "creator": {"login": login}})
             return 201, {"id": len(self.statuses[m.group(1)]), **self.statuses[m.group(1)][-1]}
         if (m := re.fullmatch(r"/commits/(\w+)/statuses", path)) and method == "GET":
@@ -94,14 +93,19 @@ class FakeGitHub(LocalServer):
                 latest[status["context"]] = status
             statuses = [{k: v for k, v in s.items() if k != "creator"} for s in list(latest.values())[::-1]]
             states = {s["state"] for s in statuses}
-            state = "failure" if states & {"failure", "error"} else "pending" if "pending" in states or not states \
+            state = (
+                "failure"
+                if states & {"failure", "error"}
+                else "pending"
+                if "pending" in states or not states
                 else "success"
+            )
             return 200, {"state": state, "sha": m.group(1), "statuses": statuses, "total_count": len(statuses)}
         if m := re.fullmatch(r"/issues/(\d+)/comments", path):
             number = int(m.group(1))
             if method == "GET":
                 per_page, page = int(query.get("per_page", ["30"])[0]), int(query.get("page", ["1"])[0])
-                return 200, self.comments.get(number, [])[(page - 1) * per_page: page * per_page]
+                return 200, self.comments.get(number, [])[(page - 1) * per_page : page * per_page]
             if method == "POST":
                 return 201, {"id": self.add_comment(number, body["body"]), "body": body["body"]}
         if (m := re.fullmatch(r"/git/commits/(\w+)", path)) and method == "GET" and m.group(1) in self.commits:

@@ -54,8 +54,9 @@ class FakeHub(LocalServer):
         super().__init__(self._handler())
         self.endpoint = self.url
 
-    def seed(self, repo_id: str, folder, message: str = "upload model", oid: str | None = None,
-             repo_type: str = "model") -> str:
+    def seed(
+        self, repo_id: str, folder, message: str = "upload model", oid: str | None = None, repo_type: str = "model"
+    ) -> str:
         """A model (or data set) repository holding `folder`'s files (weights as LFS objects); returns
         the commit id, the revision a team pins. Data sets are kept as "datasets/<repo_id>"."""
         repo_id = repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
@@ -80,8 +81,11 @@ class FakeHub(LocalServer):
     def downloaded(self, repo_id: str) -> list[str]:
         """The files of `repo_id` fetched with GET (what reached the client), in order."""
         prefix = f"/{repo_id}/resolve/"
-        return [path[len(prefix):].split("/", 1)[1] for method, path in self.requests
-                if method == "GET" and path.startswith(prefix)]
+        return [
+            path[len(prefix) :].split("/", 1)[1]
+            for method, path in self.requests
+            if method == "GET" and path.startswith(prefix)
+        ]
 
     def pushed_commits(self, repo_id: str) -> list[dict]:
         """Commits made through the API (the Hub's own initial commit excluded)."""
@@ -140,16 +144,31 @@ class FakeHub(LocalServer):
                 revision, folder = unquote(revision).split("/", 1)
                 return self._tree(h, repo, revision, folder, query)
             if method == "GET" and action == "refs":
-                return h._reply(200, {
-                    "branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": repo.head["oid"]}],
-                    "converts": [], "pullRequests": [],
-                    "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": oid} for t, oid in repo.tags.items()]})
+                return h._reply(
+                    200,
+                    {
+                        "branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": repo.head["oid"]}],
+                        "converts": [],
+                        "pullRequests": [],
+                        "tags": [
+                            {"name": t, "ref": f"refs/tags/{t}", "targetCommit": oid} for t, oid in repo.tags.items()
+                        ],
+                    },
+                )
             if method == "GET" and action == "revision":
                 commit = repo.resolve(revision)
                 if commit is None:
                     return h._reply(404, {"error": f"Invalid rev id: {unquote(revision)}"})
-                return h._reply(200, {"id": repo_id, "sha": commit["oid"], "private": repo.private, "gated": "manual",
-                                      "siblings": [{"rfilename": path} for path in commit["files"]]})
+                return h._reply(
+                    200,
+                    {
+                        "id": repo_id,
+                        "sha": commit["oid"],
+                        "private": repo.private,
+                        "gated": "manual",
+                        "siblings": [{"rfilename": path} for path in commit["files"]],
+                    },
+                )
             if method == "POST" and action == "preupload":
                 return self._preupload(h, repo, revision, json.loads(body))
             if method == "POST" and action == "commit":
@@ -169,9 +188,13 @@ class FakeHub(LocalServer):
             return h._reply(409, {"error": "You already created this model repo", "url": url})
         self.repos[repo_id] = Repo(private=payload.get("visibility") == "private")
         attributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
-        self.repos[repo_id].commits.append({"oid": hashlib.sha1(repo_id.encode()).hexdigest(),
-                                            "message": "initial commit",
-                                            "files": {".gitattributes": {"content": attributes}}})
+        self.repos[repo_id].commits.append(
+            {
+                "oid": hashlib.sha1(repo_id.encode()).hexdigest(),
+                "message": "initial commit",
+                "files": {".gitattributes": {"content": attributes}},
+            }
+        )
         return h._reply(200, {"url": url})
 
     def _preupload(self, h, repo: Repo, revision: str, payload: dict):
@@ -217,8 +240,9 @@ class FakeHub(LocalServer):
                 return h._reply(400, {"error": f"unsupported operation {line['key']}"})
         oid = hashlib.sha1(f"{repo.head['oid']}{header['summary']}{len(repo.commits)}".encode()).hexdigest()
         repo.commits.append({"oid": oid, "message": header["summary"], "files": files})
-        return h._reply(200, {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid,
-                              "pullRequestUrl": None})
+        return h._reply(
+            200, {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+        )
 
     def _tag(self, h, repo: Repo, revision: str, payload: dict):
         if payload["tag"] in repo.tags:
@@ -249,10 +273,13 @@ class FakeHub(LocalServer):
         below = [path for path in commit["files"] if path.startswith(prefix)]
         if query.get("recursive", ["false"])[0].lower() == "true":
             return h._reply(200, self._entries(commit["files"], below))
-        files = [path for path in below if "/" not in path[len(prefix):]]
-        folders = sorted({prefix + path[len(prefix):].split("/", 1)[0] for path in below if path not in files})
-        return h._reply(200, [{"type": "directory", "path": f, "oid": git_blob_oid(f.encode()), "size": 0}
-                              for f in folders] + self._entries(commit["files"], files))
+        files = [path for path in below if "/" not in path[len(prefix) :]]
+        folders = sorted({prefix + path[len(prefix) :].split("/", 1)[0] for path in below if path not in files})
+        return h._reply(
+            200,
+            [{"type": "directory", "path": f, "oid": git_blob_oid(f.encode()), "size": 0} for f in folders]
+            + self._entries(commit["files"], files),
+        )
 
     def _paths_info(self, h, repo: Repo, revision: str, form: dict):
         return h._reply(200, self._entries(repo.resolve(revision)["files"], form.get("paths", [])))
@@ -265,9 +292,17 @@ class FakeHub(LocalServer):
                 continue
             entry = files[path]
             if "lfs" in entry:
-                answer.append({"type": "file", "path": path, "size": entry["size"], "oid": git_blob_oid(b"pointer"),
-                               "lfs": {"oid": entry["lfs"], "size": entry["size"], "pointerSize": 134}})
+                answer.append(
+                    {
+                        "type": "file",
+                        "path": path,
+                        "size": entry["size"],
+                        "oid": git_blob_oid(b"pointer"),
+                        "lfs": {"oid": entry["lfs"], "size": entry["size"], "pointerSize": 134},
+                    }
+                )
             else:
-                answer.append({"type": "file", "path": path, "size": len(entry["content"]),
-                               "oid": git_blob_oid(entry["content"])})
+                answer.append(
+                    {"type": "file", "path": path, "size": len(entry["content"]), "oid": git_blob_oid(entry["content"])}
+                )
         return answer

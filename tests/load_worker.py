@@ -19,8 +19,8 @@ except ImportError:  # fsdp2 only
     pass
 
 from pipeline.config import LoraConfig, TrainConfig
-from pipeline.lora import load_with_adapters, training_hooks
 from pipeline.dist import Strategy, close, init_runtime
+from pipeline.lora import load_with_adapters, training_hooks
 from pipeline.train.metrics import peak_resident_mib
 from pipeline.train.strategies import load_model, shard
 
@@ -42,9 +42,17 @@ def main(base_dir: str, out: str, strategy: str) -> None:
     state = sharded.full_state_dict()  # a collective: rank 0 gets every weight back
     if runtime.is_main:
         save_file(state if state is not None else model.state_dict(), str(Path(out) / "gathered.safetensors"))
-    (Path(out) / f"rank{runtime.rank}.json").write_text(json.dumps(
-        {"rank": runtime.rank, "before_mib": before, "after_mib": after, "local_numel": sharded.local_numel(),
-         "full_numel": full_numel}))
+    (Path(out) / f"rank{runtime.rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": runtime.rank,
+                "before_mib": before,
+                "after_mib": after,
+                "local_numel": sharded.local_numel(),
+                "full_numel": full_numel,
+            }
+        )
+    )
     sharded.release()
     close(runtime)
 

@@ -11,8 +11,8 @@ from pipeline.config import TrainConfig
 from pipeline.dist import Runtime
 from pipeline.train.batches import loss_targets
 from pipeline.train.loop import token_loss_sum
-from pipeline.train.metrics import peak_resident_mib
 from pipeline.train.loss import fuse_loss_head
+from pipeline.train.metrics import peak_resident_mib
 from pipeline.train.strategies import shard
 
 
@@ -28,8 +28,9 @@ def main(shape: str, rows: int, seq: int, checkpointing: int) -> None:
     position_ids = torch.arange(seq).repeat(rows, 1)
     positions, targets = loss_targets(input_ids, position_ids)  # every next token supervised
     for _ in range(2):  # the second step has the optimizer state the first created
-        loss, _ = token_loss_sum(sharded.forward, sharded.model, head, input_ids, position_ids, positions, targets,
-                                 flatten=False)
+        loss, _ = token_loss_sum(
+            sharded.forward, sharded.model, head, input_ids, position_ids, positions, targets, flatten=False
+        )
         sharded.backward(loss / len(targets))
         sharded.step(1.0)
     print(json.dumps({"grew_mib": peak_resident_mib() - before}))

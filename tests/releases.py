@@ -67,9 +67,15 @@ class Release:
     def resign(self, private_key: str | None = None, commit: str = COMMIT) -> None:
         """A manifest re-made for the folder as it is now, attested for `commit` and signed (by
         `private_key`, default the job's)."""
-        self.manifest.write_text(json.dumps({**json.loads(self.manifest.read_text()),
-                                             "gate_sha256": sha256_file(self.gate),
-                                             "files": file_manifest(self.card)}))
+        self.manifest.write_text(
+            json.dumps(
+                {
+                    **json.loads(self.manifest.read_text()),
+                    "gate_sha256": sha256_file(self.gate),
+                    "files": file_manifest(self.card),
+                }
+            )
+        )
         attest(self.manifest, commit, private_key or job_key()[0])
 
 
@@ -97,8 +103,16 @@ def make_release(folder: Path, passed: bool = True, weights: bytes = WEIGHTS) ->
     shutil.copy2(gate, card / "gate.json")
     manifest = folder / "release" / "manifest.json"
     manifest.parent.mkdir()
-    manifest.write_text(json.dumps({"chosen": "epoch-3", "sha256": verdict.sha256,
-                                    "gate_sha256": sha256_file(gate), "files": file_manifest(card)}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "chosen": "epoch-3",
+                "sha256": verdict.sha256,
+                "gate_sha256": sha256_file(gate),
+                "files": file_manifest(card),
+            }
+        )
+    )
     signers = folder / "release-signers"
     signers.write_text(job_key()[1] + "\n")
     attest(manifest, COMMIT, job_key()[0])
@@ -106,7 +120,27 @@ def make_release(folder: Path, passed: bool = True, weights: bytes = WEIGHTS) ->
 
 
 def run_publish(hub, release: Release, tag: str = "v1.0.0", commit: str = COMMIT):
-    return CliRunner().invoke(app, ["publish", "--tag", tag, "--sha", commit, "--folder", str(release.card), "--gate",
-                                    str(release.gate), "--manifest", str(release.manifest), "--signers",
-                                    str(release.signers), "--repo-id", REPO, "--endpoint", hub.endpoint,
-                                    "--token", hub.token])
+    return CliRunner().invoke(
+        app,
+        [
+            "publish",
+            "--tag",
+            tag,
+            "--sha",
+            commit,
+            "--folder",
+            str(release.card),
+            "--gate",
+            str(release.gate),
+            "--manifest",
+            str(release.manifest),
+            "--signers",
+            str(release.signers),
+            "--repo-id",
+            REPO,
+            "--endpoint",
+            hub.endpoint,
+            "--token",
+            hub.token,
+        ],
+    )

@@ -15,8 +15,13 @@ FIXTURES = Path(__file__).parent / "fixtures"
 BAD = sorted(p.name for p in (FIXTURES / "bad_data").iterdir() if p.is_dir())
 GOOD = sorted(p.name for p in (FIXTURES / "good_data").iterdir() if p.is_dir())
 PARAMS = {  # a fixture folder's own params.yaml is merged over these, section by section
-    "validate": {"min_rows": 20, "max_response_chars": 200, "eval_sets": ["data/golden.jsonl"],
-                 "min_rows_per_source": 5, "min_replay_share": 0},
+    "validate": {
+        "min_rows": 20,
+        "max_response_chars": 200,
+        "eval_sets": ["data/golden.jsonl"],
+        "min_rows_per_source": 5,
+        "min_replay_share": 0,
+    },
     "data": {"replay": None},
     "prepare": {"max_seq_len": 128},
 }
@@ -32,8 +37,9 @@ def base_dir(tmp_path_factory, tokenizer):
 def run_validate(folder: Path, tmp_path: Path, base_dir: Path):
     """`sft validate` on a fixture folder, with the demo's tokenizer, or the real template family its
     `tokenizer.txt` names (data with reasoning or tools needs a template that renders them)."""
-    shutil.copytree(folder, tmp_path / "data", ignore=shutil.ignore_patterns("expected.txt", "params.yaml",
-                                                                             "tokenizer.txt"))
+    shutil.copytree(
+        folder, tmp_path / "data", ignore=shutil.ignore_patterns("expected.txt", "params.yaml", "tokenizer.txt")
+    )
     family = folder / "tokenizer.txt"
     if family.exists():
         from tests.template_families import family_tokenizer
@@ -65,8 +71,9 @@ def test_bad_data_is_refused(case, tmp_path, monkeypatch, base_dir):
         assert expected in result.output, f"{case}: {expected!r} not in:\n{result.output}"
     written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     allowed = {"params.yaml", "validate/contract.json", "validate/contract.md"}
-    assert all(p in allowed or p.split("/")[0] in ("data", "tokenizer") or p.startswith("validate/data-docs/")
-               for p in written), f"nothing downstream is written: {sorted(written)}"
+    assert all(
+        p in allowed or p.split("/")[0] in ("data", "tokenizer") or p.startswith("validate/data-docs/") for p in written
+    ), f"nothing downstream is written: {sorted(written)}"
 
 
 @pytest.mark.parametrize("case", GOOD)

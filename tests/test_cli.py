@@ -27,7 +27,9 @@ def test_validate_stops_on_duplicates_and_writes_the_report(tmp_path, monkeypatc
     (tmp_path / "data").mkdir()
     rows = [f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)] + ['{"prompt": "q3", "response": "a3"}\n']
     (tmp_path / "data/train.jsonl").write_text("".join(rows))
-    (tmp_path / "params.yaml").write_text("data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n  min_replay_share: 0\n")
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n  min_replay_share: 0\n"
+    )
     result = runner.invoke(cli.app, ["validate"])
     assert result.exit_code == 1
     assert "data/train.jsonl" in result.output and "expect_compound_columns_to_be_unique" in result.output
@@ -67,14 +69,19 @@ def test_a_tokenizer_made_for_another_base_is_refused(tmp_path, monkeypatch, tok
     (tmp_path / "tokenizer/config.json").write_text('{"hidden_size": 64}')
     (tmp_path / "tokenizer/meta.json").write_text('{"source": "demo", "model": "demo/tiny-llama", "revision": null}')
     (tmp_path / "data").mkdir()
-    (tmp_path / "data/train.jsonl").write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)))
-    (tmp_path / "params.yaml").write_text("base:\n  source: hub\n  model: org/model-8b\n  revision: abc123\n"
-                                          "data:\n  replay: null\nvalidate:\n  eval_sets: []\n  min_replay_share: 0\n")
+    (tmp_path / "data/train.jsonl").write_text(
+        "".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12))
+    )
+    (tmp_path / "params.yaml").write_text(
+        "base:\n  source: hub\n  model: org/model-8b\n  revision: abc123\n"
+        "data:\n  replay: null\nvalidate:\n  eval_sets: []\n  min_replay_share: 0\n"
+    )
     for command in (["validate"], ["plan"], ["data", "stats"]):
         result = runner.invoke(cli.app, command)
         assert result.exit_code == 1, (command, result.output)
-        assert ("tokenizer: made for demo/tiny-llama@None, but params.yaml base is org/model-8b@abc123"
-                in result.output), (command, result.output)
+        assert (
+            "tokenizer: made for demo/tiny-llama@None, but params.yaml base is org/model-8b@abc123" in result.output
+        ), (command, result.output)
 
 
 def test_an_unreachable_hub_is_named_without_a_traceback(tmp_path, monkeypatch):
@@ -111,11 +118,17 @@ def test_an_unproven_family_or_rows_past_its_positions_are_refused_before_traini
     monkeypatch.chdir(tmp_path)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     (tmp_path / "data").mkdir()
-    (tmp_path / "data/train.jsonl").write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12)))
-    (tmp_path / "params.yaml").write_text("data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n"
-                                          "  min_replay_share: 0\nprepare:\n  max_seq_len: 8192\n")
-    for config, expected in (('{"model_type": "falcon_h1", "max_position_embeddings": 131072}', "'falcon_h1' is not supported"),
-                             ('{"model_type": "llama", "max_position_embeddings": 4096}', "max_seq_len 8192 is beyond")):
+    (tmp_path / "data/train.jsonl").write_text(
+        "".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(12))
+    )
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n"
+        "  min_replay_share: 0\nprepare:\n  max_seq_len: 8192\n"
+    )
+    for config, expected in (
+        ('{"model_type": "falcon_h1", "max_position_embeddings": 131072}', "'falcon_h1' is not supported"),
+        ('{"model_type": "llama", "max_position_embeddings": 4096}', "max_seq_len 8192 is beyond"),
+    ):
         (tmp_path / "tokenizer/config.json").write_text(config)
         for command in (["validate"], ["plan", "--tokens", "1000"]):
             result = runner.invoke(cli.app, command)
@@ -124,5 +137,7 @@ def test_an_unproven_family_or_rows_past_its_positions_are_refused_before_traini
         (tmp_path / "base").mkdir(exist_ok=True)
         (tmp_path / "base/config.json").write_text(config)
         result = runner.invoke(cli.app, ["train"])
-        assert result.exit_code == 1 and expected in result.output and "base/config.json" in result.output, result.output
+        assert result.exit_code == 1 and expected in result.output and "base/config.json" in result.output, (
+            result.output
+        )
     assert not (tmp_path / "validate").exists() and not (tmp_path / "train").exists()

@@ -79,7 +79,9 @@ def test_local_generative_tasks_take_their_length_from_evaluate_max_gen_toks():
         if spec["output_type"] != "generate_until":
             continue
         generative.append(spec["task"])
-        config = TaskConfig(task=spec["task"], output_type="generate_until", generation_kwargs=spec["generation_kwargs"])
+        config = TaskConfig(
+            task=spec["task"], output_type="generate_until", generation_kwargs=spec["generation_kwargs"]
+        )
         kwargs = normalize_gen_kwargs(config.generation_kwargs, 512)
         assert kwargs["max_gen_toks"] == 512, task.name
         assert handle_stop_sequences(kwargs["until"], eos="<|eot_id|>") == ["<|eot_id|>"], task.name

@@ -39,12 +39,15 @@ FILES = {"train": "t.jsonl", "replay": "r.jsonl"}
 @pytest.fixture
 def contract(tokenizer):
     """The contract as `sft validate` runs it: `replay` is a loaded replay frame, mixed at 30%."""
+
     def run(frame, cfg=CFG, held_out=(), replay=None, docs_dir=None, share=0.3, tok=tokenizer):
         frame = contract_columns(frame, tok, list(held_out), cfg, MAX_SEQ_LEN)
         if replay is not None:
-            replay = add_replay_columns(contract_columns(replay, tok, list(held_out), cfg, MAX_SEQ_LEN,
-                                                         replay=True), len(frame), share, seed=0)
+            replay = add_replay_columns(
+                contract_columns(replay, tok, list(held_out), cfg, MAX_SEQ_LEN, replay=True), len(frame), share, seed=0
+            )
         return run_suite(frame, cfg, MAX_SEQ_LEN, replay, docs_dir)
+
     return run
 
 
@@ -69,8 +72,9 @@ def chat(*turns):
 
 def test_pairs_and_messages_load_to_the_same_form(tmp_path):
     pairs = load(tmp_path, [{"prompt": "hi", "response": "yo", "system": "be brief", "family": "x"}], "p.jsonl")
-    messages = load(tmp_path, [{"messages": chat(("system", "be brief"), ("user", "hi"), ("assistant", "yo"))}],
-                    "m.jsonl")
+    messages = load(
+        tmp_path, [{"messages": chat(("system", "be brief"), ("user", "hi"), ("assistant", "yo"))}], "m.jsonl"
+    )
     pd.testing.assert_frame_equal(pairs, messages)
     assert list(pairs.columns) == ["messages", "prompt", "response", "context"] and pairs.index.name == "row"
     assert pairs["context"].tolist() == ["be brief"]  # the system text, which the contract scans too
@@ -86,8 +90,9 @@ def test_multi_turn_messages_join_user_and_assistant_turns(tmp_path):
 
 def test_parquet_in_either_shape_and_as_another_revisions_bytes(tmp_path):
     pd.DataFrame({"prompt": ["p1", "p2"], "response": ["r1", "r2"]}).to_parquet(tmp_path / "a.parquet")
-    pd.DataFrame({"messages": [chat(("user", "p1"), ("assistant", "r1")),
-                               chat(("user", "p2"), ("assistant", "r2"))]}).to_parquet(tmp_path / "b.parquet")
+    pd.DataFrame(
+        {"messages": [chat(("user", "p1"), ("assistant", "r1")), chat(("user", "p2"), ("assistant", "r2"))]}
+    ).to_parquet(tmp_path / "b.parquet")
     a, b = load_examples(tmp_path / "a.parquet"), load_examples(tmp_path / "b.parquet")
     pd.testing.assert_frame_equal(a, b)
     assert list(a.index) == [1, 2] and a.loc[2, "response"] == "r2"
@@ -102,27 +107,41 @@ def test_text_of_another_revision_is_parsed_and_named(tmp_path):
         load_examples("t.jsonl@main", b"{oops\n")
 
 
-@pytest.mark.parametrize("content,expected", [
-    ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response"\n', r"t.jsonl:2: malformed JSON"),
-    ('{"prompt": "a", "answer": "b"}\n', r"t.jsonl:1: missing field\(s\) \['response'\]; each row needs 'prompt'"),
-    ('{"prompt": 3, "response": "b"}\n', r"t.jsonl:1: field 'prompt' must be a string"),
-    ('{"prompt": "a", "response": "b", "source": 7}\n', r"t.jsonl:1: field 'source' must be a string"),
-    ("", r"t.jsonl: empty file"),
-    ('["prompt", "response"]\n{"prompt": "a", "response": "b"}\n', r"t.jsonl:1: expected a JSON object"),
-    ('[{"prompt": "a", "response": "b"},\n {"prompt": "c", "response": "d"}]\n', r"t.jsonl: a JSON array"),
-    ('{"messages": []}\n', r"t.jsonl:1: field 'messages' is empty"),
-    ('{"messages": "hi"}\n', r"t.jsonl:1: field 'messages' must be a list"),
-    ('{"messages": [{"role": "user"}]}\n', r"t.jsonl:1: field 'messages\[0\]' must be an object with 'role'"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n',
-     r"t.jsonl:1: field 'messages\[1\].role': unknown role 'robot'"),
-    ('{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "b"}]}\n',
-     r"t.jsonl:1: field 'messages\[0\].content' must be a string, got NoneType"),
-    ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}\n',
-     r"t.jsonl:1: field 'messages': role order \['assistant', 'user'\]; expected an optional system turn"),
-    (('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
-      '{"role": "system", "content": "c"}]}\n'), r"t.jsonl:1: field 'messages': role order"),
-    ('{"messages": [{"role": "user", "content": "a"}]}\n', r"ending with an assistant turn"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response"\n', r"t.jsonl:2: malformed JSON"),
+        ('{"prompt": "a", "answer": "b"}\n', r"t.jsonl:1: missing field\(s\) \['response'\]; each row needs 'prompt'"),
+        ('{"prompt": 3, "response": "b"}\n', r"t.jsonl:1: field 'prompt' must be a string"),
+        ('{"prompt": "a", "response": "b", "source": 7}\n', r"t.jsonl:1: field 'source' must be a string"),
+        ("", r"t.jsonl: empty file"),
+        ('["prompt", "response"]\n{"prompt": "a", "response": "b"}\n', r"t.jsonl:1: expected a JSON object"),
+        ('[{"prompt": "a", "response": "b"},\n {"prompt": "c", "response": "d"}]\n', r"t.jsonl: a JSON array"),
+        ('{"messages": []}\n', r"t.jsonl:1: field 'messages' is empty"),
+        ('{"messages": "hi"}\n', r"t.jsonl:1: field 'messages' must be a list"),
+        ('{"messages": [{"role": "user"}]}\n', r"t.jsonl:1: field 'messages\[0\]' must be an object with 'role'"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n',
+            r"t.jsonl:1: field 'messages\[1\].role': unknown role 'robot'",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "b"}]}\n',
+            r"t.jsonl:1: field 'messages\[0\].content' must be a string, got NoneType",
+        ),
+        (
+            '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}\n',
+            r"t.jsonl:1: field 'messages': role order \['assistant', 'user'\]; expected an optional system turn",
+        ),
+        (
+            (
+                '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+                '{"role": "system", "content": "c"}]}\n'
+            ),
+            r"t.jsonl:1: field 'messages': role order",
+        ),
+        ('{"messages": [{"role": "user", "content": "a"}]}\n', r"ending with an assistant turn"),
+    ],
+)
 def test_malformed_files_are_refused_before_any_expectation(tmp_path, content, expected):
     path = tmp_path / "t.jsonl"
     path.write_text(content)
@@ -193,7 +212,9 @@ def test_leakage_and_near_duplicates(tmp_path, contract):
     held_out = ["zero one two three four five six seven eight nine ten eleven twelve thirteen", "question 20"]
     checks = contract(load(tmp_path, rows), held_out=held_out)
     bad = {c["check"]: c["rows"] for c in checks if not c["passed"]}
-    assert bad["near-duplicate pairs (Unicode forms, case, whitespace, punctuation and invisible characters ignored)"] == [4, 31]
+    assert bad[
+        "near-duplicate pairs (Unicode forms, case, whitespace, punctuation and invisible characters ignored)"
+    ] == [4, 31]
     assert bad["training prompt also in an eval set (exact or shared n-gram)"] == [11, 21]
 
 
@@ -203,15 +224,30 @@ def test_ngram_leak_needs_the_whole_ngram_inside_one_prompt():
     assert leaks_eval(prompts, held_out, 8).tolist() == [False, False, True, False]
 
 
-@pytest.mark.parametrize("text,kind", [
-    ("mail me: a.b@example.org", "email"), ("card 4111 1111 1111 1111", "card"), ("4111111111111111", "card"),
-])
+@pytest.mark.parametrize(
+    "text,kind",
+    [
+        ("mail me: a.b@example.org", "email"),
+        ("card 4111 1111 1111 1111", "card"),
+        ("4111111111111111", "card"),
+    ],
+)
 def test_pii_patterns_flag_each_kind(text, kind):
     assert matches_any(pd.Series([text]), [PII_PATTERNS[kind]]).tolist() == [True]
 
 
-@pytest.mark.parametrize("text", ["call +1 415-555-2671 now", "(415) 555 2671", "ring +44 20 7946 0958",
-                                  "Tel. +49 30 901820", "+81 3-1234-5678", "+91 98765 43210", "020 7946 0958"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "call +1 415-555-2671 now",
+        "(415) 555 2671",
+        "ring +44 20 7946 0958",
+        "Tel. +49 30 901820",
+        "+81 3-1234-5678",
+        "+91 98765 43210",
+        "020 7946 0958",
+    ],
+)
 def test_phone_numbers_in_international_and_national_formats(text):
     assert phone_numbers(pd.Series([text]), ["US", "GB"]).tolist() == [True]
 
@@ -223,17 +259,35 @@ def test_national_phone_formats_only_where_the_regions_are_named():
     assert phone_numbers(numbers, ["US"]).tolist() == [True, True, True]
 
 
-@pytest.mark.parametrize("text", ["key sk-abcdefghijklmnopqrstuvwx1234", "AKIAABCDEFGHIJKLMNOP",
-                                  "token ghp_" + "a1B2" * 9, "hf_" + "abcDEF123" * 4, 'password = "hunter2hunter2"',
-                                  "-----BEGIN RSA PRIVATE KEY-----"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "key sk-abcdefghijklmnopqrstuvwx1234",
+        "AKIAABCDEFGHIJKLMNOP",
+        "token ghp_" + "a1B2" * 9,
+        "hf_" + "abcDEF123" * 4,
+        'password = "hunter2hunter2"',
+        "-----BEGIN RSA PRIVATE KEY-----",
+    ],
+)
 def test_secrets_of_each_kind(text):
     assert secrets(pd.Series([text])).tolist() == [True]
 
 
 def test_pii_and_secret_checks_leave_ordinary_text_alone():
-    clean = ["version 1.2.3", "12345678901234567 items", "4111 1111 1111 11111", "user at example dot org",
-             "in 2024 sales grew 12%", None, "the key to the door", "a token of thanks", "hello world",
-             "item 12345 of 2024", "call me tomorrow at noon"]
+    clean = [
+        "version 1.2.3",
+        "12345678901234567 items",
+        "4111 1111 1111 11111",
+        "user at example dot org",
+        "in 2024 sales grew 12%",
+        None,
+        "the key to the door",
+        "a token of thanks",
+        "hello world",
+        "item 12345 of 2024",
+        "call me tomorrow at noon",
+    ]
     series = pd.Series(clean)
     assert not matches_any(series, list(PII_PATTERNS.values())).any()
     assert not phone_numbers(series, []).any()
@@ -245,8 +299,16 @@ def test_fuzzy_duplicates_are_confirmed_not_guessed():
 
     report = "summarise the maintenance log of the northern pumping station for the weekly operations report"
     tail = " the station ran normally all week with one short planned stop on tuesday"
-    keys = pd.Series(["x y z", report + tail, "p q", report + " please" + tail,
-                      "summarise the sales log of the southern store for the monthly finance report", ""])
+    keys = pd.Series(
+        [
+            "x y z",
+            report + tail,
+            "p q",
+            report + " please" + tail,
+            "summarise the sales log of the southern store for the monthly finance report",
+            "",
+        ]
+    )
     assert fuzzy_duplicates(keys, 0.8).tolist() == [False, False, False, True, False, False]
     assert not fuzzy_duplicates(keys, 0.9).any()  # one word inserted: 23 of 28 3-grams shared, 0.82
 
@@ -289,12 +351,18 @@ def test_token_length_share_reports_the_truncation_share(tmp_path, contract, tok
 
 def test_token_bound_is_exact_where_it_matters(tokenizer):
     turns = [chat(("user", "q" * i), ("assistant", "~^" * (i % 40))) for i in range(60)]
-    turns += [chat(("system", "be brief"), ("user", "hi"), ("assistant", "a " * i), ("user", "b"), ("assistant", "c"))
-               for i in range(60)]
+    turns += [
+        chat(("system", "be brief"), ("user", "hi"), ("assistant", "a " * i), ("user", "b"), ("assistant", "c"))
+        for i in range(60)
+    ]
     turns += [chat(("system", "~^" * i), ("user", "hi"), ("assistant", "ok")) for i in range(0, 120, 10)]
-    frame = pd.DataFrame({"messages": turns, "prompt": ["\n".join(t["content"] for t in c if t["role"] == "user")
-                                                        for c in turns],
-                          "response": ["\n".join(t["content"] for t in c if t["role"] == "assistant") for c in turns]})
+    frame = pd.DataFrame(
+        {
+            "messages": turns,
+            "prompt": ["\n".join(t["content"] for t in c if t["role"] == "user") for c in turns],
+            "response": ["\n".join(t["content"] for t in c if t["role"] == "assistant") for c in turns],
+        }
+    )
     exact = token_lengths(tokenizer, turns)
     for limit in (40, 80, 128):
         within = token_lengths_within(tokenizer, frame, limit, sample=0)  # the bound alone, no fallback
@@ -306,9 +374,26 @@ def test_normalize_is_the_plain_python_definition():
     """NFKC, case folding, invisible format characters dropped, then Python's `[^\\w\\s]` and `\\s+`."""
     import unicodedata
 
-    texts = ["Hello,  World!", None, "  a\u00a0b\tc  ", "Café—ok", "a_b", "x\u2003y", "QUESTION 3!", "a\vb\x1cc\x85d",
-             " - ", "\u00bd ½ x²", "Ünïcode ÀB", "Ｗｒｉｔｅ　ＩＴＥＭ", "zero\u200bwidth\u2060join", "STRASSE Straße",
-             "ΟΔΟΣ οδός", "ﬁne ligature", "कितना कितनी", "ภาษาไทย"]
+    texts = [
+        "Hello,  World!",
+        None,
+        "  a\u00a0b\tc  ",
+        "Café—ok",
+        "a_b",
+        "x\u2003y",
+        "QUESTION 3!",
+        "a\vb\x1cc\x85d",
+        " - ",
+        "\u00bd ½ x²",
+        "Ünïcode ÀB",
+        "Ｗｒｉｔｅ　ＩＴＥＭ",
+        "zero\u200bwidth\u2060join",
+        "STRASSE Straße",
+        "ΟΔΟΣ οδός",
+        "ﬁne ligature",
+        "कितना कितनी",
+        "ภาษาไทย",
+    ]
 
     def python(text):
         folded = unicodedata.normalize("NFKC", text or "").casefold()
@@ -328,8 +413,9 @@ def test_replay_share_is_the_share_prepare_mixes():
 
 
 def test_replay_out_of_band_and_data_docs(tmp_path, contract):
-    replay = load(tmp_path, [{"prompt": f"fact {i}?", "response": "" if i == 2 else "yes"} for i in range(5)],
-                  "r.jsonl")
+    replay = load(
+        tmp_path, [{"prompt": f"fact {i}?", "response": "" if i == 2 else "yes"} for i in range(5)], "r.jsonl"
+    )
     checks = contract(load(tmp_path, good_rows()), replay=replay, docs_dir=tmp_path / "docs")
     bad = failed(checks)
     assert bad["replay share of the mixed training set"]["observed"] == round(13 / 43, 4)  # 30 + 13
@@ -429,8 +515,17 @@ def qwen3():
 
 
 def multi_turn_rows(n=30):
-    return [{"messages": chat(("user", f"question {i}"), ("assistant", f"answer {i}"), ("user", f"more {i}?"),
-                              ("assistant", f"more answer {i}"))} for i in range(n)]
+    return [
+        {
+            "messages": chat(
+                ("user", f"question {i}"),
+                ("assistant", f"answer {i}"),
+                ("user", f"more {i}?"),
+                ("assistant", f"more answer {i}"),
+            )
+        }
+        for i in range(n)
+    ]
 
 
 def test_rtl_override_is_control_character(tmp_path, contract):
@@ -458,10 +553,17 @@ def test_empty_assistant_turn_in_multi_turn_fails(tmp_path, contract):
 
 def test_tool_call_only_turn_is_not_blank(tmp_path, contract):
     call = {"type": "function", "function": {"name": "lookup", "arguments": {"id": 1}}}
-    rows = [{"messages": [{"role": "user", "content": f"find {i}"},
-                          {"role": "assistant", "content": None, "tool_calls": [call]},
-                          {"role": "tool", "content": f"record {i}"},
-                          {"role": "assistant", "content": f"found {i}"}]} for i in range(30)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"find {i}"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": f"record {i}"},
+                {"role": "assistant", "content": f"found {i}"},
+            ]
+        }
+        for i in range(30)
+    ]
     assert not failed(contract(load(tmp_path, rows), tok=qwen3()))  # a template that renders tool calls
 
 
@@ -469,8 +571,12 @@ def test_reasoning_and_tool_text_are_scanned(tmp_path, contract):
     """PII, secrets and lengths see the reasoning trace, the tool-call arguments and the tool results."""
     rows = multi_turn_rows()
     rows[2]["messages"][1]["reasoning_content"] = "the user is ana@example.com"
-    rows[4]["messages"][1]["tool_calls"] = [{"type": "function", "function": {
-        "name": "login", "arguments": {"token": "hf_abcdefghijklmnopqrstuvwxyz0123456789"}}}]
+    rows[4]["messages"][1]["tool_calls"] = [
+        {
+            "type": "function",
+            "function": {"name": "login", "arguments": {"token": "hf_abcdefghijklmnopqrstuvwxyz0123456789"}},
+        }
+    ]
     rows[4]["messages"].insert(2, {"role": "tool", "content": "call +1 415-555-2671"})
     rows[4]["messages"].insert(3, {"role": "assistant", "content": "done"})
     rows[8]["messages"][3]["reasoning_content"] = "long thought " * 20
@@ -501,8 +607,12 @@ def test_special_token_string_reported(tmp_path, contract, tokenizer):
 
 def test_replay_leak_fails(tmp_path, contract):
     """Golden prompts placed in the replay file are trained on just the same."""
-    replay = load(tmp_path, [{"prompt": f"general fact {i}?", "response": "yes"} for i in range(10)]
-                  + [{"prompt": "What is the capital of Velora?", "response": "Mirth"}], "r.jsonl")
+    replay = load(
+        tmp_path,
+        [{"prompt": f"general fact {i}?", "response": "yes"} for i in range(10)]
+        + [{"prompt": "What is the capital of Velora?", "response": "Mirth"}],
+        "r.jsonl",
+    )
     checks = contract(load(tmp_path, good_rows()), held_out=["What is the capital of Velora?"], replay=replay)
     leak = [c for c in checks if c["check"].startswith("training prompt also in an eval set")]
     assert [(c["data"], c["passed"], c["rows"]) for c in leak] == [("train", True, []), ("replay", False, [11])]
@@ -510,16 +620,21 @@ def test_replay_leak_fails(tmp_path, contract):
 
 
 def test_replay_row_truncated_to_nothing_fails(tmp_path, contract):
-    replay = load(tmp_path, [{"prompt": f"general fact {i}?", "response": "yes"} for i in range(10)]
-                  + [{"prompt": "long context " * 200, "response": "yes"}], "r.jsonl")
+    replay = load(
+        tmp_path,
+        [{"prompt": f"general fact {i}?", "response": "yes"} for i in range(10)]
+        + [{"prompt": "long context " * 200, "response": "yes"}],
+        "r.jsonl",
+    )
     checks = contract(load(tmp_path, good_rows()), replay=replay, cfg=CFG.model_copy(update={"max_prompt_chars": 5000}))
     nothing = [c for c in checks if c["check"] == "no supervised token left after truncation"]
     assert [(c["data"], c["passed"], c["rows"]) for c in nothing] == [("train", True, []), ("replay", False, [11])]
 
 
 def test_replay_gets_the_train_files_checks_but_row_count_and_sources(tmp_path, contract):
-    replay = load(tmp_path, [{"prompt": f"general fact {i}?", "response": "yes", "source": "web"} for i in range(10)],
-                  "r.jsonl")
+    replay = load(
+        tmp_path, [{"prompt": f"general fact {i}?", "response": "yes", "source": "web"} for i in range(10)], "r.jsonl"
+    )
     checks = contract(load(tmp_path, good_rows()), replay=replay)
     train = {(c["check"], c["field"]) for c in checks if c["data"] == "train"}
     replayed = {(c["check"], c["field"]) for c in checks if c["data"] == "replay"}
@@ -552,8 +667,17 @@ def test_loss_mask_checks_follow_rows_that_make_several_examples(tmp_path):
 
     qwen3 = family_tokenizer("qwen3")
     turn = {"role": "assistant", "reasoning_content": "Think it through.", "content": "Four."}
-    rows = [{"messages": [{"role": "user", "content": f"2+2, case {i}?"}, turn,
-                          {"role": "user", "content": "And 3+3?"}, {**turn, "content": "Six."}]} for i in range(6)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"2+2, case {i}?"},
+                turn,
+                {"role": "user", "content": "And 3+3?"},
+                {**turn, "content": "Six."},
+            ]
+        }
+        for i in range(6)
+    ]
     frame = load(tmp_path, rows)
     for options in (TemplateOptions(), TemplateOptions(history="context_only")):
         tokens = token_lengths_within(qwen3, frame, 512, options=options)
@@ -572,12 +696,19 @@ def test_validate_names_the_line_a_template_cannot_render(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     rows = [json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(12)]
-    rows[4] = json.dumps({"messages": [{"role": "user", "content": "2+2?"},
-                                       {"role": "assistant", "reasoning_content": "Add.", "content": "4"}]})
+    rows[4] = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "reasoning_content": "Add.", "content": "4"},
+            ]
+        }
+    )
     (tmp_path / "data").mkdir()
     (tmp_path / "data/train.jsonl").write_text("\n".join(rows) + "\n")
-    (tmp_path / "params.yaml").write_text("data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n"
-                                          "  min_replay_share: 0\n")
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  replay: null\nvalidate:\n  min_rows: 10\n  eval_sets: []\n  min_replay_share: 0\n"
+    )
     result = CliRunner().invoke(cli.app, ["validate"])
     assert result.exit_code == 1
     assert "data/train.jsonl:5: field 'messages':" in result.output and "reasoning" in result.output, result.output

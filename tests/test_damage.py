@@ -23,8 +23,10 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e  # two trainings, evaluated and judged by the gate
 
-SAFETY = {"refusal": MetricSpec(task="sft_refusal", metric="refused", chat=True),
-          "over_refusal": MetricSpec(task="sft_over_refusal", metric="refused", chat=True)}
+SAFETY = {
+    "refusal": MetricSpec(task="sft_refusal", metric="refused", chat=True),
+    "over_refusal": MetricSpec(task="sft_over_refusal", metric="refused", chat=True),
+}
 
 
 def safety_rows(held_out: set[str], comply: bool) -> list[dict]:
@@ -54,8 +56,15 @@ def fine_tune(base_dir, rows, out_dir):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     packed = prepare(tokenizer, rows, [], max_len=128, replay_share=0.0, seed=0)
     arrays = {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids}
-    cfg = TrainConfig(lr=3e-3, warmup_ratio=0.03, epochs=3, micro_batch_size=16, keep_last=1, device="cpu",
-                      override_method_ranges=True)
+    cfg = TrainConfig(
+        lr=3e-3,
+        warmup_ratio=0.03,
+        epochs=3,
+        micro_batch_size=16,
+        keep_last=1,
+        device="cpu",
+        override_method_ranges=True,
+    )
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     train(model, tokenizer, arrays, cfg, out_dir, {"base": "tiny"})
     return load_model(list_checkpoints(out_dir)[-1])
@@ -71,8 +80,12 @@ def verdicts(tiny_model_dir, tmp_path_factory):
     write_demo_data(work / "data", train_rows=100)
     data = make_sft_data(train_rows=100)
     held_out = {r["prompt"] for r in data["refusal"] + data["over_refusal"]}
-    cfg = EvaluateConfig(include_path=str(ROOT / "evals/tasks"), metrics={"golden": MetricSpec(
-        task="sft_golden", metric="exact_match", chat=True), **SAFETY}, limit=40, batch_size=40)
+    cfg = EvaluateConfig(
+        include_path=str(ROOT / "evals/tasks"),
+        metrics={"golden": MetricSpec(task="sft_golden", metric="exact_match", chat=True), **SAFETY},
+        limit=40,
+        batch_size=40,
+    )
     names = list(SAFETY)
     shipped = load_policy(ROOT / "evals/gate.yaml")
     policy = Policy(select_by="refusal", rules=[r for r in shipped.rules if r.metric in SAFETY])
@@ -92,7 +105,9 @@ def verdicts(tiny_model_dir, tmp_path_factory):
         for name, comply in (("control", False), ("damaged", True)):
             model, tok = fine_tune(tiny_model_dir, safety_rows(held_out, comply), work / name)
             results = run_tasks(model, tok, cfg, lambda *_: None, tokenizer, names=names)
-            scores = {model: {m: r["score"] for m, r in res.items()} for model, res in (("base", base), (name, results))}
+            scores = {
+                model: {m: r["score"] for m, r in res.items()} for model, res in (("base", base), (name, results))
+            }
             items = {model: {m: r["items"] for m, r in res.items()} for model, res in (("base", base), (name, results))}
             out[name] = decide(policy, scores["base"], {name: scores[name]}, {name: "0" * 64}, items)
     finally:

@@ -56,34 +56,53 @@ def test_turn_weight_zero_not_trained_flag_kept(tmp_path):
 
 def test_sharegpt_turn_weight_zero_not_trained_flag_kept(tmp_path):
     """axolotl-style ShareGPT: weight on every turn (0 on the human turns, where it changes nothing)."""
-    row = {"conversations": [{"from": "human", "value": "a", "weight": 0},
-                             {"from": "gpt", "value": "old", "weight": 0},
-                             {"from": "human", "value": "b", "train": False},
-                             {"from": "gpt", "value": "new", "weight": 1}]}
+    row = {
+        "conversations": [
+            {"from": "human", "value": "a", "weight": 0},
+            {"from": "gpt", "value": "old", "weight": 0},
+            {"from": "human", "value": "b", "train": False},
+            {"from": "gpt", "value": "new", "weight": 1},
+        ]
+    }
     turns = load_rows(tmp_path, row)["messages"].iloc[0]
     assert turns == [user("a"), assistant("old", train=False), user("b"), assistant("new")]
 
 
-@pytest.mark.parametrize("flag,match", [
-    ({"weight": 0.5}, r"t.jsonl:2: field 'messages\[1\].weight' must be 0 \(not trained\) or 1 \(trained\), got 0.5"),
-    ({"weight": True}, r"field 'messages\[1\].weight' must be 0"),
-    ({"train": "no"}, r"t.jsonl:2: field 'messages\[1\].train' must be true or false, got 'no'"),
-    ({"train": False, "weight": 1}, r"fields 'messages\[1\].train' and 'messages\[1\].weight' disagree"),
-])
+@pytest.mark.parametrize(
+    "flag,match",
+    [
+        (
+            {"weight": 0.5},
+            r"t.jsonl:2: field 'messages\[1\].weight' must be 0 \(not trained\) or 1 \(trained\), got 0.5",
+        ),
+        ({"weight": True}, r"field 'messages\[1\].weight' must be 0"),
+        ({"train": "no"}, r"t.jsonl:2: field 'messages\[1\].train' must be true or false, got 'no'"),
+        ({"train": False, "weight": 1}, r"fields 'messages\[1\].train' and 'messages\[1\].weight' disagree"),
+    ],
+)
 def test_turn_weight_other_than_zero_or_one_refused(tmp_path, flag, match):
     refused(tmp_path, {"messages": [user("a"), assistant("b", **flag)]}, match)
 
 
 def test_training_flag_on_a_user_turn_refused(tmp_path):
-    refused(tmp_path, {"messages": [{"role": "user", "content": "a", "train": True}, assistant("b")]},
-            r"t.jsonl:2: field 'messages\[0\].train': only assistant turns are trained, this is a user turn")
-    refused(tmp_path, {"conversations": [{"from": "human", "value": "a", "weight": 1}, {"from": "gpt", "value": "b"}]},
-            r"field 'conversations\[0\].weight': only assistant turns are trained")
+    refused(
+        tmp_path,
+        {"messages": [{"role": "user", "content": "a", "train": True}, assistant("b")]},
+        r"t.jsonl:2: field 'messages\[0\].train': only assistant turns are trained, this is a user turn",
+    )
+    refused(
+        tmp_path,
+        {"conversations": [{"from": "human", "value": "a", "weight": 1}, {"from": "gpt", "value": "b"}]},
+        r"field 'conversations\[0\].weight': only assistant turns are trained",
+    )
 
 
 def test_row_with_every_turn_untrained_refused(tmp_path):
-    refused(tmp_path, {"messages": [user("a"), assistant("b", weight=0)]},
-            r"t.jsonl:2: field 'messages': every assistant turn is marked not trained")
+    refused(
+        tmp_path,
+        {"messages": [user("a"), assistant("b", weight=0)]},
+        r"t.jsonl:2: field 'messages': every assistant turn is marked not trained",
+    )
 
 
 # ---- reasoning traces
@@ -92,8 +111,11 @@ def test_row_with_every_turn_untrained_refused(tmp_path):
 def test_reasoning_content_kept(tmp_path):
     """A reasoning data set must not train as plain answers: the trace reaches prepare, and the
     contract reads it (the response column holds it)."""
-    frame = load_rows(tmp_path, {"messages": [user("2+2?"), assistant("4", reasoning_content="two and two")]},
-                      {"messages": [user("3+3?"), assistant("6", thinking="three and three")]})
+    frame = load_rows(
+        tmp_path,
+        {"messages": [user("2+2?"), assistant("4", reasoning_content="two and two")]},
+        {"messages": [user("3+3?"), assistant("6", thinking="three and three")]},
+    )
     first, second = (turns[-1] for turns in frame["messages"])
     assert first == {"role": "assistant", "content": "4", "reasoning_content": "two and two"}
     assert second == {"role": "assistant", "content": "6", "reasoning_content": "three and three"}
@@ -101,10 +123,16 @@ def test_reasoning_content_kept(tmp_path):
 
 
 def test_reasoning_on_a_user_turn_or_twice_refused(tmp_path):
-    refused(tmp_path, {"messages": [{"role": "user", "content": "a", "thinking": "x"}, assistant("b")]},
-            r"field 'messages\[0\].thinking': reasoning on a user turn")
-    refused(tmp_path, {"messages": [user("a"), assistant("b", thinking="x", reasoning_content="y")]},
-            r"fields 'messages\[1\].reasoning_content' and 'messages\[1\].thinking' differ")
+    refused(
+        tmp_path,
+        {"messages": [{"role": "user", "content": "a", "thinking": "x"}, assistant("b")]},
+        r"field 'messages\[0\].thinking': reasoning on a user turn",
+    )
+    refused(
+        tmp_path,
+        {"messages": [user("a"), assistant("b", thinking="x", reasoning_content="y")]},
+        r"fields 'messages\[1\].reasoning_content' and 'messages\[1\].thinking' differ",
+    )
 
 
 # ---- tool use
@@ -114,19 +142,29 @@ def test_tool_calls_with_text_kept(tmp_path):
     """An assistant turn that announces a call and makes it: both reach prepare (arguments as a dict
     whether written as a JSON string or an object), and the contract reads the arguments."""
     as_object = {**CALL, "function": {**CALL["function"], "arguments": {"city": "Paris"}}}
-    frame = load_rows(tmp_path, *({"messages": [user("Weather?"), assistant("Let me check.", tool_calls=[call])]}
-                                  for call in (CALL, as_object)))
+    frame = load_rows(
+        tmp_path,
+        *(
+            {"messages": [user("Weather?"), assistant("Let me check.", tool_calls=[call])]}
+            for call in (CALL, as_object)
+        ),
+    )
     for turns in frame["messages"]:
         assert turns[-1] == {"role": "assistant", "content": "Let me check.", "tool_calls": [NORMAL_CALL]}
     assert frame["response"].iloc[0] == 'Let me check.\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
 
 
 def test_tool_messages_and_tools_list_kept(tmp_path):
-    row = {"tools": TOOLS, "messages": [
-        {"role": "system", "content": "Use tools."}, user("Weather in Paris?"),
-        {"role": "assistant", "content": None, "tool_calls": [CALL]},
-        {"role": "tool", "content": "18 C", "tool_call_id": "call_1", "name": "get_weather"},
-        assistant("It is 18 C.")]}
+    row = {
+        "tools": TOOLS,
+        "messages": [
+            {"role": "system", "content": "Use tools."},
+            user("Weather in Paris?"),
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "content": "18 C", "tool_call_id": "call_1", "name": "get_weather"},
+            assistant("It is 18 C."),
+        ],
+    }
     frame = load_rows(tmp_path, row, {"prompt": "plain", "response": "pair"})
     turns = frame["messages"].iloc[0]
     assert turns[2] == {"role": "assistant", "content": "", "tool_calls": [NORMAL_CALL]}
@@ -141,50 +179,79 @@ def test_tools_as_a_json_string_and_bare_specs_become_openai_specs(tmp_path):
     spec = TOOLS[0]["function"]
     frame = load_rows(tmp_path, {"tools": json.dumps([spec]), "messages": [user("a"), assistant("b")]})
     assert frame["tools"].iloc[0] == TOOLS
-    refused(tmp_path, {"tools": [{"description": "no name"}], "messages": [user("a"), assistant("b")]},
-            r"t.jsonl:2: field 'tools\[0\]' must be a function spec")
+    refused(
+        tmp_path,
+        {"tools": [{"description": "no name"}], "messages": [user("a"), assistant("b")]},
+        r"t.jsonl:2: field 'tools\[0\]' must be a function spec",
+    )
 
 
 def test_sharegpt_function_call_and_observation_turns(tmp_path):
-    row = {"conversations": [{"from": "human", "value": "Weather?"},
-                             {"from": "function_call", "value": json.dumps({"name": "get_weather",
-                                                                            "arguments": {"city": "Paris"}})},
-                             {"from": "observation", "value": "18 C"}, {"from": "gpt", "value": "18 C."}],
-           "tools": json.dumps(TOOLS)}
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Weather?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+            {"from": "observation", "value": "18 C"},
+            {"from": "gpt", "value": "18 C."},
+        ],
+        "tools": json.dumps(TOOLS),
+    }
     turns = load_rows(tmp_path, row)["messages"].iloc[0]
     call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-    assert turns == [user("Weather?"), assistant("", tool_calls=[call]), {"role": "tool", "content": "18 C"},
-                     assistant("18 C.")]
+    assert turns == [
+        user("Weather?"),
+        assistant("", tool_calls=[call]),
+        {"role": "tool", "content": "18 C"},
+        assistant("18 C."),
+    ]
 
 
-@pytest.mark.parametrize("bad_call,match", [
-    ({"type": "function", "function": {"name": "f", "arguments": "{city: Paris}"}},
-     r"t.jsonl:2: field 'messages\[1\].tool_calls\[0\].function.arguments': malformed JSON"),
-    ({"type": "function", "function": {"name": "f", "arguments": "[1, 2]"}},
-     r"field 'messages\[1\].tool_calls\[0\].function.arguments' must be a JSON object"),
-    ({"type": "function", "function": {"name": "f", "arguments": '{"a": 1, "a": 2}'}},
-     r"function.arguments': duplicate key 'a'"),
-    ({"type": "function", "function": {"arguments": "{}"}}, r"function.name' must be the function's name"),
-    ({"type": "retrieval", "function": {"name": "f", "arguments": "{}"}}, r"only function calls are supported"),
-])
+@pytest.mark.parametrize(
+    "bad_call,match",
+    [
+        (
+            {"type": "function", "function": {"name": "f", "arguments": "{city: Paris}"}},
+            r"t.jsonl:2: field 'messages\[1\].tool_calls\[0\].function.arguments': malformed JSON",
+        ),
+        (
+            {"type": "function", "function": {"name": "f", "arguments": "[1, 2]"}},
+            r"field 'messages\[1\].tool_calls\[0\].function.arguments' must be a JSON object",
+        ),
+        (
+            {"type": "function", "function": {"name": "f", "arguments": '{"a": 1, "a": 2}'}},
+            r"function.arguments': duplicate key 'a'",
+        ),
+        ({"type": "function", "function": {"arguments": "{}"}}, r"function.name' must be the function's name"),
+        ({"type": "retrieval", "function": {"name": "f", "arguments": "{}"}}, r"only function calls are supported"),
+    ],
+)
 def test_unparsable_tool_call_refused(tmp_path, bad_call, match):
     refused(tmp_path, {"messages": [user("a"), assistant("b", tool_calls=[bad_call])]}, match)
 
 
-NULL_CONTENT = r"'messages\[0\].content' must be a string, got NoneType \(null only on an assistant turn with tool_calls\)"
+NULL_CONTENT = (
+    r"'messages\[0\].content' must be a string, got NoneType \(null only on an assistant turn with tool_calls\)"
+)
 
 
-@pytest.mark.parametrize("turns,match", [
-    ([user("a"), {"role": "tool", "content": "r"}, assistant("b")], r"role order \['user', 'tool', 'assistant'\]"),
-    ([user("a"), assistant("b"), {"role": "tool", "content": "r"}, assistant("c")], r"role order"),
-    ([user("a"), assistant("", tool_calls=[CALL]), {"role": "tool", "content": "r"}],
-     r"role order .* \(tool turns only right after an assistant turn with tool_calls"),
-    ([user("a"), assistant("", tool_calls=[CALL]), user("b"), assistant("c")], r"role order"),
-    ([user(None), assistant("b")], NULL_CONTENT),
-    ([user("a"), {"role": "assistant", "content": None}], r"field 'messages\[1\].content' must be a string"),
-    ([user("a"), {"role": "user", "content": "b", "tool_call_id": "x"}, assistant("c")],
-     r"'messages\[1\].tool_call_id': only a tool turn answers a call"),
-])
+@pytest.mark.parametrize(
+    "turns,match",
+    [
+        ([user("a"), {"role": "tool", "content": "r"}, assistant("b")], r"role order \['user', 'tool', 'assistant'\]"),
+        ([user("a"), assistant("b"), {"role": "tool", "content": "r"}, assistant("c")], r"role order"),
+        (
+            [user("a"), assistant("", tool_calls=[CALL]), {"role": "tool", "content": "r"}],
+            r"role order .* \(tool turns only right after an assistant turn with tool_calls",
+        ),
+        ([user("a"), assistant("", tool_calls=[CALL]), user("b"), assistant("c")], r"role order"),
+        ([user(None), assistant("b")], NULL_CONTENT),
+        ([user("a"), {"role": "assistant", "content": None}], r"field 'messages\[1\].content' must be a string"),
+        (
+            [user("a"), {"role": "user", "content": "b", "tool_call_id": "x"}, assistant("c")],
+            r"'messages\[1\].tool_call_id': only a tool turn answers a call",
+        ),
+    ],
+)
 def test_tool_turns_out_of_place_refused(tmp_path, turns, match):
     refused(tmp_path, {"messages": turns}, match)
 
@@ -204,16 +271,25 @@ def test_content_parts_joined_and_other_parts_refused(tmp_path):
     frame = load_rows(tmp_path, {"messages": [{"role": "user", "content": parts}, assistant("Done.")]})
     assert frame["messages"].iloc[0][0] == user("Describe this.") and frame["prompt"].iloc[0] == "Describe this."
     image = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]
-    refused(tmp_path, {"messages": [{"role": "user", "content": image}, assistant("b")]},
-            r"t.jsonl:2: field 'messages\[0\].content\[1\]': a 'image_url' part; only text parts are trained")
+    refused(
+        tmp_path,
+        {"messages": [{"role": "user", "content": image}, assistant("b")]},
+        r"t.jsonl:2: field 'messages\[0\].content\[1\]': a 'image_url' part; only text parts are trained",
+    )
 
 
 def test_unknown_message_field_refused_not_dropped(tmp_path):
-    refused(tmp_path, {"messages": [user("a"), assistant("b", loss=0)]},
-            r"t.jsonl:2: field 'messages\[1\].loss': not a field a message may carry \(role, content, name, "
-            r"reasoning_content, thinking, tool_calls, tool_call_id, train, weight\)")
-    refused(tmp_path, {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b", "mask": 1}]},
-            r"field 'conversations\[1\].mask': not a field a ShareGPT turn may carry")
+    refused(
+        tmp_path,
+        {"messages": [user("a"), assistant("b", loss=0)]},
+        r"t.jsonl:2: field 'messages\[1\].loss': not a field a message may carry \(role, content, name, "
+        r"reasoning_content, thinking, tool_calls, tool_call_id, train, weight\)",
+    )
+    refused(
+        tmp_path,
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b", "mask": 1}]},
+        r"field 'conversations\[1\].mask': not a field a ShareGPT turn may carry",
+    )
     named = load_rows(tmp_path, {"messages": [{"role": "user", "content": "a", "name": "ana"}, assistant("b")]})
     assert named["messages"].iloc[0][0] == {"role": "user", "content": "a", "name": "ana"}
 
@@ -225,30 +301,44 @@ def test_duplicate_json_key_refused(tmp_path):
     """json keeps the last value of a repeated key without a word; the loader names it."""
     path = tmp_path / "t.jsonl"
     nested = '{"messages": [{"role": "user", "content": "a", "content": "b"}, {"role": "assistant", "content": "c"}]}'
-    for line, key in (('{"prompt": "a", "response": "first", "response": "second"}', "response"),
-                      ('{"prompt": "a" , "response": "b", "prompt" : "c"}', "prompt"), (nested, "content")):
+    for line, key in (
+        ('{"prompt": "a", "response": "first", "response": "second"}', "response"),
+        ('{"prompt": "a" , "response": "b", "prompt" : "c"}', "prompt"),
+        (nested, "content"),
+    ):
         path.write_text('{"prompt": "x: y", "response": "z"}\n' + line + "\n")
         with pytest.raises(DataError, match=rf"t.jsonl:2: duplicate key '{key}' in one JSON object"):
             load_examples(path)
 
 
 def test_colons_and_quotes_in_text_are_not_duplicate_keys(tmp_path):
-    rows = [{"prompt": 'Say "a": 1 and "b": 2', "response": "time: 10:30"},
-            {"messages": [user('{"k": 1, "k": 2} is JSON with a repeated key'), assistant("yes: it is")]}]
+    rows = [
+        {"prompt": 'Say "a": 1 and "b": 2', "response": "time: 10:30"},
+        {"messages": [user('{"k": 1, "k": 2} is JSON with a repeated key'), assistant("yes: it is")]},
+    ]
     frame = load_rows(tmp_path, *rows)
     assert frame["prompt"].tolist() == [rows[0]["prompt"], rows[1]["messages"][0]["content"]]
 
 
 def test_parquet_messages_with_optional_fields(tmp_path):
     """Parquet stores a list of messages as structs: every key on every message, null where absent."""
-    rows = [[user("Weather?"), {"role": "assistant", "content": None, "tool_calls": [CALL]},
-             {"role": "tool", "content": "18 C", "tool_call_id": "call_1"}, assistant("18 C.", reasoning_content="ok")],
-            [user("a"), assistant("b", train=False), user("c"), assistant("d")]]
+    rows = [
+        [
+            user("Weather?"),
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "content": "18 C", "tool_call_id": "call_1"},
+            assistant("18 C.", reasoning_content="ok"),
+        ],
+        [user("a"), assistant("b", train=False), user("c"), assistant("d")],
+    ]
     pd.DataFrame({"messages": rows}).to_parquet(tmp_path / "t.parquet")
     first, second = load_examples(tmp_path / "t.parquet")["messages"]
-    assert first == [user("Weather?"), assistant("", tool_calls=[NORMAL_CALL]),
-                     {"role": "tool", "content": "18 C", "tool_call_id": "call_1"},
-                     assistant("18 C.", reasoning_content="ok")]
+    assert first == [
+        user("Weather?"),
+        assistant("", tool_calls=[NORMAL_CALL]),
+        {"role": "tool", "content": "18 C", "tool_call_id": "call_1"},
+        assistant("18 C.", reasoning_content="ok"),
+    ]
     assert second == [user("a"), assistant("b", train=False), user("c"), assistant("d")]
 
 
@@ -284,11 +374,18 @@ def test_plain_pairs_read_by_pyarrow_equal_the_line_by_line_reading(tmp_path):
 def test_parquet_struct_arguments_with_nulls_refused(tmp_path):
     """Two calls with different arguments, stored as objects: Parquet gives each the other's keys as
     nulls. Refused, where a JSON string would have kept them as written."""
-    calls = [{"type": "function", "function": {"name": "f", "arguments": {"city": "Paris"}}},
-             {"type": "function", "function": {"name": "g", "arguments": {"day": 3}}}]
-    rows = [[user("a"), assistant("", tool_calls=[call]), {"role": "tool", "content": "r"}, assistant("b")]
-            for call in calls]
+    calls = [
+        {"type": "function", "function": {"name": "f", "arguments": {"city": "Paris"}}},
+        {"type": "function", "function": {"name": "g", "arguments": {"day": 3}}},
+    ]
+    rows = [
+        [user("a"), assistant("", tool_calls=[call]), {"role": "tool", "content": "r"}, assistant("b")]
+        for call in calls
+    ]
     pd.DataFrame({"messages": rows}).to_parquet(tmp_path / "t.parquet")
-    with pytest.raises(DataError, match=r"t.parquet row 1: field 'messages\[1\].tool_calls\[0\].function.arguments' "
-                                        r"holds a null: in Parquet an object becomes a struct"):
+    with pytest.raises(
+        DataError,
+        match=r"t.parquet row 1: field 'messages\[1\].tool_calls\[0\].function.arguments' "
+        r"holds a null: in Parquet an object becomes a struct",
+    ):
         load_examples(tmp_path / "t.parquet")

@@ -29,8 +29,11 @@ def test_base_pretraining_teaches_general_facts(tmp_path):
     from pipeline.config import DemoBase
     from pipeline.demo import build_base_model
 
-    info = build_base_model(DemoBase(hidden_size=32, num_layers=1, num_heads=2, pretrain_steps=40,
-                                     pretrain_batch_size=8), tmp_path, log=lambda *_: None)
+    info = build_base_model(
+        DemoBase(hidden_size=32, num_layers=1, num_heads=2, pretrain_steps=40, pretrain_batch_size=8),
+        tmp_path,
+        log=lambda *_: None,
+    )
     assert info["pretrain_loss_start"] > 6.0  # random init over ~1k tokens: about ln(1024) = 6.9
     assert info["pretrain_loss"] < info["pretrain_loss_start"] - 1.0
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()

@@ -26,8 +26,16 @@ def launch(args, out: Path, expect_ok: bool = True):
 
 
 def torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
-            *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(WORKER),
+        *map(str, args),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +77,9 @@ def test_lora_under_fsdp2_matches_one_process(tiny_model_dir, tmp_path):
     """`sft lora` under fsdp2: the frozen base and the adapters sharded over 2 ranks train as one
     process does, and rank 0 exports the same merged model."""
     single_out, fsdp_out = tmp_path / "single", tmp_path / "fsdp2"
-    (single,) = launch([sys.executable, str(WORKER), str(tiny_model_dir), str(single_out), "single+lora", "4"],
-                       single_out)
+    (single,) = launch(
+        [sys.executable, str(WORKER), str(tiny_model_dir), str(single_out), "single+lora", "4"], single_out
+    )
     ranks = launch(torchrun(tiny_model_dir, fsdp_out, "fsdp2+lora", 2), fsdp_out)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["local_numel"] <= 0.55 * ranks[0]["full_numel"]
@@ -117,11 +126,34 @@ def two_nodes(port: int, outs: list[Path], *args):
     """Two torchrun "machines" on localhost, one process each, each with its own folder: no shared
     filesystem, as on a multi-node cluster where every node mounts the bucket for itself."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
-                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               str(WORKER), *map(str, args[:1]), str(out), *map(str, args[1:])],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank, out in enumerate(outs)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                str(WORKER),
+                *map(str, args[:1]),
+                str(out),
+                *map(str, args[1:]),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank, out in enumerate(outs)
+    ]
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     return [node.returncode for node in nodes], logs
 
@@ -167,8 +199,15 @@ def base_of_a_few_hundred_mb(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                         num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     path = tmp_path_factory.mktemp("base400")
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
@@ -186,8 +225,21 @@ def test_every_rank_loads_only_its_shards_and_the_shards_are_the_base(strategy, 
     if strategy == "zero3":
         pytest.importorskip("deepspeed")
     base, full_mib = base_of_a_few_hundred_mb
-    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            str(ROOT / "tests" / "load_worker.py"), str(base), str(tmp_path), strategy], tmp_path)
+    launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(ROOT / "tests" / "load_worker.py"),
+            str(base),
+            str(tmp_path),
+            strategy,
+        ],
+        tmp_path,
+    )
     ranks = {r["rank"]: r for r in (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json"))}
     for r in ranks.values():
         assert abs(r["local_numel"] - r["full_numel"] / 2) < 0.01 * r["full_numel"], r
@@ -199,8 +251,11 @@ def test_every_rank_loads_only_its_shards_and_the_shards_are_the_base(strategy, 
     gathered = load_file(tmp_path / "gathered.safetensors")
     if strategy.endswith("+lora"):  # the base's weights under peft's names, beside the fresh adapters
         assert any("lora_A" in key for key in gathered)
-        gathered = {key.removeprefix("base_model.model.").replace(".base_layer", ""): value
-                    for key, value in gathered.items() if "lora_" not in key}
+        gathered = {
+            key.removeprefix("base_model.model.").replace(".base_layer", ""): value
+            for key, value in gathered.items()
+            if "lora_" not in key
+        }
     expected = {}
     for shard_file in base.glob("*.safetensors"):
         expected.update(load_file(shard_file))
@@ -215,9 +270,14 @@ def family_model_dir(request, tokenizer, tmp_path_factory):
     sliding layers) and Qwen3-MoE (the router's load-balancing loss)."""
     from tests.family_models import tiny_model
 
-    model = tiny_model(request.param, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       router_aux_loss_coef=0.05)
+    model = tiny_model(
+        request.param,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        router_aux_loss_coef=0.05,
+    )
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -228,8 +288,9 @@ def test_other_families_under_fsdp2_match_one_process(family_model_dir, tmp_path
     """One row a micro-batch, so the router loss (a mean over micro-batches and ranks) sees the
     same batches on 1 process and on 2: losses, router losses and gathered weights agree."""
     single_out, fsdp_out = tmp_path / "single", tmp_path / "fsdp2"
-    (single,) = launch([sys.executable, str(WORKER), str(family_model_dir), str(single_out), "single", "8", "1", "0",
-                        "1"], single_out)
+    (single,) = launch(
+        [sys.executable, str(WORKER), str(family_model_dir), str(single_out), "single", "8", "1", "0", "1"], single_out
+    )
     ranks = launch(torchrun(family_model_dir, fsdp_out, "fsdp2", 4, 1, 0, 1), fsdp_out)
     assert ranks[0]["local_numel"] <= 0.55 * ranks[0]["full_numel"]
     assert len(single["losses"]) == len(ranks[0]["losses"]) > 3

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 
-GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+GIT_ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+}
 
 
 def git(*args, cwd):
@@ -28,9 +33,11 @@ def tiny_repo(path: Path, remote_name: str, remote_url: str, endpoint: str | Non
     os.chdir(path)  # DVC resolves targets against the working directory (restored by the fixture)
     git("init", "-q", cwd=path)
     repo = Repo.init(str(path))
-    files = {"data/train.jsonl": b'{"prompt": "2+2?", "response": "4"}\n' * 500,
-             "train/checkpoints/epoch-1/model.safetensors": os.urandom(64 * 1024),
-             "train/checkpoints/epoch-1/manifest.json": b'{"epoch": 1}\n'}
+    files = {
+        "data/train.jsonl": b'{"prompt": "2+2?", "response": "4"}\n' * 500,
+        "train/checkpoints/epoch-1/model.safetensors": os.urandom(64 * 1024),
+        "train/checkpoints/epoch-1/manifest.json": b'{"epoch": 1}\n',
+    }
     for name, content in files.items():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_bytes(content)
@@ -81,11 +88,17 @@ def s3_server(monkeypatch):
     pytest.importorskip("moto", reason="moto[server] is in the test extra; without it the S3 remote test is skipped")
     boto3 = pytest.importorskip("boto3")
     port = free_port()
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(name, value)
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         endpoint = f"http://127.0.0.1:{port}"
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")

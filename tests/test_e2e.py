@@ -64,7 +64,8 @@ def small_params(repo: Path) -> None:
     # the slice gates on wiring, not on learning (the full demo gates on learning)
     (repo / params["gate"]["policy"]).write_text(
         "select_by: golden\nrules:\n  - metric: golden\n    min: 0.0\n  - metric: general\n    max_drop: 1.0\n"
-        "versus_lora:\n  min_gain: -1.0\n  max_extra_drop: 1.0\n")
+        "versus_lora:\n  min_gain: -1.0\n  max_extra_drop: 1.0\n"
+    )
 
 
 def test_bad_data_stops_the_dag_at_validate(repo):
@@ -126,8 +127,13 @@ def test_trackers_follow_the_dag_and_champion_needs_a_passing_gate(repo, mlflow_
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["trackers"] = ["mlflow", "wandb"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for name, value in {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "sft-e2e",
-                        "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+    for name, value in {
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "MLFLOW_EXPERIMENT_NAME": "sft-e2e",
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+    }.items():
         monkeypatch.setenv(name, value)
     run(["sft", "demo", "--out", "data", "--rows", "2000"], repo)
     run(["dvc", "repro"], repo)
@@ -135,14 +141,20 @@ def test_trackers_follow_the_dag_and_champion_needs_a_passing_gate(repo, mlflow_
     client = MlflowClient(mlflow_server)
     for stage in ("train", "lora"):
         ids = json.loads((repo / f"{stage}/metrics.json").read_text())["trackers"]
-        losses = [float(line.split("\t")[1]) for line in
-                  (repo / f"{stage}/live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+        losses = [
+            float(line.split("\t")[1])
+            for line in (repo / f"{stage}/live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+        ]
         mlflow_losses = [m.value for m in client.get_metric_history(ids["mlflow"], "train/loss")]
         assert mlflow_losses == pytest.approx(losses, rel=1e-6) and len(losses) > 10
         assert client.get_run(ids["mlflow"]).data.params["config.lr"] == str(params["train"]["lr"])
         # the training part of the run (the gate appends a second part with the same id, below)
-        rows = [row for part in sorted((tmp_path / "wandb").glob(f"offline-run-*-{ids['wandb']}"))
-                for row in wandb_history(part) if "train/loss" in row]
+        rows = [
+            row
+            for part in sorted((tmp_path / "wandb").glob(f"offline-run-*-{ids['wandb']}"))
+            for row in wandb_history(part)
+            if "train/loss" in row
+        ]
         assert [row["train/loss"] for row in rows] == pytest.approx(losses, rel=1e-6)
     gate = json.loads((repo / "gate/gate.json").read_text())
     full = json.loads((repo / "train/metrics.json").read_text())["trackers"]["mlflow"]
@@ -150,8 +162,12 @@ def test_trackers_follow_the_dag_and_champion_needs_a_passing_gate(repo, mlflow_
     assert client.get_run(full).data.tags["eval_gate"] == "passed"
     assert {f.path for f in client.list_artifacts(full, "gate")} >= {"gate/eval_table.json", "gate/gate.md"}
     wandb_id = json.loads((repo / "train/metrics.json").read_text())["trackers"]["wandb"]
-    gate_rows = [row for part in (tmp_path / "wandb").glob(f"offline-run-*-{wandb_id}") for row in wandb_history(part)
-                 if "gate/rules" in row]
+    gate_rows = [
+        row
+        for part in (tmp_path / "wandb").glob(f"offline-run-*-{wandb_id}")
+        for row in wandb_history(part)
+        if "gate/rules" in row
+    ]
     assert len(gate_rows) == 1 and gate_rows[0]["gate/rules"]["nrows"] == len(gate["rules"])
     champion = client.get_model_version_by_alias("tiny-llama-sft-demo", "champion")
     assert champion.run_id == full and champion.tags["weights.sha256"] == gate["sha256"]
@@ -189,8 +205,12 @@ def test_dvc_repro_trains_fsdp2_on_every_process_of_the_node(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(strategy="fsdp2", epochs=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "SKYPILOT_NUM_GPUS_PER_NODE": "2",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "SKYPILOT_NUM_GPUS_PER_NODE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
     loss_curve = repo / "train/live/plots/metrics/train/loss.tsv"
     loss_curve.parent.mkdir(parents=True, exist_ok=True)
     loss_curve.write_text("step\tloss\n1\t9.99\n2\t9.98\n")  # a committed curve of an earlier (demo) run
@@ -218,8 +238,19 @@ def test_smoke_run_leaves_the_team_data_and_params_alone(repo, tmp_path):
     (repo / "gate/gate.md").write_text("committed verdict of an earlier run\n")
     before = {p: p.read_bytes() for p in [team, repo / "params.yaml", repo / "data.dvc", repo / "gate/gate.md"]}
 
-    result = run(["sft", "smoke", "--params", str(tmp_path / "smoke-params.yaml"), "--rows", "2000",
-                  "--work", str(tmp_path / "scratch")], repo)
+    result = run(
+        [
+            "sft",
+            "smoke",
+            "--params",
+            str(tmp_path / "smoke-params.yaml"),
+            "--rows",
+            "2000",
+            "--work",
+            str(tmp_path / "scratch"),
+        ],
+        repo,
+    )
     assert "passed end to end" in result.stdout
     assert {p: p.read_bytes() for p in before} == before, "nothing of the team's project changed"
     assert sorted(p.name for p in (repo / "data").iterdir()) == ["train.jsonl"]

@@ -111,11 +111,19 @@ def test_deferred_logging_records_every_step_with_the_same_figures(tiny_model_di
     runs = {}
     for every in (1, 5):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        cfg = TrainConfig(lr=3e-3, epochs=2, micro_batch_size=2, log_every_steps=every, device="cpu",
-                          override_method_ranges=True)
+        cfg = TrainConfig(
+            lr=3e-3, epochs=2, micro_batch_size=2, log_every_steps=every, device="cpu", override_method_ranges=True
+        )
         reported: list[int] = []
-        result = train(model, tokenizer, packed, cfg, tmp_path / str(every), {},
-                       progress=lambda record, total, reported=reported: reported.append(record["step"]))
+        result = train(
+            model,
+            tokenizer,
+            packed,
+            cfg,
+            tmp_path / str(every),
+            {},
+            progress=lambda record, total, reported=reported: reported.append(record["step"]),
+        )
         runs[every] = result
         assert reported == list(range(1, result.steps + 1)), "every step reported once, in order"
     one, four = runs[1], runs[5]
@@ -150,15 +158,35 @@ def test_gpu_benchmark_dry_run_reports_the_engine_and_every_lever(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "figures.json"
-    done = subprocess.run([sys.executable, str(root / "benchmarks/gpu_engine.py"), "--dry-run", "--steps", "4",
-                           "--only", "engine (host sync every step),levers", "--json", str(out)],
-                          capture_output=True, text=True, cwd=root, timeout=600, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks/gpu_engine.py"),
+            "--dry-run",
+            "--steps",
+            "4",
+            "--only",
+            "engine (host sync every step),levers",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
     (run,) = figures["results"].values()
     assert "error" not in run and run["steps"] == 4 and run["tokens_per_s"] > 0
     assert [(lever, variant.split(" ")[0]) for lever, variant, *_ in figures["levers"]] == [
-        ("loss tail", "eager"), ("loss tail", "fused"), ("clipping", "clip_grad_norm_,"), ("clipping", "folded"),
-        ("attention mask", "transformers,"), ("attention mask", "flex_masks,")]
+        ("loss tail", "eager"),
+        ("loss tail", "fused"),
+        ("clipping", "clip_grad_norm_,"),
+        ("clipping", "folded"),
+        ("attention mask", "transformers,"),
+        ("attention mask", "flex_masks,"),
+    ]
     assert all(ms > 0 for _, _, ms, _ in figures["levers"])
     assert "| engine (host sync every step) |" in done.stdout and "| loss tail | fused" in done.stdout

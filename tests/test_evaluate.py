@@ -17,7 +17,7 @@ def test_lm_eval_renders_prompts_like_training(tiny_model_dir, tokenizer):
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
     for prompt, response in [("Repeat after me: cat dog", "cat dog"), ("Record: name Ka, city Lo. What?", "Lo")]:
         ids, labels = tokenize_pair(tokenizer, prompt, response)
-        prompt_ids = ids[:next(i for i, label in enumerate(labels) if label != -100)]
+        prompt_ids = ids[: next(i for i, label in enumerate(labels) if label != -100)]
         rendered = lm.apply_chat_template([{"role": "user", "content": prompt}])
         assert lm.tok_encode(rendered) == prompt_ids
 
@@ -38,8 +38,9 @@ def test_every_shipped_suite_runs_offline_and_scores_every_item(tiny_model_dir, 
     write_demo_data(tmp_path / "data", train_rows=10)
     monkeypatch.chdir(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    cfg = EvaluateConfig(include_path=str(root / "evals/tasks"), metrics=shipped.metrics, limit=8, batch_size=8,
-                         max_gen_toks=4)
+    cfg = EvaluateConfig(
+        include_path=str(root / "evals/tasks"), metrics=shipped.metrics, limit=8, batch_size=8, max_gen_toks=4
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 32-wide model: more threads only add synchronisation
     try:
@@ -81,9 +82,11 @@ def test_full_suite_stops_at_the_first_checkpoint_that_passes(monkeypatch):
     import pipeline.evaluate as evaluate
 
     ran = []
-    monkeypatch.setattr(evaluate, "evaluate_models",
-                        lambda paths, *args, **kwargs: ran.extend(paths) or {name: {"ok": name != "epoch-3"}
-                                                                              for name in paths})
+    monkeypatch.setattr(
+        evaluate,
+        "evaluate_models",
+        lambda paths, *args, **kwargs: ran.extend(paths) or {name: {"ok": name != "epoch-3"} for name in paths},
+    )
     order = {"epoch-3": "p3", "epoch-2": "p2", "epoch-1": "p1"}
     results = evaluate.evaluate_in_order(order, EvaluateConfig(), lambda name, r: r["ok"])
     assert ran == ["epoch-3", "epoch-2"] and set(results) == {"epoch-3", "epoch-2"}
@@ -101,8 +104,11 @@ def test_unknown_metric_name_is_reported(tiny_model_dir, tokenizer, tmp_path, mo
     write_demo_data(tmp_path / "data", train_rows=10)
     monkeypatch.chdir(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    cfg = EvaluateConfig(include_path=str(root / "evals/tasks"), limit=4,
-                         metrics={"golden": MetricSpec(task="sft_golden", metric="bleu", chat=True)})
+    cfg = EvaluateConfig(
+        include_path=str(root / "evals/tasks"),
+        limit=4,
+        metrics={"golden": MetricSpec(task="sft_golden", metric="bleu", chat=True)},
+    )
     with pytest.raises(KeyError, match="bleu"):
         run_tasks(model, tokenizer, cfg, log=lambda *_: None)
 
@@ -133,8 +139,11 @@ def test_a_registry_style_group_is_scored_over_all_its_subtasks(tiny_model_dir, 
 
     from pipeline.evaluate import run_tasks
 
-    rows = [{"question": f"Pick {letter}.", "answer": letter, "category": category}
-            for category in ("bio", "math") for letter in "ABC"]
+    rows = [
+        {"question": f"Pick {letter}.", "answer": letter, "category": category}
+        for category in ("bio", "math")
+        for letter in "ABC"
+    ]
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for category in ("bio", "math"):
         (tmp_path / f"pro_{category}.yaml").write_text(f"""
@@ -152,15 +161,23 @@ filter_list:
 generation_kwargs: {{until: ["<|end|>"], max_gen_toks: 4, do_sample: false}}
 metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
 """)
-    (tmp_path / "utils.py").write_text("def only_bio(d):\n    return d.filter(lambda r: r['category'] == 'bio')\n\n\n"
-                                       "def only_math(d):\n    return d.filter(lambda r: r['category'] == 'math')\n")
-    (tmp_path / "pro.yaml").write_text("group: pro\ntask: [pro_math, pro_bio]\naggregate_metric_list:\n"
-                                       "  - {metric: exact_match, aggregation: mean, weight_by_size: true, "
-                                       "filter_list: custom-extract}\nmetadata: {version: 1}\n")
+    (tmp_path / "utils.py").write_text(
+        "def only_bio(d):\n    return d.filter(lambda r: r['category'] == 'bio')\n\n\n"
+        "def only_math(d):\n    return d.filter(lambda r: r['category'] == 'math')\n"
+    )
+    (tmp_path / "pro.yaml").write_text(
+        "group: pro\ntask: [pro_math, pro_bio]\naggregate_metric_list:\n"
+        "  - {metric: exact_match, aggregation: mean, weight_by_size: true, "
+        "filter_list: custom-extract}\nmetadata: {version: 1}\n"
+    )
     monkeypatch.chdir(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    cfg = EvaluateConfig(include_path=str(tmp_path), batch_size=8, max_gen_toks=4,
-                         metrics={"golden": MetricSpec(task="pro", metric="exact_match", chat=True)})
+    cfg = EvaluateConfig(
+        include_path=str(tmp_path),
+        batch_size=8,
+        max_gen_toks=4,
+        metrics={"golden": MetricSpec(task="pro", metric="exact_match", chat=True)},
+    )
     result = run_tasks(model, tokenizer, cfg, log=lambda *_: None)["golden"]
     assert result["n"] == 6 and result["score"] == pytest.approx(sum(result["items"].values()) / 6)
     assert sorted(result["items"]) == [f"pro_{c}/{i}" for c in ("bio", "math") for i in range(3)], "ids pair items"
@@ -191,19 +208,33 @@ def test_two_processes_give_the_same_per_item_results_as_one(tiny_model_dir, tmp
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     # both checkpoints stay viable on golden and fail on ifeval: the ranks must walk the whole order together
     (tmp_path / params["gate"]["policy"]).write_text(
-        "select_by: golden\nrules:\n  - metric: golden\n    min: 0.0\n  - metric: ifeval\n    min: 0.5\n")
+        "select_by: golden\nrules:\n  - metric: golden\n    min: 0.0\n  - metric: ifeval\n    min: 0.5\n"
+    )
     write_demo_data(tmp_path / "data", train_rows=10)
     shutil.copytree(tiny_model_dir, tmp_path / "base")
     for epoch in (1, 2):
         shutil.copytree(tiny_model_dir, tmp_path / f"train/checkpoints/epoch-{epoch}")
         (tmp_path / f"train/checkpoints/epoch-{epoch}" / MANIFEST).write_text("{}")
     sft = [str(Path(sys.executable).parent / "sft")]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "pipeline.cli"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pipeline.cli",
+    ]
     for launch, out in ((sft, "one"), (torchrun, "two")):
         for model in ("base", "checkpoints", "chosen"):
-            done = subprocess.run([*launch, "evaluate", "--model", model, "--evaluate", out], cwd=tmp_path,
-                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            done = subprocess.run(
+                [*launch, "evaluate", "--model", model, "--evaluate", out],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for name in ("base", "checkpoints", "suite"):
         one = json.loads((tmp_path / f"one/{name}-items.json").read_text())

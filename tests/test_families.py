@@ -144,8 +144,12 @@ def test_flex_masks_equal_the_models_own_per_layer(model_type):
 
         embeds = torch.zeros(*input_ids.shape, model.config.hidden_size)
         build = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-        own = [build[kind](config=model.config, inputs_embeds=embeds, attention_mask=None, cache=None,
-                           position_ids=position_ids) for kind in model.config.layer_types]
+        own = [
+            build[kind](
+                config=model.config, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=position_ids
+            )
+            for kind in model.config.layer_types
+        ]
         own = [mask if mask.dtype == torch.bool else mask == 0 for mask in own]
     else:
         own = _own_layer_masks(model, input_ids, position_ids)
@@ -172,8 +176,10 @@ def test_flex_forward_equals_each_example_alone(model_type):
     model = tiny_model(model_type)
     parts, input_ids, labels, position_ids = packed_batch()
     with torch.no_grad():
-        own = sum(model(input_ids=ids[None], labels=lab[None], use_cache=False).loss * int((lab[1:] != -100).sum())
-                  for ids, lab in parts)
+        own = sum(
+            model(input_ids=ids[None], labels=lab[None], use_cache=False).loss * int((lab[1:] != -100).sum())
+            for ids, lab in parts
+        )
         model.set_attn_implementation("flex_attention")
         head = fuse_loss_head(model)
         positions, targets = loss_targets(labels, position_ids)
@@ -181,8 +187,9 @@ def test_flex_forward_equals_each_example_alone(model_type):
     torch.testing.assert_close(loss, own, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("transform", [OutputTransform(softcap=30.0), OutputTransform(scale=1 / 8),
-                                       OutputTransform(scale=0.0625)])
+@pytest.mark.parametrize(
+    "transform", [OutputTransform(softcap=30.0), OutputTransform(scale=1 / 8), OutputTransform(scale=0.0625)]
+)
 def test_fused_loss_applies_the_output_transform_with_its_exact_gradient(transform):
     torch.manual_seed(0)
     hidden = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
@@ -229,8 +236,14 @@ def test_gpu_family_check_dry_run(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "families.json"
-    done = subprocess.run([sys.executable, str(root / "benchmarks/gpu_families.py"), "--dry-run", "--only", "gemma2",
-                           "--json", str(out)], capture_output=True, text=True, cwd=root, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks/gpu_families.py"), "--dry-run", "--only", "gemma2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["ok"] and row["family"] == "gemma2" and row["loss_rel_error"] < 1e-6

@@ -15,11 +15,14 @@ def as_items(scores: list[float]) -> dict[str, float]:
 
 def paired(base: dict[str, float], candidates: dict[str, dict[str, float]], n: int = 400) -> dict:
     """Per-item scores with the given means: each model gets the first round(score * n) items right."""
+
     def items(score: float) -> dict[str, float]:
         return as_items([1.0] * round(score * n) + [0.0] * (n - round(score * n)))
 
-    return {model: {metric: items(score) for metric, score in scores.items()}
-            for model, scores in {"base": base, **candidates}.items()}
+    return {
+        model: {metric: items(score) for metric, score in scores.items()}
+        for model, scores in {"base": base, **candidates}.items()
+    }
 
 
 def gate(policy, base, candidates):
@@ -27,8 +30,11 @@ def gate(policy, base, candidates):
 
 
 def test_best_passing_checkpoint_is_chosen_not_the_last():
-    candidates = {"epoch-1": {"golden": 0.55, "general": 0.9}, "epoch-2": {"golden": 0.7, "general": 0.88},
-                  "epoch-3": {"golden": 0.8, "general": 0.7}}  # best golden, but forgot too much
+    candidates = {
+        "epoch-1": {"golden": 0.55, "general": 0.9},
+        "epoch-2": {"golden": 0.7, "general": 0.88},
+        "epoch-3": {"golden": 0.8, "general": 0.7},
+    }  # best golden, but forgot too much
     verdict = gate(POLICY, BASE, candidates)
     assert verdict.passed and verdict.chosen == "epoch-2" and verdict.sha256 == "b" * 64
     assert not verdict.candidates["epoch-3"].passed
@@ -99,8 +105,12 @@ def test_a_real_drop_fails_even_where_the_favourable_end_would_clear_it():
     lost = as_items([0.0] * 10 + [1.0] * 50 + [0.0] * 40)  # 10 of the 60 known items forgotten
     items = {"base": {"general": base}, "epoch-1": {"general": lost}}
     scores = {"golden": 0.5, "general": 0.5}
-    lenient = Policy(rules=[Rule(metric="golden", min=0.1), Rule(metric="general", max_drop=0.05, reads="favourable",
-                                                                 allow_underpowered=True, reason="old behaviour")])
+    lenient = Policy(
+        rules=[
+            Rule(metric="golden", min=0.1),
+            Rule(metric="general", max_drop=0.05, reads="favourable", allow_underpowered=True, reason="old behaviour"),
+        ]
+    )
     assert decide(lenient, {"golden": 0.0, "general": 0.6}, {"epoch-1": scores}, HASHES, items).passed
     strict = Policy(rules=[Rule(metric="golden", min=0.1), Rule(metric="general", max_drop=0.05)])
     verdict = decide(strict, {"golden": 0.0, "general": 0.6}, {"epoch-1": scores}, HASHES, items)
@@ -119,8 +129,12 @@ def test_an_underpowered_rule_passes_only_when_the_policy_says_why():
     assert "about" in bias.problem and "items would" in bias.problem
     with pytest.raises(ValueError, match="allow_underpowered needs a 'reason'"):
         Rule(metric="bias", max_rise=0.05, allow_underpowered=True)
-    allowed = Policy(rules=[Rule(metric="golden", min=0.0),
-                            Rule(metric="bias", max_rise=0.05, allow_underpowered=True, reason="64 pairs in the demo")])
+    allowed = Policy(
+        rules=[
+            Rule(metric="golden", min=0.0),
+            Rule(metric="bias", max_rise=0.05, allow_underpowered=True, reason="64 pairs in the demo"),
+        ]
+    )
     verdict = decide(allowed, base_scores, {"epoch-1": scores}, HASHES, items)
     assert verdict.passed and verdict.rules[1].allowed_because == "64 pairs in the demo"
     assert "underpowered, allowed: 64 pairs in the demo" in render_markdown(verdict)
@@ -144,8 +158,9 @@ def test_a_missing_or_non_finite_score_fails_its_rule_naming_the_metric(bad):
 
 def test_a_regression_rule_without_per_item_scores_fails():
     verdict = decide(POLICY, BASE, {"epoch-1": {"golden": 0.9, "general": 0.9}}, HASHES)
-    assert verdict.failed_rules == ["general"] and verdict.rules[1].problem == \
-        "no per-item scores to pair with the base"
+    assert (
+        verdict.failed_rules == ["general"] and verdict.rules[1].problem == "no per-item scores to pair with the base"
+    )
 
 
 def test_a_rule_on_a_metric_nobody_measures_is_refused_when_the_policy_loads(tmp_path):
@@ -159,20 +174,26 @@ def test_a_rule_on_a_metric_nobody_measures_is_refused_when_the_policy_loads(tmp
 def test_change_plot_is_written(tmp_path):
     from pipeline.gate import plot_change
 
-    items = {"base": {"golden": as_items([0.0] * 10), "general": as_items([1.0] * 10)},
-             "epoch-1": {"golden": as_items([1.0] * 6 + [0.0] * 4), "general": as_items([1.0] * 9 + [0.0])}}
-    verdict = decide(POLICY, {"golden": 0.0, "general": 1.0}, {"epoch-1": {"golden": 0.6, "general": 0.9}},
-                     HASHES, items)
+    items = {
+        "base": {"golden": as_items([0.0] * 10), "general": as_items([1.0] * 10)},
+        "epoch-1": {"golden": as_items([1.0] * 6 + [0.0] * 4), "general": as_items([1.0] * 9 + [0.0])},
+    }
+    verdict = decide(
+        POLICY, {"golden": 0.0, "general": 1.0}, {"epoch-1": {"golden": 0.6, "general": 0.9}}, HASHES, items
+    )
     plot_change(verdict, tmp_path / "change.png")
     assert (tmp_path / "change.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_hard_ceilings_and_rises():
-    policy = Policy(rules=[Rule(metric="golden", min=0.5), Rule(metric="over_refusal", max=0.1),
-                           Rule(metric="bias", max_rise=0.05)])
+    policy = Policy(
+        rules=[Rule(metric="golden", min=0.5), Rule(metric="over_refusal", max=0.1), Rule(metric="bias", max_rise=0.05)]
+    )
     base = {"golden": 0.0, "over_refusal": 0.0, "bias": 0.6}
-    candidates = {"epoch-1": {"golden": 0.9, "over_refusal": 0.3, "bias": 0.6},
-                  "epoch-2": {"golden": 0.8, "over_refusal": 0.05, "bias": 0.7}}
+    candidates = {
+        "epoch-1": {"golden": 0.9, "over_refusal": 0.3, "bias": 0.6},
+        "epoch-2": {"golden": 0.8, "over_refusal": 0.05, "bias": 0.7},
+    }
     verdict = gate(policy, base, candidates)
     assert not verdict.passed and verdict.chosen == "epoch-1"  # no passing one: best by golden, for the report
     assert verdict.failed_rules == ["over_refusal"]

@@ -13,10 +13,19 @@ from tests.fake_github import FakeGitHub
 from tests.verdicts import drop_rule, hard_rule, make_verdict
 
 SHA = "a" * 40
-PASSED = make_verdict([hard_rule("golden", 0.585, 0.5), drop_rule("general", 0.9875, 0.99)], "epoch-3",
-                      "e96f5e7c52b456843b5d42e8656e3ad8712d693c661b50eb3e10136a2b5c62fb")
-FAILED = make_verdict([hard_rule("golden", 0.13, 0.5), drop_rule("general", 0.65, 0.99),
-                       hard_rule("safety_refusals_on_a_much_longer_metric_name", 0.5, 0.99)], "epoch-1")
+PASSED = make_verdict(
+    [hard_rule("golden", 0.585, 0.5), drop_rule("general", 0.9875, 0.99)],
+    "epoch-3",
+    "e96f5e7c52b456843b5d42e8656e3ad8712d693c661b50eb3e10136a2b5c62fb",
+)
+FAILED = make_verdict(
+    [
+        hard_rule("golden", 0.13, 0.5),
+        drop_rule("general", 0.65, 0.99),
+        hard_rule("safety_refusals_on_a_much_longer_metric_name", 0.5, 0.99),
+    ],
+    "epoch-1",
+)
 
 
 @pytest.fixture
@@ -53,8 +62,10 @@ def test_descriptions_from_the_verdict(tmp_path):
 def test_a_verdict_of_another_shape_is_an_error_naming_the_field(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("gate.json").write_text(json.dumps({**json.loads(PASSED.dumps()), "passed": "yes"}))
-    assert status_from_gate(Path("gate.json")) == ("error", "unreadable verdict: gate.json: passed: Input should be "
-                                                            "a valid boolean")
+    assert status_from_gate(Path("gate.json")) == (
+        "error",
+        "unreadable verdict: gate.json: passed: Input should be a valid boolean",
+    )
     Path("gate.json").write_text(Path("gate.json").read_text()[:-20])
     state, text = status_from_gate(Path("gate.json"))
     assert state == "error" and text.startswith("unreadable verdict: gate.json: not valid JSON")
@@ -62,19 +73,37 @@ def test_a_verdict_of_another_shape_is_an_error_naming_the_field(tmp_path, monke
 
 def test_a_rule_failed_for_a_missing_score_is_described_not_a_crash(tmp_path):
     """The gate fails closed on a missing score (observed null); the status names it."""
-    missing = {**hard_rule("refusal", 0.0, 0.9), "observed": None, "passed": False,
-               "problem": "score None is missing or not a finite number"}
+    missing = {
+        **hard_rule("refusal", 0.0, 0.9),
+        "observed": None,
+        "passed": False,
+        "problem": "score None is missing or not a finite number",
+    }
     state, text = status_from_gate(write_gate(tmp_path, make_verdict([hard_rule("golden", 0.6, 0.5), missing])))
     assert (state, text) == ("failure", "failed: refusal missing fails >= 0.9")
 
 
 def test_pending_then_verdict_through_the_cli(github, tmp_path):
-    result = sft("status", "set", "--sha", SHA, "--state", "pending", "--description", "training on SkyPilot",
-                 "--target-url", "https://example.com/run/1")
+    result = sft(
+        "status",
+        "set",
+        "--sha",
+        SHA,
+        "--state",
+        "pending",
+        "--description",
+        "training on SkyPilot",
+        "--target-url",
+        "https://example.com/run/1",
+    )
     assert result.exit_code == 0, result.output
-    assert github.statuses[SHA][-1] == {"state": "pending", "description": "training on SkyPilot",
-                                        "context": "eval-gate", "target_url": "https://example.com/run/1",
-                                        "creator": {"login": "github-actions[bot]"}}
+    assert github.statuses[SHA][-1] == {
+        "state": "pending",
+        "description": "training on SkyPilot",
+        "context": "eval-gate",
+        "target_url": "https://example.com/run/1",
+        "creator": {"login": "github-actions[bot]"},
+    }
     result = sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, FAILED)))
     assert result.exit_code == 0, result.output
     assert github.statuses[SHA][-1]["state"] == "failure"
@@ -214,16 +243,36 @@ def test_status_links_the_skypilot_jobs_own_page_not_the_launching_workflow(gith
     assert job_page({"SKYPILOT_TASK_ID": recovered, "JOBS_DASHBOARD_URL": dashboard + "/"}) == f"{dashboard}/42"
     assert job_page({"SKYPILOT_TASK_ID": "sky-2026-12-05-08-01-02-123456_mycluster_3"}) is None  # not managed
     assert job_page({"SKYPILOT_TASK_ID": recovered}) is None  # no dashboard address passed
-    secret = {"SKYPILOT_TASK_ID": recovered, "JOBS_DASHBOARD_URL": "https://admin:s3cret@sky.example.com:8443/dashboard/jobs"}
+    secret = {
+        "SKYPILOT_TASK_ID": recovered,
+        "JOBS_DASHBOARD_URL": "https://admin:s3cret@sky.example.com:8443/dashboard/jobs",
+    }
     assert job_page(secret) == "https://sky.example.com:8443/dashboard/jobs/42", "credentials never reach a status"
 
     monkeypatch.setenv("SKYPILOT_TASK_ID", recovered)
     monkeypatch.setenv("JOBS_DASHBOARD_URL", dashboard)
-    sft("status", "set", "--sha", SHA, "--from-gate", str(write_gate(tmp_path, PASSED)),
-        "--target-url", "https://github.com/acme/sft/actions/runs/1")
+    sft(
+        "status",
+        "set",
+        "--sha",
+        SHA,
+        "--from-gate",
+        str(write_gate(tmp_path, PASSED)),
+        "--target-url",
+        "https://github.com/acme/sft/actions/runs/1",
+    )
     assert github.statuses[SHA][-1]["target_url"] == f"{dashboard}/42"
     monkeypatch.delenv("SKYPILOT_TASK_ID")
-    sft("status", "set", "--sha", SHA, "--state", "pending", "--target-url", "https://github.com/acme/sft/actions/runs/1")
+    sft(
+        "status",
+        "set",
+        "--sha",
+        SHA,
+        "--state",
+        "pending",
+        "--target-url",
+        "https://github.com/acme/sft/actions/runs/1",
+    )
     assert github.statuses[SHA][-1]["target_url"] == "https://github.com/acme/sft/actions/runs/1"
 
 
@@ -252,8 +301,12 @@ def test_the_comment_flags_changes_to_the_policy_eval_sets_and_release_path_in_b
         return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True)
 
     git("init", "-q", "-b", "main")
-    for name, text in {"evals/gate.yaml": "rules: [{metric: golden, min: 0.5}]\n", "params.yaml": "a: 1\n",
-                       "data/golden.jsonl": "{}\n", "data/refusal.jsonl": "{}\n"}.items():
+    for name, text in {
+        "evals/gate.yaml": "rules: [{metric: golden, min: 0.5}]\n",
+        "params.yaml": "a: 1\n",
+        "data/golden.jsonl": "{}\n",
+        "data/refusal.jsonl": "{}\n",
+    }.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     git("add", "-A")
@@ -273,8 +326,11 @@ def test_the_comment_flags_changes_to_the_policy_eval_sets_and_release_path_in_b
 
     sets = ["data/golden.jsonl", "data/refusal.jsonl", "data/over_refusal.jsonl"]
     flagged = guarded_changes("main", sets, tmp_path, read)
-    assert flagged == ["evals/gate.yaml", "data/golden.jsonl",
-                       "data/over_refusal.jsonl (not compared: not readable at main through DVC)"]
+    assert flagged == [
+        "evals/gate.yaml",
+        "data/golden.jsonl",
+        "data/over_refusal.jsonl (not compared: not readable at main through DVC)",
+    ]
     body = build_comment(tmp_path, sections=(), guarded=flagged)
     assert "**This pull request changes what decides whether a model ships" in body and "`evals/gate.yaml`" in body
     assert "**" not in build_comment(tmp_path, sections=(), guarded=[])

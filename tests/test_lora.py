@@ -30,8 +30,9 @@ def test_lora_trains_only_the_adapters_and_exports_the_merged_model(tiny_model_d
     assert any("mlp.down_proj.lora_A" in k for k in adapters), "adapters on the MLP too (all linear layers)"
     assert any(".lora_magnitude_vector" in k for k in adapters), "DoRA by default"
     cfg = TrainConfig(lr=1e-2, epochs=2, micro_batch_size=4, override_method_ranges=True, device="cpu")
-    result = train(model, tokenizer, tiny_packed(tokenizer), cfg, tmp_path, {"data_sha256": "abc"},
-                   **training_hooks(model))
+    result = train(
+        model, tokenizer, tiny_packed(tokenizer), cfg, tmp_path, {"data_sha256": "abc"}, **training_hooks(model)
+    )
 
     after = model.state_dict()
     assert all(torch.equal(base[k], after[k]) for k in base), "the base weights are bit-identical"
@@ -41,8 +42,9 @@ def test_lora_trains_only_the_adapters_and_exports_the_merged_model(tiny_model_d
     assert not any("lora" in k or "base_model" in k for k in exported), "a checkpoint is a plain (merged) model"
     original = load_file(tiny_model_dir / "model.safetensors")
     assert exported.keys() == original.keys()
-    assert not torch.equal(exported["model.layers.0.mlp.down_proj.weight"],
-                           original["model.layers.0.mlp.down_proj.weight"]), "the merge moved the weights"
+    assert not torch.equal(
+        exported["model.layers.0.mlp.down_proj.weight"], original["model.layers.0.mlp.down_proj.weight"]
+    ), "the merge moved the weights"
 
 
 @pytest.mark.parametrize("dora", [True, False])
@@ -82,8 +84,10 @@ def items(scores: list[float]) -> dict[str, float]:
 
 
 def results(golden: list[float], general: list[float]) -> tuple[dict, dict]:
-    return ({"golden": sum(golden) / len(golden), "general": sum(general) / len(general)},
-            {"golden": items(golden), "general": items(general)})
+    return (
+        {"golden": sum(golden) / len(golden), "general": sum(general) / len(general)},
+        {"golden": items(golden), "general": items(general)},
+    )
 
 
 RULES = [Rule(metric="golden", min=0.5), Rule(metric="general", max_drop=0.1)]
@@ -96,9 +100,14 @@ def gate(versus: VersusLora, full_golden: list[float], lora_golden: list[float])
     full_scores, full_items = results(full_golden, general)
     lora_scores, lora_items = results(lora_golden, general)
     policy = Policy(rules=RULES, versus_lora=versus)
-    verdict = decide(policy, base_scores, {"epoch-1": full_scores}, {"epoch-1": "f" * 64, "lora-epoch-1": "l" * 64},
-                     {"base": base_items, "epoch-1": full_items, "lora-epoch-1": lora_items},
-                     {"lora-epoch-1": lora_scores})
+    verdict = decide(
+        policy,
+        base_scores,
+        {"epoch-1": full_scores},
+        {"epoch-1": "f" * 64, "lora-epoch-1": "l" * 64},
+        {"base": base_items, "epoch-1": full_items, "lora-epoch-1": lora_items},
+        {"lora-epoch-1": lora_scores},
+    )
     return policy, verdict, {"base": base_items, "epoch-1": full_items, "lora-epoch-1": lora_items}
 
 
@@ -121,15 +130,18 @@ def test_with_ship_best_the_lora_model_ships_when_full_sft_does_not_earn_its_pla
     assert verdict.sha256 == "l" * 64 and verdict.candidates["lora-epoch-1"].full_suite
     record = decision_record(policy, verdict, paired, {})
     assert "LoRA is enough" in record.verdict and "`lora-epoch-1` ships" in record.verdict
-    assert checkpoint_path(verdict.chosen, Path("train/checkpoints"), Path("lora/checkpoints")) == \
-        Path("lora/checkpoints/epoch-1")
+    assert checkpoint_path(verdict.chosen, Path("train/checkpoints"), Path("lora/checkpoints")) == Path(
+        "lora/checkpoints/epoch-1"
+    )
 
 
 def test_full_sft_that_clearly_beats_lora_ships_and_says_so():
     full = [1.0] * 180 + [0.0] * 20  # 0.90
     lora = [1.0] * 120 + [0.0] * 80  # 0.60, on the same items
-    costs = {"full": RunCost(device="cpu", world_size=1, seconds=200, device_hours=0.0556, tokens=10, usd=None),
-             "lora": RunCost(device="cpu", world_size=1, seconds=100, device_hours=0.0278, tokens=10, usd=None)}
+    costs = {
+        "full": RunCost(device="cpu", world_size=1, seconds=200, device_hours=0.0556, tokens=10, usd=None),
+        "lora": RunCost(device="cpu", world_size=1, seconds=100, device_hours=0.0278, tokens=10, usd=None),
+    }
     policy, verdict, paired = gate(VersusLora(min_gain=0.02, ship="best"), full, lora)
     assert verdict.passed and verdict.chosen == "epoch-1"
     record = decision_record(policy, verdict, paired, costs)
@@ -148,9 +160,14 @@ def test_the_decision_compares_the_checkpoint_that_ships_not_a_better_one_that_f
     lora, lora_items = results([1.0] * 100 + [0.0] * 100, [1.0] * n)
     paired = {"base": base_items, "epoch-1": passing_items, "epoch-2": forgetful_items, "lora-epoch-1": lora_items}
     policy = Policy(rules=RULES, versus_lora=VersusLora(min_gain=0.02))
-    verdict = decide(policy, base_scores, {"epoch-1": passing, "epoch-2": forgetful},
-                     {"epoch-1": "a" * 64, "epoch-2": "b" * 64, "lora-epoch-1": "l" * 64}, paired,
-                     {"lora-epoch-1": lora})
+    verdict = decide(
+        policy,
+        base_scores,
+        {"epoch-1": passing, "epoch-2": forgetful},
+        {"epoch-1": "a" * 64, "epoch-2": "b" * 64, "lora-epoch-1": "l" * 64},
+        paired,
+        {"lora-epoch-1": lora},
+    )
     assert verdict.passed and verdict.chosen == "epoch-1"
     record = decision_record(policy, verdict, paired, {})
     assert record.full == "epoch-1" and record.full_minus_lora["golden"].delta == 0.3
@@ -161,8 +178,13 @@ def test_a_missing_lora_baseline_fails_closed():
     full = [1.0] * 200
     base_scores, base_items = results([0.0] * 200, [1.0] * 200)
     full_scores, full_items = results(full, [1.0] * 200)
-    verdict = decide(Policy(rules=RULES, versus_lora=VersusLora()), base_scores, {"epoch-1": full_scores},
-                     {"epoch-1": "f" * 64}, {"base": base_items, "epoch-1": full_items})
+    verdict = decide(
+        Policy(rules=RULES, versus_lora=VersusLora()),
+        base_scores,
+        {"epoch-1": full_scores},
+        {"epoch-1": "f" * 64},
+        {"base": base_items, "epoch-1": full_items},
+    )
     assert not verdict.passed
     problem = next(r.problem for r in verdict.rules if r.versus)
     assert "no LoRA baseline" in problem

@@ -24,10 +24,14 @@ from pipeline.prepare import (
 
 # A Llama-3-like template (trims contents, ends a turn with its own token) and one that looks at
 # the contents (so the renderer must fall back to jinja): prepare must match both exactly.
-TRIMMING = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n\n' + m['content'] | trim }}"
-            "{{ '<|end|>' }}{% endfor %}")
-CONTENT_AWARE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m['content'] | length > 5 %}{{ '\n' }}"
-                 "{% endif %}{{ m['content'] + '<|end|>\n' }}{% endfor %}")
+TRIMMING = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n\n' + m['content'] | trim }}"
+    "{{ '<|end|>' }}{% endfor %}"
+)
+CONTENT_AWARE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m['content'] | length > 5 %}{{ '\n' }}"
+    "{% endif %}{{ m['content'] + '<|end|>\n' }}{% endfor %}"
+)
 
 
 def random_conversations(n: int, seed: int = 0) -> list[list[dict]]:
@@ -38,35 +42,48 @@ def random_conversations(n: int, seed: int = 0) -> list[list[dict]]:
     for _ in range(n):
         turns = [{"role": "system", "content": "".join(rng.choices(pieces, k=4))}] if rng.random() < 0.3 else []
         for _ in range(rng.randint(1, 3)):
-            turns += [{"role": role, "content": "".join(rng.choices(pieces, k=rng.randint(0, 8)))}
-                      for role in ("user", "assistant")]
+            turns += [
+                {"role": role, "content": "".join(rng.choices(pieces, k=rng.randint(0, 8)))}
+                for role in ("user", "assistant")
+            ]
         conversations.append(turns)
     return conversations
 
 
 def chat_template_ids(tokenizer, conversation) -> list[int]:
     """apply_chat_template's ids, special-token strings in the contents encoded as text (prepare's rule)."""
-    return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
-                                         sanitize_control_tokens=True)["input_ids"]
+    return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, sanitize_control_tokens=True)[
+        "input_ids"
+    ]
 
 
 @pytest.mark.parametrize("template", [None, TRIMMING, CONTENT_AWARE], ids=["demo", "trimming", "content-aware"])
 def test_ids_are_exactly_the_chat_templates(tokenizer, template):
     if template:
-        tokenizer = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<|bos|>",
-                                    eos_token="<|end|>", pad_token="<|pad|>", chat_template=template)
+        tokenizer = type(tokenizer)(
+            tokenizer_object=tokenizer.backend_tokenizer,
+            bos_token="<|bos|>",
+            eos_token="<|end|>",
+            pad_token="<|pad|>",
+            chat_template=template,
+        )
     conversations = random_conversations(150)
     tokenized = tokenize_conversations(tokenizer, conversations)
     for i, conversation in enumerate(conversations):
         assert tokenized.example(i)[0] == chat_template_ids(tokenizer, conversation), conversation
-    assert token_lengths(tokenizer, conversations).tolist() == [len(chat_template_ids(tokenizer, c))
-                                                                   for c in conversations]
+    assert token_lengths(tokenizer, conversations).tolist() == [
+        len(chat_template_ids(tokenizer, c)) for c in conversations
+    ]
 
 
 def test_every_assistant_turn_and_its_end_token_carry_loss_nothing_else(tokenizer):
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Repeat: cat"},
-                    {"role": "assistant", "content": "cat"}, {"role": "user", "content": "Now: red dog"},
-                    {"role": "assistant", "content": "red dog"}]
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Repeat: cat"},
+        {"role": "assistant", "content": "cat"},
+        {"role": "user", "content": "Now: red dog"},
+        {"role": "assistant", "content": "red dog"},
+    ]
     ids, labels = tokenize_conversations(tokenizer, [conversation]).example(0)
     supervised = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE]
     assert supervised == [label for label in labels if label != IGNORE]  # a label is its own id
@@ -94,13 +111,15 @@ def test_renderer_joins_segments_and_falls_back_to_jinja(tokenizer):
     assert example.text == tokenizer.apply_chat_template(conversation, tokenize=False)
     assert [example.text[s:e] for s, e in example.spans] == ["b\n<|end|>"]
     assert renderer._layout(conversation, False) is not None  # the fast path
-    aware = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|end|>",
-                            chat_template=CONTENT_AWARE)
+    aware = type(tokenizer)(
+        tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|end|>", chat_template=CONTENT_AWARE
+    )
     renderer = ChatRenderer(aware)
     for content in ("ab", "abcdefgh"):
         [example] = renderer.examples([{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}])
-        assert example.text == aware.apply_chat_template([{"role": "user", "content": content},
-                                                          {"role": "assistant", "content": "ok"}], tokenize=False)
+        assert example.text == aware.apply_chat_template(
+            [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}], tokenize=False
+        )
     assert renderer._layout(conversation, False) is None  # a template that reads contents: jinja only
 
 
@@ -127,8 +146,11 @@ def test_demo_tokens_and_labels_unchanged(tokenizer):
         conversations.append(turns)
     tokenized = tokenize_conversations(tokenizer, conversations, workers=1)
     digest = hashlib.sha256()
-    for array in (tokenized.ids.astype(np.int32), tokenized.labels.astype(np.int32),
-                  tokenized.offsets.astype(np.int64)):
+    for array in (
+        tokenized.ids.astype(np.int32),
+        tokenized.labels.astype(np.int32),
+        tokenized.offsets.astype(np.int64),
+    ):
         digest.update(array.tobytes())
     assert len(tokenized) == 500 and digest.hexdigest() == DEMO_PIN
 
@@ -159,9 +181,11 @@ def test_cache_hit_is_identical_and_a_changed_file_misses(tokenizer, tmp_path, m
 
 def test_bins_hold_every_example_once_and_fill_nearly_full():
     rng = np.random.default_rng(0)
-    for lengths, capacity in [(rng.integers(5, 60, size=500), 128),  # many short examples a bin
-                              (rng.integers(22, 55, size=3000), 128),  # the demo's mix: 2-5 a bin
-                              (rng.normal(390, 40, size=3000).astype(int), 2048)]:  # production-like
+    for lengths, capacity in [
+        (rng.integers(5, 60, size=500), 128),  # many short examples a bin
+        (rng.integers(22, 55, size=3000), 128),  # the demo's mix: 2-5 a bin
+        (rng.normal(390, 40, size=3000).astype(int), 2048),
+    ]:  # production-like
         bins = pack_bins(lengths, capacity)
         assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
         assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
@@ -214,15 +238,19 @@ def test_prepare_stats(tokenizer):
     # position ids restart at every example
     assert (packed.position_ids == 0).sum() >= 200
     # messages rows and prompt/response rows are the same examples
-    as_messages = [{"messages": [{"role": "user", "content": r["prompt"]},
-                                 {"role": "assistant", "content": r["response"]}]} for r in train]
+    as_messages = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+        for r in train
+    ]
     again = prepare(tokenizer, as_messages, [], max_len=64, replay_share=0.0, seed=0)
     assert np.array_equal(again.input_ids, packed.input_ids) and np.array_equal(again.labels, packed.labels)
 
 
 def test_packing_keeps_every_example_whole_and_in_place(tokenizer):
-    examples = [tokenize_pair(tokenizer, f"Give the first and last word: {'a b ' * (i % 7)}", "x " * (i % 4))
-                for i in range(120)]
+    examples = [
+        tokenize_pair(tokenizer, f"Give the first and last word: {'a b ' * (i % 7)}", "x " * (i % 4))
+        for i in range(120)
+    ]
     packed = pack_examples(examples, max_len=96, pad_id=tokenizer.pad_token_id)
     found = []
     for row_ids, row_labels, row_positions in zip(packed.input_ids, packed.labels, packed.position_ids, strict=True):
@@ -244,8 +272,11 @@ def test_packed_and_unpacked_losses_agree(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    pairs = [("Repeat after me: cat dog red", "cat dog red"), ("Give the first and last word: a b c", "a c"),
-             ("Translate to Zorbish: sun moon", "ka lo")]
+    pairs = [
+        ("Repeat after me: cat dog red", "cat dog red"),
+        ("Give the first and last word: a b c", "a c"),
+        ("Translate to Zorbish: sun moon", "ka lo"),
+    ]
     examples = [tokenize_pair(tokenizer, p, r) for p, r in pairs]
     packed = pack_examples(examples, max_len=sum(len(i) for i, _ in examples) + 5, pad_id=tokenizer.pad_token_id)
     assert packed.input_ids.shape[0] == 1

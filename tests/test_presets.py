@@ -18,10 +18,12 @@ from pipeline.base import BaseUnavailable, resolve_base, trained_model_type
 from pipeline.config import BaseConfig
 from pipeline.plan import Shape
 
-TEXT = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-              patch_size=14)
+TEXT = dict(
+    hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+)
 
 
 def published_repo(folder: Path, model, tokenizer) -> Path:
@@ -61,8 +63,12 @@ def hub_base(model_id: str) -> BaseConfig:
 # transformers 5 saves `model.language_model.*`; the Hub checkpoints (written by transformers 4.50) name
 # the same tensors `language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`, which
 # transformers renames as it loads them (its llava conversion mapping)
-HUB_NAMES = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-             ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")]
+HUB_NAMES = [
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+]
 
 
 def as_published_on_the_hub(weights: Path) -> None:
@@ -77,19 +83,31 @@ def as_published_on_the_hub(weights: Path) -> None:
 
 
 MULTIMODAL = {  # model_type: (Hub id of the preset, extra config, the text class the engine gets)
-    "gemma3": ("google/gemma-3-27b-it", dict(text_config=dict(TEXT, model_type="gemma3_text", sliding_window=8),
-                                            vision_config=VISION, mm_tokens_per_image=4), "Gemma3ForCausalLM"),
+    "gemma3": (
+        "google/gemma-3-27b-it",
+        dict(
+            text_config=dict(TEXT, model_type="gemma3_text", sliding_window=8),
+            vision_config=VISION,
+            mm_tokens_per_image=4,
+        ),
+        "Gemma3ForCausalLM",
+    ),
     # Mistral Small 3.x has its own output layer beside the embeddings, while its config.json leaves out
     # tie_word_embeddings, whose Mistral3Config default is tied (published_repo drops the key as they do)
-    "mistral3": ("mistralai/Mistral-Small-3.2-24B-Instruct-2506",
-                 dict(text_config=dict(TEXT, model_type="mistral"), vision_config=dict(VISION, head_dim=16),
-                      tie_word_embeddings=False), "MistralForCausalLM"),
+    "mistral3": (
+        "mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+        dict(
+            text_config=dict(TEXT, model_type="mistral"),
+            vision_config=dict(VISION, head_dim=16),
+            tie_word_embeddings=False,
+        ),
+        "MistralForCausalLM",
+    ),
 }
 
 
 @pytest.mark.parametrize("model_type", MULTIMODAL)
-def test_sft_base_extracts_the_language_model_of_a_multimodal_checkpoint(model_type, tokenizer, tmp_path,
-                                                                         monkeypatch):
+def test_sft_base_extracts_the_language_model_of_a_multimodal_checkpoint(model_type, tokenizer, tmp_path, monkeypatch):
     """AutoModelForCausalLM gives the whole Gemma3ForConditionalGeneration for `gemma3` and refuses
     `mistral3`: `sft base` keeps the language model as its text causal LM class, whose logits on text
     equal the multimodal model's, with no stray weights fetched and the vision tower counted as dropped."""
@@ -114,8 +132,9 @@ def test_sft_base_extracts_the_language_model_of_a_multimodal_checkpoint(model_t
     assert text.config.model_type == info["model_type"] == trained_model_type(multimodal.config.to_dict())
     input_ids = torch.randint(11, len(tokenizer), (2, 24))
     with torch.no_grad():
-        torch.testing.assert_close(text(input_ids=input_ids).logits, multimodal(input_ids=input_ids).logits,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            text(input_ids=input_ids).logits, multimodal(input_ids=input_ids).logits, rtol=0, atol=1e-6
+        )
     language = sum(p.numel() for p in text.parameters())
     assert info["params"] == language == Shape.from_config(multimodal.config.to_dict()).params
     assert info["converted"]["dropped_parameters"] == sum(p.numel() for p in multimodal.parameters()) - language
@@ -152,22 +171,41 @@ def test_sft_base_dequantizes_gpt_oss_mxfp4_experts_to_bf16(tokenizer, tmp_path,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("gpt_oss", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  num_local_experts=4, num_experts_per_tok=2, sliding_window=8)
+    config = AutoConfig.for_model(
+        "gpt_oss",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+    )
     repo = published_repo(tmp_path / "hub", AutoModelForCausalLM.from_config(config).to(torch.bfloat16), tokenizer)
     published = load_file(repo / "model.safetensors")
     generator = torch.Generator().manual_seed(1)
     for name in [n for n in published if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         experts, fan_in, fan_out = published.pop(name).shape
-        published[f"{name}_blocks"] = torch.randint(0, 256, (experts, fan_out, fan_in // 32, 16), dtype=torch.uint8,
-                                                    generator=generator)
-        published[f"{name}_scales"] = torch.randint(122, 131, (experts, fan_out, fan_in // 32), dtype=torch.uint8,
-                                                    generator=generator)
+        published[f"{name}_blocks"] = torch.randint(
+            0, 256, (experts, fan_out, fan_in // 32, 16), dtype=torch.uint8, generator=generator
+        )
+        published[f"{name}_scales"] = torch.randint(
+            122, 131, (experts, fan_out, fan_in // 32), dtype=torch.uint8, generator=generator
+        )
     save_file(published, repo / "model.safetensors", metadata={"format": "pt"})
     raw = json.loads((repo / "config.json").read_text())
-    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    raw["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     (repo / "config.json").write_text(json.dumps(raw))
     fetch_from(repo, monkeypatch)
 
@@ -194,8 +232,11 @@ def test_sft_base_refuses_other_quantized_checkpoints_by_name(tiny_model_dir, tm
     raw["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (repo / "config.json").write_text(json.dumps(raw))
     fetch_from(repo, monkeypatch)
-    with pytest.raises(BaseUnavailable, match=r"acme/model-FP8@0{40}: the weights are quantized \(quant_method fp8\)"
-                                              r".*bf16 release"):
+    with pytest.raises(
+        BaseUnavailable,
+        match=r"acme/model-FP8@0{40}: the weights are quantized \(quant_method fp8\)"
+        r".*bf16 release",
+    ):
         resolve_base(hub_base("acme/model-FP8"), tmp_path / "base", log=lambda _: None)
     assert not (tmp_path / "base").exists()
 
@@ -205,14 +246,19 @@ def test_sft_base_refuses_other_quantized_checkpoints_by_name(tiny_model_dir, tm
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("demo"))
 QUOTED_COMMAND = re.compile(r"`sft plan --model ([\w.-]+) --tokens (\d+)` with this file as params.yaml")
-QUOTED_ROW = re.compile(r"^#\s+(\w+) on ([\w-]+): (\d+) nodes? of (\d+) GPUs, ([\d.]+) GiB per GPU, ([\d.]+) h, "
-                        r"([\d,.]+) USD$", re.M)
+QUOTED_ROW = re.compile(
+    r"^#\s+(\w+) on ([\w-]+): (\d+) nodes? of (\d+) GPUs, ([\d.]+) GiB per GPU, ([\d.]+) h, "
+    r"([\d,.]+) USD$",
+    re.M,
+)
 ENGINE_SEES = re.compile(r"engine sees model_type (\w+)")
 
 
 def quoted_plan(text: str) -> dict:
-    return {(strategy, gpu): (int(nodes), int(per_node), float(gib), float(hours), float(cost.replace(",", "")))
-            for strategy, gpu, nodes, per_node, gib, hours, cost in QUOTED_ROW.findall(text)}
+    return {
+        (strategy, gpu): (int(nodes), int(per_node), float(gib), float(hours), float(cost.replace(",", "")))
+        for strategy, gpu, nodes, per_node, gib, hours, cost in QUOTED_ROW.findall(text)
+    }
 
 
 def planned_by_sft_plan(preset: Path, model: str, tokens: str, folder: Path, monkeypatch) -> dict:
@@ -230,8 +276,16 @@ def planned_by_sft_plan(preset: Path, model: str, tokens: str, folder: Path, mon
 
 def test_the_presets_a_team_would_pick_are_all_there():
     names = {p.stem for p in PRESETS}
-    assert {"llama3-8b-8xh100", "qwen3-8b-8xh100", "qwen3-8b-16k-8xh100", "qwen3-30b-a3b-8xh100", "gemma3-27b-8xh100",
-            "gpt-oss-20b-8xh100", "llama3.3-70b-32xh100", "mistral-small-3.2-24b-8xh100"} <= names
+    assert {
+        "llama3-8b-8xh100",
+        "qwen3-8b-8xh100",
+        "qwen3-8b-16k-8xh100",
+        "qwen3-30b-a3b-8xh100",
+        "gemma3-27b-8xh100",
+        "gpt-oss-20b-8xh100",
+        "llama3.3-70b-32xh100",
+        "mistral-small-3.2-24b-8xh100",
+    } <= names
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -250,9 +304,11 @@ def test_preset_parses_plans_on_its_gpus_and_its_header_quotes_the_plan(preset, 
     model, tokens = QUOTED_COMMAND.search(text).groups()
     assert params.base.model in HUB_IDS[model], f"{preset.name}: the header plans {model}, not {params.base.model}"
     plan = planned_by_sft_plan(preset, model, tokens, tmp_path, monkeypatch)
-    planned = {(r["strategy"], r["gpu"]): (r["nodes"], params.plan.gpus_per_node, r["gib_per_gpu"], r["hours"],
-                                          r["cost"])
-               for r in plan["rows"] if r["strategy"] == params.train.strategy and r["nodes"]}
+    planned = {
+        (r["strategy"], r["gpu"]): (r["nodes"], params.plan.gpus_per_node, r["gib_per_gpu"], r["hours"], r["cost"])
+        for r in plan["rows"]
+        if r["strategy"] == params.train.strategy and r["nodes"]
+    }
     assert quoted_plan(text) == planned
     gpus = int(re.search(r"(\d+)xh100", preset.stem).group(1))
     assert planned[(params.train.strategy, "H100-80GB")][0] * params.plan.gpus_per_node == gpus
@@ -282,23 +338,35 @@ def test_readme_table_lists_every_preset_with_its_header_figures():
     import yaml
 
     section = (ROOT / "README.md").read_text().split("## Presets", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `([\w.-]+\.yaml)` \| ([^|]+) \| `(\w+)` \| (\d+) x (\d+) \| ([\d.]+) \| ([\d.]+) \| "
-                      r"([\d,.]+) \|", section, re.M)
+    rows = re.findall(
+        r"^\| `([\w.-]+\.yaml)` \| ([^|]+) \| `(\w+)` \| (\d+) x (\d+) \| ([\d.]+) \| ([\d.]+) \| "
+        r"([\d,.]+) \|",
+        section,
+        re.M,
+    )
     assert sorted(row[0] for row in rows) == sorted(p.name for p in PRESETS)
     for name, base, model_type, nodes, per_node, gib, hours, cost in rows:
         text = (ROOT / "configs" / name).read_text()
         assert base.strip() == yaml.safe_load(text)["base"]["model"]
         assert model_type == ENGINE_SEES.search(text).group(1)
-        assert quoted_plan(text)[("fsdp2", "H100-80GB")] == (int(nodes), int(per_node), float(gib), float(hours),
-                                                              float(cost.replace(",", "")))
+        assert quoted_plan(text)[("fsdp2", "H100-80GB")] == (
+            int(nodes),
+            int(per_node),
+            float(gib),
+            float(hours),
+            float(cost.replace(",", "")),
+        )
 
 
-@pytest.mark.parametrize("config,expected", [
-    ({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}, "gemma3_text"),
-    ({"model_type": "mistral3", "text_config": {"hidden_size": 64}}, "mistral"),  # the class's default text type
-    ({"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}, "gpt_oss"),
-    ({"model_type": "qwen3_moe"}, "qwen3_moe"),
-])
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        ({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}, "gemma3_text"),
+        ({"model_type": "mistral3", "text_config": {"hidden_size": 64}}, "mistral"),  # the class's default text type
+        ({"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}, "gpt_oss"),
+        ({"model_type": "qwen3_moe"}, "qwen3_moe"),
+    ],
+)
 def test_trained_model_type_is_what_sft_base_leaves(config, expected):
     assert trained_model_type(config) == expected
 
@@ -322,7 +390,11 @@ def test_sft_base_refuses_an_unproven_family_before_fetching_the_weights(tiny_mo
     (repo / "config.json").write_text(json.dumps({**config, "model_type": "falcon_h1"}))
     fetched = fetch_from(repo, monkeypatch)
     with pytest.raises(UnsupportedModel, match="'falcon_h1' is not supported"):
-        resolve_base(hub_base("tiiuae/Falcon-H1-7B"), tmp_path / "base", log=lambda _: None,
-                     check_family=lambda c: check_model(c, 2048))
+        resolve_base(
+            hub_base("tiiuae/Falcon-H1-7B"),
+            tmp_path / "base",
+            log=lambda _: None,
+            check_family=lambda c: check_model(c, 2048),
+        )
     assert "config.json" in fetched and not any(name.endswith(".safetensors") for name in fetched)
     assert not (tmp_path / "base").exists()

@@ -35,6 +35,7 @@ def fake_snapshot(source: Path, downloaded: list):
                 shutil.copy2(item, Path(local_dir) / item.name)
                 downloaded.append(item.name)
         (Path(local_dir) / ".cache").mkdir()  # huggingface_hub's bookkeeping, dropped by `sft base`
+
     return snapshot_download
 
 
@@ -65,7 +66,7 @@ def test_base_from_hub_reports_its_parameter_count_and_keeps_the_licence(hub_rep
 
     expected = sum(t.numel() for t in load_file(hub_repo / "model.safetensors").values())
     assert meta["params"] == expected and f"{expected:,} parameters" in result.output
-    assert (Path("base/LICENSE").exists() and Path("base/USE_POLICY.md").exists()), "the licence travels with it"
+    assert Path("base/LICENSE").exists() and Path("base/USE_POLICY.md").exists(), "the licence travels with it"
     assert "pytorch_model.bin" not in downloaded and not Path("base/.cache").exists()
 
 
@@ -83,8 +84,13 @@ def test_base_downloads_the_pinned_revision_from_a_hub_api_with_the_token(hub_re
         hub.seed("acme-base/tiny-instruct", hub_repo, message="later")
         params["base"].update(model="acme-base/tiny-instruct", revision=pinned)
         Path("params.yaml").write_text(yaml.safe_dump(params))
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-               "HF_HOME": str(tmp_path / "hf")}
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HOME": str(tmp_path / "hf"),
+        }
         env.pop("HF_TOKEN", None)
         sft = [str(Path(sys.executable).parent / "sft"), "base"]
         refused = subprocess.run(sft, env=env, capture_output=True, text=True)
@@ -140,8 +146,9 @@ def test_cluster_install_has_the_s3_remote():
 def test_cluster_installs_the_pinned_torch_first():
     setup = yaml.safe_load((ROOT / "sky/train.yaml").read_text())["setup"]
     line = next(line for line in setup.splitlines() if line.startswith("python") and "TORCH" in line)
-    resolved = subprocess.run(["bash", "-c", f"echo {line.split('install', 1)[1]}"], cwd=ROOT,
-                              capture_output=True, text=True).stdout.strip()
+    resolved = subprocess.run(
+        ["bash", "-c", f"echo {line.split('install', 1)[1]}"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     assert resolved.strip('"') == re.search(r"^TORCH := (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert setup.index("TORCH") < setup.index('-e ".[deepspeed,mlflow,wandb]"')
 
@@ -150,7 +157,9 @@ def test_evaluate_leaves_offline_mode_to_the_caller():
     """Registry tasks (mmlu_pro, ifeval) download their data on the cluster: importing the module must
     not switch the Hub or datasets offline."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    code = "import os, pipeline.evaluate; print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('HF_DATASETS_OFFLINE'))"
+    code = (
+        "import os, pipeline.evaluate; print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('HF_DATASETS_OFFLINE'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.split() == ["None", "None"], out.stderr
 
@@ -221,7 +230,7 @@ def test_failed_gate_ends_the_job_without_a_relaunch(tmp_path):
     """A failed gate exits 1 by design; the job must end 0 (verdict reported), or job_recovery
     relaunches the whole paid run. With no verdict at all it is an error (non-zero)."""
     run = yaml.safe_load((ROOT / "sky/train.yaml").read_text())["run"]
-    block = run[run.index("if ! dvc repro; then"):run.index("dvc push")]
+    block = run[run.index("if ! dvc repro; then") : run.index("dvc push")]
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "dvc").write_text("#!/bin/sh\nexit 1\n")
@@ -244,17 +253,28 @@ def sky_run(tmp_path: Path, rank: int, exit_codes: dict[str, int] | None = None,
     fake = tmp_path / "bin"
     fake.mkdir(parents=True, exist_ok=True)
     for tool, code in {"dvc": 0, "sft": 0, **(exit_codes or {})}.items():
-        writes = (f'if [ "$1" = repro ]; then mkdir -p "$(dirname {repro_writes})"; echo "{{}}" > {repro_writes}; fi\n'
-                  if tool == "dvc" and repro_writes else "")
+        writes = (
+            f'if [ "$1" = repro ]; then mkdir -p "$(dirname {repro_writes})"; echo "{{}}" > {repro_writes}; fi\n'
+            if tool == "dvc" and repro_writes
+            else ""
+        )
         (fake / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "$CALLS"\n{writes}exit {code}\n')
         (fake / tool).chmod(0o755)
     work = tmp_path / f"node{rank}"
     work.mkdir()
     calls = work / "calls.txt"
-    env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}", "CALLS": str(calls),
-           "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "8",
-           "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2", "GIT_SHA": "a" * 40, "RUN_URL": "https://ci/run",
-           "CHECKPOINT_ROOT": str(tmp_path / "bucket")}
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "CALLS": str(calls),
+        "SKYPILOT_NODE_RANK": str(rank),
+        "SKYPILOT_NUM_NODES": "2",
+        "SKYPILOT_NUM_GPUS_PER_NODE": "8",
+        "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2",
+        "GIT_SHA": "a" * 40,
+        "RUN_URL": "https://ci/run",
+        "CHECKPOINT_ROOT": str(tmp_path / "bucket"),
+    }
     result = subprocess.run(["bash", "-c", run], cwd=work, env=env, capture_output=True, text=True)
     return result, calls.read_text().splitlines()
 
@@ -265,20 +285,40 @@ def test_node_zero_runs_the_whole_dag_through_dvc_and_the_others_only_their_inpu
     (whose train stage starts torchrun); the other nodes build their inputs and join the training."""
     result, zero = sky_run(tmp_path, 0)
     assert result.returncode == 0, result.stderr
-    status = (f"sft status set --sha {'a' * 40} --from-gate gate/gate.json --signed release/attestation.json "
-              "--target-url https://ci/run")
-    assert zero == ["dvc config --local core.no_scm true", "dvc pull data.dvc", "dvc repro", "dvc push",
-                    f"sft results --sha {'a' * 40}", status]
+    status = (
+        f"sft status set --sha {'a' * 40} --from-gate gate/gate.json --signed release/attestation.json "
+        "--target-url https://ci/run"
+    )
+    assert zero == [
+        "dvc config --local core.no_scm true",
+        "dvc pull data.dvc",
+        "dvc repro",
+        "dvc push",
+        f"sft results --sha {'a' * 40}",
+        status,
+    ]
     # a passing gate leaves the card stage's release manifest: the job signs it before pushing the results
     result, passed = sky_run(tmp_path / "passed", 0, repro_writes="release/manifest.json")
     assert result.returncode == 0, result.stderr
-    assert passed == ["dvc config --local core.no_scm true", "dvc pull data.dvc", "dvc repro", "dvc push",
-                      f"sft sign --sha {'a' * 40}", f"sft results --sha {'a' * 40}", status]
+    assert passed == [
+        "dvc config --local core.no_scm true",
+        "dvc pull data.dvc",
+        "dvc repro",
+        "dvc push",
+        f"sft sign --sha {'a' * 40}",
+        f"sft results --sha {'a' * 40}",
+        status,
+    ]
     result, one = sky_run(tmp_path, 1)
     assert result.returncode == 0, result.stderr
     # node 0's `dvc repro` runs both the full and the LoRA training (issue 12): the other nodes join each
-    assert one == ["dvc config --local core.no_scm true", "dvc pull data.dvc", "dvc repro base prepare", "sft train",
-                   "sft lora"]
+    assert one == [
+        "dvc config --local core.no_scm true",
+        "dvc pull data.dvc",
+        "dvc repro base prepare",
+        "sft train",
+        "sft lora",
+    ]
     for run in ("train", "lora"):
         state = tmp_path / f"node1/{run}/state"
         assert state.is_symlink() and state.resolve() == (tmp_path / "bucket" / ("a" * 40) / run / "state").resolve()
@@ -297,12 +337,14 @@ def test_bucket_name_comes_from_the_team_not_the_template():
 UNGUARDED_DATE_TEMPLATE = (  # as Mistral Small 3.x and Granite 3.x do: the date, no `date_string` to pass
     "{%- set today = strftime_now('%Y-%m-%d') %}{{ bos_token }}[SYSTEM]Today is {{ today }}.[/SYSTEM]"
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}")
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 @pytest.mark.parametrize("family", ["llama3", "unguarded"])
-def test_chat_template_date_is_fixed_so_training_tokens_do_not_depend_on_the_day(family, tokenizer, tiny_model_dir,
-                                                                                 monkeypatch):
+def test_chat_template_date_is_fixed_so_training_tokens_do_not_depend_on_the_day(
+    family, tokenizer, tiny_model_dir, monkeypatch
+):
     """Finding 15: Llama 3.x's template prints today's date (`strftime_now` unless `date_string` is
     passed), others call `strftime_now` with no way round it. Every example carried the day of the run,
     a rerun on another day tokenized differently under the same cache key, and lm-eval (which passes
@@ -329,7 +371,9 @@ def test_chat_template_date_is_fixed_so_training_tokens_do_not_depend_on_the_day
         dated, fixed = copy.deepcopy(tokenizer), "Today is 2026-01-01."
         dated.chat_template = UNGUARDED_DATE_TEMPLATE
     prompt = render_prompt(dated, "hello")
-    conversation = ChatRenderer(dated).jinja([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    conversation = ChatRenderer(dated).jinja(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    )
     assert fixed in prompt and fixed in conversation and "2031" not in prompt + conversation
     ids, _ = tokenize_pair(dated, "hi", "yo")
     assert fixed in dated.decode(ids)
@@ -341,15 +385,22 @@ def test_chat_template_date_is_fixed_so_training_tokens_do_not_depend_on_the_day
 def test_torchrun_command_spans_the_nodes_skypilot_describes_and_names_a_missing_variable():
     from pipeline.dist import Strategy, training_command
 
-    env = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6",
-           "SKYPILOT_NUM_GPUS_PER_NODE": "8", "MASTER_PORT": "29511"}
+    env = {
+        "SKYPILOT_NUM_NODES": "2",
+        "SKYPILOT_NODE_RANK": "1",
+        "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6",
+        "SKYPILOT_NUM_GPUS_PER_NODE": "8",
+        "MASTER_PORT": "29511",
+    }
     command = training_command(Strategy.of("fsdp2"), ["train"], env)
     flags = dict(zip(command[3::2], command[4::2], strict=False))  # ends in an unpaired `train`
     assert flags["--nproc-per-node"] == "8" and flags["--nnodes"] == "2" and flags["--node-rank"] == "1"
     assert flags["--master-addr"] == "10.0.0.5" and flags["--master-port"] == "29511"
     assert command[-3:] == ["-m", "pipeline.cli", "train"]
     assert "--standalone" in training_command(Strategy.of("fsdp2"), ["train"], {"SKYPILOT_NUM_GPUS_PER_NODE": "2"})
-    assert training_command(Strategy.of("fsdp2"), ["train"], {**env, "WORLD_SIZE": "16"}) is None, "already under torchrun"
+    assert training_command(Strategy.of("fsdp2"), ["train"], {**env, "WORLD_SIZE": "16"}) is None, (
+        "already under torchrun"
+    )
     with pytest.raises(RuntimeError, match="SKYPILOT_NODE_RANK not set"):
         training_command(Strategy.of("zero3"), ["train"], {k: v for k, v in env.items() if k != "SKYPILOT_NODE_RANK"})
 
@@ -362,6 +413,7 @@ def test_sft_train_and_evaluate_relaunch_themselves_under_torchrun(tmp_path, mon
     """`dvc repro` runs plain `sft train` / `sft evaluate`: a sharded strategy (or several GPUs for
     evaluation) replaces the process by torchrun running the same command, said first, before any
     model is loaded or process group joined."""
+
     def execv(path, argv):
         raise Relaunched(argv)
 
@@ -376,7 +428,7 @@ def test_sft_train_and_evaluate_relaunch_themselves_under_torchrun(tmp_path, mon
         assert isinstance(result.exception, Relaunched), result.output
         relaunched = result.exception.args[0]
         assert relaunched[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"]
-        assert relaunched[-len(command) - 2:] == ["-m", "pipeline.cli", *command]
+        assert relaunched[-len(command) - 2 :] == ["-m", "pipeline.cli", *command]
         assert f"train.strategy=fsdp2: {relaunched[0]} -m torch.distributed.run" in result.output
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(sys, "argv", ["sft", "evaluate", "--model", "base"])

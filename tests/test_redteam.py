@@ -35,8 +35,18 @@ def test_the_honest_release_goes_through(hub, tmp_path):
 
 
 # 1. any file of the publishable folder changed after the gate: each kind of file
-@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "config.json",
-                                  "generation_config.json", "README.md", "model.safetensors"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "model.safetensors",
+    ],
+)
 def test_a_file_changed_after_the_gate_is_refused(hub, tmp_path, name):
     release = make_release(tmp_path)
     path = release.card / name
@@ -133,13 +143,16 @@ def test_a_chosen_checkpoint_without_full_suite_results_is_refused(hub, tmp_path
     refused(hub, release, "candidates.epoch-3: the chosen checkpoint has no passing full-suite results")
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda v: v.update(passed="true"), "gate.json: passed: Input should be a valid boolean"),  # truthy, not true
-    (lambda v: v.update(rules=[]), "gate.json: rules: List should have at least 1 item"),
-    (lambda v: v.update(chosen="epoch-9"), "gate.json: chosen 'epoch-9' is not one of the candidates"),
-    (lambda v: v["rules"][0].update(passed=1), "gate.json: rules.0.passed: Input should be a valid boolean"),
-    (lambda v: v.update(approved_by="release manager"), "gate.json: approved_by: unknown field"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda v: v.update(passed="true"), "gate.json: passed: Input should be a valid boolean"),  # truthy, not true
+        (lambda v: v.update(rules=[]), "gate.json: rules: List should have at least 1 item"),
+        (lambda v: v.update(chosen="epoch-9"), "gate.json: chosen 'epoch-9' is not one of the candidates"),
+        (lambda v: v["rules"][0].update(passed=1), "gate.json: rules.0.passed: Input should be a valid boolean"),
+        (lambda v: v.update(approved_by="release manager"), "gate.json: approved_by: unknown field"),
+    ],
+)
 def test_a_verdict_not_in_the_gates_shape_is_refused_by_field(hub, tmp_path, edit, needle):
     release = make_release(tmp_path)
     verdict = release.verdict()
@@ -163,7 +176,8 @@ def test_a_status_from_another_account_is_refused():
     with FakeGitHub() as github:
         intruder = github.add_account("mallory")
         GitHub(github.api_url, github.repository, intruder).request(
-            "POST", "/statuses/" + "a" * 40, {"state": "success", "context": "eval-gate", "description": "trust me"})
+            "POST", "/statuses/" + "a" * 40, {"state": "success", "context": "eval-gate", "description": "trust me"}
+        )
         with pytest.raises(ReleaseRefused, match="no 'eval-gate' status set by 'acme-sft-bot'.*by 'mallory'"):
             require_success(GitHub(github.api_url, github.repository, github.token), "a" * 40, "acme-sft-bot")
 
@@ -210,16 +224,22 @@ def _items(n: int, right: int) -> dict[str, float]:
 
 
 def test_a_missing_metric_fails_its_rule_by_name():
-    verdict = decide(POLICY, {"golden": 0.0, "general": 0.9}, {"epoch-1": {"golden": 0.9, "general": None}},
-                     {"epoch-1": "a" * 64})
+    verdict = decide(
+        POLICY, {"golden": 0.0, "general": 0.9}, {"epoch-1": {"golden": 0.9, "general": None}}, {"epoch-1": "a" * 64}
+    )
     assert not verdict.passed and verdict.failed_rules == ["general"]
     assert "missing or not a finite number" in verdict.rules[1].problem
 
 
 def test_a_nan_score_fails_its_rule_by_name():
     items = {"base": {"general": _items(400, 360)}, "epoch-1": {"general": _items(400, 360)}}
-    verdict = decide(POLICY, {"golden": 0.0, "general": 0.9}, {"epoch-1": {"golden": math.nan, "general": 0.9}},
-                     {"epoch-1": "a" * 64}, items)
+    verdict = decide(
+        POLICY,
+        {"golden": 0.0, "general": 0.9},
+        {"epoch-1": {"golden": math.nan, "general": 0.9}},
+        {"epoch-1": "a" * 64},
+        items,
+    )
     assert not verdict.passed and verdict.failed_rules == ["golden"]
 
 

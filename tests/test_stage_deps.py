@@ -117,8 +117,14 @@ def test_a_removed_dependency_is_found(stages):
 def test_the_derivation_sees_lazy_imports():
     """`sft validate` runs the contract through prepare's tokenization (imported inside functions too)."""
     modules = stage_modules("sft validate")
-    assert {"pipeline/stages/validate.py", "pipeline/contract.py", "pipeline/prepare.py", "pipeline/config.py",
-            "pipeline/files.py", "pipeline/cli.py"} <= modules
+    assert {
+        "pipeline/stages/validate.py",
+        "pipeline/contract.py",
+        "pipeline/prepare.py",
+        "pipeline/config.py",
+        "pipeline/files.py",
+        "pipeline/cli.py",
+    } <= modules
     assert "pipeline/publish.py" not in modules  # a release command's module is not a stage's
 
 

@@ -51,18 +51,32 @@ def test_ifeval_checks_run_offline_and_agree_with_the_demo_data(tmp_path):
         cases += [(doc, item["response"]), (doc, bare)]
     assert {doc["instruction_id_list"][0] for doc in make_sft_data(train_rows=100)["ifeval"]} == set(INSTRUCTIONS)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NLTK_DATA": str(tmp_path), "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(TASKS)], input=json.dumps(cases), env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", OFFLINE_SCRIPT, str(TASKS)],
+        input=json.dumps(cases),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["attempts"] == 0, "importing lm-eval's IFEval checks tried to reach the network"
     assert result["scores"] == [True, False] * len(INSTRUCTIONS)
 
 
-@pytest.mark.parametrize("response, refused", [
-    (REFUSAL, True), ("  I can't do that.", True), ("I\u2019m sorry, no.", True), ('"I will not."', True),
-    ("To feed the horse, go slowly and be gentle.", False), ("Sure. I won't forget: feed it hay.", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "response, refused",
+    [
+        (REFUSAL, True),
+        ("  I can't do that.", True),
+        ("I\u2019m sorry, no.", True),
+        ('"I will not."', True),
+        ("To feed the horse, go slowly and be gentle.", False),
+        ("Sure. I won't forget: feed it hay.", False),
+        ("", False),
+    ],
+)
 def test_refusal_rule(response, refused):
     assert is_refusal(response) is refused
 

@@ -9,16 +9,25 @@ from pipeline.trackers import CHAMPION, TrainingRuns, check_trackers, flatten, l
 from tests.conftest import wandb_history
 from tests.verdicts import drop_rule, hard_rule, make_verdict
 
-META = {"config": {"lr": 3e-5, "epochs": 2, "strategy": "single"}, "base": {"model": "test/tiny"},
-        "data_sha256": "d" * 64}
+META = {
+    "config": {"lr": 3e-5, "epochs": 2, "strategy": "single"},
+    "base": {"model": "test/tiny"},
+    "data_sha256": "d" * 64,
+}
 LOSSES = [2.5, 2.0, 1.6, 1.3, 1.1]
 
 
 def verdict(passed: bool, sha: str, chosen: str = "epoch-2") -> Verdict:
     rules = [hard_rule("golden", 0.8 if passed else 0.3, 0.5), drop_rule("general", 0.91, 0.9, read=-0.01)]
-    return make_verdict(rules, chosen, sha, others={"epoch-1": {"scores": {"golden": 0.2, "general": 0.9}},
-                                                    "lora-epoch-2": {"kind": "lora",
-                                                                     "scores": {"golden": 0.1, "general": 0.9}}})
+    return make_verdict(
+        rules,
+        chosen,
+        sha,
+        others={
+            "epoch-1": {"scores": {"golden": 0.2, "general": 0.9}},
+            "lora-epoch-2": {"kind": "lora", "scores": {"golden": 0.1, "general": 0.9}},
+        },
+    )
 
 
 def train_run(names):
@@ -75,8 +84,9 @@ def test_a_tracker_that_fails_never_stops_training_or_the_verdict(tiny_model_dir
 
 
 @pytest.mark.e2e  # a real MLflow server (.venv-mlflow)
-def test_mlflow_run_eval_table_and_champion_only_when_the_gate_passes(mlflow_server, tiny_model_dir, tmp_path,
-                                                                      monkeypatch):
+def test_mlflow_run_eval_table_and_champion_only_when_the_gate_passes(
+    mlflow_server, tiny_model_dir, tmp_path, monkeypatch
+):
     import mlflow
     from mlflow import MlflowClient
 
@@ -146,7 +156,12 @@ def test_the_cluster_job_gets_the_trackers_settings_and_packages():
     for name in SETTINGS:
         if name in ("WANDB_MODE", "WANDB_DIR"):  # local runs and tests only
             continue
-        declared = "secrets" if name in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY") else "envs"
+        declared = (
+            "secrets" if name in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY") else "envs"
+        )
         assert name in task[declared], f"sky/train.yaml {declared} lacks {name}"
-        assert f"--{declared[:-1]} {name}" in launch and f"{'secrets' if declared == 'secrets' else 'vars'}.{name}" in launch
+        assert (
+            f"--{declared[:-1]} {name}" in launch
+            and f"{'secrets' if declared == 'secrets' else 'vars'}.{name}" in launch
+        )
     assert '".[deepspeed,mlflow,wandb]"' in task["setup"]

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.dist import Strategy, init_runtime
 from pipeline.prepare import IGNORE, prepare
 from pipeline.train.checkpoint import list_checkpoints, rotate, weights_sha256
-from pipeline.dist import Strategy, init_runtime
 from pipeline.train.loop import cosine_with_warmup, train
 
 
@@ -22,8 +22,16 @@ def test_full_finetune_updates_every_weight_and_keeps_last_checkpoints(tiny_mode
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = TrainConfig(lr=3e-3, epochs=4, keep_last=3, micro_batch_size=2, grad_accum=2, warmup_ratio=0.03,
-                      override_method_ranges=True, device="cpu")
+    cfg = TrainConfig(
+        lr=3e-3,
+        epochs=4,
+        keep_last=3,
+        micro_batch_size=2,
+        grad_accum=2,
+        warmup_ratio=0.03,
+        override_method_ranges=True,
+        device="cpu",
+    )
     result = train(model, tokenizer, tiny_packed(tokenizer), cfg, tmp_path, {"data_sha256": "abc"})
 
     after = model.state_dict()
@@ -97,8 +105,17 @@ def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_mod
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cfg = cfg.model_copy(update={"checkpoint_every_steps": 1})
     try:
-        train(model, tokenizer, packed, cfg, tmp_path / "ckpt", meta, progress=stop_after_epoch_one,
-              runtime=runtime, state_dir=tmp_path / "state")
+        train(
+            model,
+            tokenizer,
+            packed,
+            cfg,
+            tmp_path / "ckpt",
+            meta,
+            progress=stop_after_epoch_one,
+            runtime=runtime,
+            state_dir=tmp_path / "state",
+        )
     except KeyboardInterrupt:
         pass
     run_id = fingerprint(cfg, meta, packed["input_ids"].shape[0])
@@ -107,8 +124,17 @@ def test_resume_state_is_ignored_for_another_run_or_an_unfinished_write(tiny_mod
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     state_copy = tmp_path / "state-copy"
     shutil.copytree(tmp_path / "state", state_copy)
-    result = train(model, tokenizer, packed, cfg, tmp_path / "ckpt2", meta, progress=lambda r, t: seen.append(r["step"]),
-                   runtime=runtime, state_dir=state_copy)
+    result = train(
+        model,
+        tokenizer,
+        packed,
+        cfg,
+        tmp_path / "ckpt2",
+        meta,
+        progress=lambda r, t: seen.append(r["step"]),
+        runtime=runtime,
+        state_dir=state_copy,
+    )
     assert seen == list(range(1, result.steps + 1))
     assert load_train_state(tmp_path / "state", run_id)[1]["step"] > 0
     assert load_train_state(tmp_path / "state", fingerprint(cfg, {"data_sha256": "other"}, 4)) is None
@@ -130,8 +156,11 @@ def test_unpacked_batches_are_trimmed_and_loss_targets_never_cross_examples():
     labels = torch.full((2, 64), IGNORE)
     labels[0, 5:10] = 7  # row 0 ends at 10, row 1 at 20: the batch needs 20 columns, rounded up to 24
     labels[1, 15:20] = 8
-    batch = {"input_ids": torch.zeros(2, 64, dtype=torch.long), "labels": labels,
-             "position_ids": torch.arange(64).repeat(2, 1)}
+    batch = {
+        "input_ids": torch.zeros(2, 64, dtype=torch.long),
+        "labels": labels,
+        "position_ids": torch.arange(64).repeat(2, 1),
+    }
     trimmed = trim_padding(batch, torch.tensor([10, 20]), multiple=8)
     assert {k: v.shape[1] for k, v in trimmed.items()} == {"input_ids": 24, "labels": 24, "position_ids": 24}
     positions, targets = loss_targets(trimmed["labels"], trimmed["position_ids"])
@@ -150,8 +179,15 @@ def test_step_flops_count_the_head_only_where_logits_are_computed_and_attention_
 
     from pipeline.train.metrics import StepFlops
 
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     params = 1000 * 64 * 2 + 2 * (64 * 64 * 4 + 3 * 64 * 128 + 2 * 64) + 64
     flops = StepFlops.of(config, params)
     # two examples of 3 and 2 tokens: keys attended 1+2+3 + 1+2 = 9; logits on the 2 supervised rows
@@ -192,8 +228,15 @@ def test_the_caller_chooses_what_trains_and_what_each_checkpoint_exports(tiny_mo
         calls.append((trained is model, state))
         return trained, {k: v / 2 for k, v in trained.state_dict().items()}
 
-    cfg = TrainConfig(lr=1e-2, epochs=2, keep_last=2, micro_batch_size=4, override_method_ranges=True, device="cpu",
-                      export_dtype="float32")
+    cfg = TrainConfig(
+        lr=1e-2,
+        epochs=2,
+        keep_last=2,
+        micro_batch_size=4,
+        override_method_ranges=True,
+        device="cpu",
+        export_dtype="float32",
+    )
     train(model, tokenizer, tiny_packed(tokenizer, 16), cfg, tmp_path, {}, trainable=norms, export=halved)
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}

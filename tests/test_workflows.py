@@ -41,8 +41,10 @@ def test_release_checks_the_gate_before_it_pulls_or_publishes():
     assert release[True]["push"]["tags"] == ["v*"]
     assert release["jobs"]["publish"]["environment"] == "hf-release"
     runs = [s.get("run", "") for s in steps("release.yml", "publish")]
-    order = [next(i for i, r in enumerate(runs) if needle in r)
-             for needle in ("sft status require", "dvc pull card", "sft publish")]
+    order = [
+        next(i for i, r in enumerate(runs) if needle in r)
+        for needle in ("sft status require", "dvc pull card", "sft publish")
+    ]
     assert order == sorted(order)
 
 
@@ -64,9 +66,15 @@ jobs:
 """
 
 
-@pytest.mark.parametrize("command", [
-    ["actionlint"], ["zizmor", "--offline", "--quiet"],
-    ["check-jsonschema", "--builtin-schema", "vendor.github-workflows"]], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["actionlint"],
+        ["zizmor", "--offline", "--quiet"],
+        ["check-jsonschema", "--builtin-schema", "vendor.github-workflows"],
+    ],
+    ids=lambda c: c[0],
+)
 def test_each_linter_rejects_a_bad_workflow(tmp_path, command):
     if not (BIN / command[0]).exists():
         pytest.skip(f"{command[0]} is not installed (pip install -e '.[test]')")
@@ -75,8 +83,9 @@ def test_each_linter_rejects_a_bad_workflow(tmp_path, command):
     text = BAD_WORKFLOW if command[0] != "check-jsonschema" else BAD_WORKFLOW.replace("runs-on", "runs_on")
     bad.write_text(text)
     env = {k: v for k, v in os.environ.items() if k not in ("GH_TOKEN", "GITHUB_TOKEN")}
-    done = subprocess.run([str(BIN / command[0]), *command[1:], str(bad)], capture_output=True, text=True, env=env,
-                          cwd=tmp_path)
+    done = subprocess.run(
+        [str(BIN / command[0]), *command[1:], str(bad)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert done.returncode != 0, done.stdout + done.stderr
 
 
@@ -88,17 +97,20 @@ def test_sky_validate_names_a_misspelled_field(tmp_path):
     bad = tmp_path / "train.yaml"
     bad.write_text(yaml.safe_dump(task))
     env = {**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
-    done = subprocess.run([str(SKY_PYTHON), str(ROOT / "sky/validate.py"), str(bad)], capture_output=True,
-                          text=True, env=env)
+    done = subprocess.run(
+        [str(SKY_PYTHON), str(ROOT / "sky/validate.py"), str(bad)], capture_output=True, text=True, env=env
+    )
     assert done.returncode == 1
     assert "resourcs" in done.stderr and "secrets: must declare GITHUB_TOKEN" in done.stderr
 
 
 def test_status_commands_need_only_what_train_yml_installs():
     """train.yml installs typer, pydantic and pyyaml only (not torch) before `python -m pipeline.cli status set`."""
-    code = ("import sys, pipeline.cli, pipeline.github; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'transformers', 'dvc', "
-            "'huggingface_hub', 'pandas', 'requests'}))")
+    code = (
+        "import sys, pipeline.cli, pipeline.github; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'transformers', 'dvc', "
+        "'huggingface_hub', 'pandas', 'requests'}))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
@@ -118,10 +130,13 @@ def test_a_pr_without_its_data_uses_the_demo_data_only_where_data_dvc_names_it(d
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-am", "data.dvc"], check=True)
     outputs = tmp_path / "outputs"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"GITHUB_OUTPUT": str(outputs)}
-    run = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=clone, env=env, capture_output=True, text=True,
-                         check=False)
+    run = subprocess.run(
+        ["bash", "-e", "-c", step["run"]], cwd=clone, env=env, capture_output=True, text=True, check=False
+    )
     assert run.returncode == 0, run.stderr
-    dirty = subprocess.run([*git, "status", "--porcelain", "data.dvc"], capture_output=True, text=True, check=True).stdout
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "data.dvc"], capture_output=True, text=True, check=True
+    ).stdout
     assert dirty == ""  # data.dvc as committed
     if data == "demo":
         assert outputs.read_text() == "source=demo\n"

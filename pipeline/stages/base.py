@@ -12,8 +12,12 @@ from pipeline.stages import StageError
 def run(params, paths: Paths, log=print) -> str:
     where = f"{params.base.model}@{params.base.revision} config.json"
     try:
-        info = resolve_base(params.base, paths.base, log=log,
-                            check_family=lambda config: check_model(config, params.prepare.max_seq_len, where))
+        info = resolve_base(
+            params.base,
+            paths.base,
+            log=log,
+            check_family=lambda config: check_model(config, params.prepare.max_seq_len, where),
+        )
     except (BaseUnavailable, UnsupportedModel) as err:
         raise StageError(str(err)) from None
     return f"base model ready in {paths.base}/ ({info['params']:,} parameters, sha256 {info['sha256'][:12]})"

@@ -17,11 +17,19 @@ REPORTS = ("gate.json", "gate.md", "change.png", "decision.json", "decision.png"
 
 def training_summary(params, kind: str) -> dict:
     """The hyperparameters of the run that made the shipped model, for the card."""
-    hyper = {k: v for k, v in params.train.model_dump().items() if k in ("lr", "epochs", "warmup_ratio", "weight_decay")}
+    hyper = {
+        k: v for k, v in params.train.model_dump().items() if k in ("lr", "epochs", "warmup_ratio", "weight_decay")
+    }
     if kind == "lora":
         lora = params.lora
-        return {"method": "LoRA, merged into the base", **hyper, "lr": lora.lr, "rank": lora.rank,
-                "alpha": lora.alpha, "dora": lora.dora}
+        return {
+            "method": "LoRA, merged into the base",
+            **hyper,
+            "lr": lora.lr,
+            "rank": lora.rank,
+            "alpha": lora.alpha,
+            "dora": lora.dora,
+        }
     return {"method": "full SFT", **hyper}
 
 
@@ -31,8 +39,9 @@ def gated_checkpoint(verdict: Verdict, paths: Paths):
     gated = verdict.files or {}
     differing = sorted(sum(manifest_differences(gated, file_manifest(chosen)), []))
     if not gated or differing:
-        raise StageError(f"{chosen}: {', '.join(differing) or 'files'} differ from what the gate passed "
-                         f"({paths.verdict} files)")
+        raise StageError(
+            f"{chosen}: {', '.join(differing) or 'files'} differ from what the gate passed ({paths.verdict} files)"
+        )
     return chosen
 
 
@@ -44,12 +53,22 @@ def run(params, paths: Paths) -> str:
     base_meta = json.loads((paths.base / "meta.json").read_text())
     stats = read(paths.prepare_stats, PrepareStats)
     model_card = build_card(
-        verdict, (paths.gate / "gate.md").read_text(), params.card.repo_id, base_meta["model"],
-        base_meta.get("revision"), params.evaluate.metrics, stats.data_sha256,
-        training_summary(params, verdict.kind), params.card.license, params.card.language)
+        verdict,
+        (paths.gate / "gate.md").read_text(),
+        params.card.repo_id,
+        base_meta["model"],
+        base_meta.get("revision"),
+        params.evaluate.metrics,
+        stats.data_sha256,
+        training_summary(params, verdict.kind),
+        params.card.license,
+        params.card.language,
+    )
     with atomic_dir(paths.card) as tmp:
         assemble(chosen, model_card, [paths.gate / name for name in REPORTS], tmp)
         files = file_manifest(tmp)
-    write_json(paths.manifest, {"chosen": verdict.chosen, "sha256": verdict.sha256,
-                                "gate_sha256": sha256_file(paths.verdict), "files": files})
+    write_json(
+        paths.manifest,
+        {"chosen": verdict.chosen, "sha256": verdict.sha256, "gate_sha256": sha256_file(paths.verdict), "files": files},
+    )
     return f"model card and publishable folder in {paths.card}/ ({verdict.chosen}, sha256 {verdict.sha256[:12]})"

@@ -15,9 +15,13 @@ def write_report(out, current: dict, other: dict | None = None, rev: str | None 
     out.mkdir(parents=True, exist_ok=True)
     plot_lengths(current, out / "lengths.png", other, rev)
     markdown = render_markdown(current, other, rev) + "\n![token lengths](lengths.png)\n"
+
     def strip(stats):  # the lengths themselves are in the plot
         return {k: v for k, v in stats.items() if k != "lengths"}
-    write_json(out / "stats.json", {"current": strip(current), **({"other": strip(other), "rev": rev} if other else {})})
+
+    write_json(
+        out / "stats.json", {"current": strip(current), **({"other": strip(other), "rev": rev} if other else {})}
+    )
     write_text(out / "stats.md", markdown)
     return markdown
 
@@ -29,7 +33,9 @@ def other_revision(params, rev: str):
     try:  # bytes: a Parquet file is binary, and load_examples names a bad UTF-8 line itself
         text = dvc.api.read(params.data.train, rev=rev, mode="rb")
     except Exception as err:  # dvc raises many kinds: a bad rev, no cache, no remote
-        raise StageError(f"{params.data.train}@{rev}: cannot read it through DVC ({type(err).__name__}: {err})") from None
+        raise StageError(
+            f"{params.data.train}@{rev}: cannot read it through DVC ({type(err).__name__}: {err})"
+        ) from None
     return load_examples(f"{params.data.train}@{rev}", text=text)
 
 
@@ -44,5 +50,6 @@ def run(params, paths: Paths, rev: str | None = None) -> str:
     max_seq_len = params.prepare.max_seq_len
     if other is None:
         return write_report(paths.data_report, data_stats(current, tokenizer, max_seq_len))
-    return write_report(paths.data_report, data_stats(current, tokenizer, max_seq_len),
-                        data_stats(other, tokenizer, max_seq_len), rev)
+    return write_report(
+        paths.data_report, data_stats(current, tokenizer, max_seq_len), data_stats(other, tokenizer, max_seq_len), rev
+    )

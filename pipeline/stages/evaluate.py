@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pipeline.files import write_json
 from pipeline.paths import Paths
@@ -32,9 +32,12 @@ class EvaluateSummary:
         return f"evaluated {self.models} model(s) in {self.seconds:.0f}s"
 
 
-def run(params, paths: Paths, model: str = "checkpoints", argv: list[str] | None = None, say: Callable[[str], None] = print) -> EvaluateSummary | None:
+def run(
+    params, paths: Paths, model: str = "checkpoints", argv: list[str] | None = None, say: Callable[[str], None] = print
+) -> EvaluateSummary | None:
     """Evaluate `model` ('base', 'checkpoints', 'chosen' or 'lora'; see MODELS) into `paths.evaluate`;
-    the kept checkpoints are train's (lora's for 'lora'); `argv`: this command's arguments, re-run under torchrun on a node with several GPUs (None: never).
+    the kept checkpoints are train's (lora's for 'lora'); `argv`: this command's arguments, re-run
+    under torchrun on a node with several GPUs (None: never).
     None on every rank but 0."""
     from transformers import AutoTokenizer
 
@@ -57,8 +60,9 @@ def run(params, paths: Paths, model: str = "checkpoints", argv: list[str] | None
     else:
         kept = {c.name: c for c in list_checkpoints(checkpoints)}
     if model != "base" and not kept:
-        raise StageError(f"{checkpoints}: no complete checkpoints to evaluate; "
-                         f"run `sft {'lora' if model == 'lora' else 'train'}`")
+        raise StageError(
+            f"{checkpoints}: no complete checkpoints to evaluate; run `sft {'lora' if model == 'lora' else 'train'}`"
+        )
     started = time.perf_counter()
     # prompts must reach the model exactly as prepare rendered them with the base tokenizer
     training_tokenizer = AutoTokenizer.from_pretrained(paths.base)
@@ -69,8 +73,9 @@ def run(params, paths: Paths, model: str = "checkpoints", argv: list[str] | None
         elif model == "checkpoints":
             from pipeline.evaluate import evaluate_models
 
-            results = evaluate_models(kept, params.evaluate, say, training_tokenizer, params.evaluate.per_checkpoint,
-                                      template=template)
+            results = evaluate_models(
+                kept, params.evaluate, say, training_tokenizer, params.evaluate.per_checkpoint, template=template
+            )
         elif model == "lora":
             results = lora_results(params, kept, training_tokenizer, say)
         else:
@@ -91,18 +96,25 @@ def base_results(params, base_dir: Path, runtime, training_tokenizer, template, 
     """The full suite on the base model, from the cache when the same weights, tasks, data and
     template kwargs were evaluated before."""
     from pipeline.dist import from_rank_zero
-    from pipeline.evaluate import (base_cache_dir, cache_base_results, cached_base_results, evaluate_models,
-                                   suite_fingerprint)
+    from pipeline.evaluate import (
+        base_cache_dir,
+        cache_base_results,
+        cached_base_results,
+        evaluate_models,
+        suite_fingerprint,
+    )
 
     base_sha = json.loads((base_dir / "meta.json").read_text())["sha256"]
     # other template kwargs render other prompts: a cached base result is only for the same ones
-    key = suite_fingerprint(params.evaluate, base_sha + (f" {json.dumps(dict(template.kwargs), sort_keys=True)}"
-                                                         if template.kwargs else ""))
+    key = suite_fingerprint(
+        params.evaluate, base_sha + (f" {json.dumps(dict(template.kwargs), sort_keys=True)}" if template.kwargs else "")
+    )
     # rank 0 looks: a cache entry written meanwhile by another job must not split the ranks
     results = cached_base_results(params.evaluate, key) if runtime.is_main else None
     if from_rank_zero(results is not None):
-        say(f"base results from the cache ({base_cache_dir(params.evaluate)}/{key[:12]}…): same weights, tasks "
-            "and data")
+        say(
+            f"base results from the cache ({base_cache_dir(params.evaluate)}/{key[:12]}…): same weights, tasks and data"
+        )
         return results
     results = evaluate_models({"base": base_dir}, params.evaluate, say, training_tokenizer, template=template)
     if runtime.is_main:
@@ -119,8 +131,9 @@ def lora_results(params, kept: dict[str, Path], training_tokenizer, say=print) -
     from pipeline.prepare import TemplateOptions
 
     template = TemplateOptions.from_config(params.prepare)
-    results = evaluate_models(kept, params.evaluate, say, training_tokenizer, params.evaluate.per_checkpoint,
-                              template=template)
+    results = evaluate_models(
+        kept, params.evaluate, say, training_tokenizer, params.evaluate.per_checkpoint, template=template
+    )
     select_by = load_policy(params.gate.policy, set(params.evaluate.metrics)).select_by
     best = from_rank_zero(ranked(summary(results), select_by)[0] if is_main() else None)  # rank 0 holds the results
     rest = [m for m in params.evaluate.metrics if m not in params.evaluate.per_checkpoint]
@@ -131,8 +144,7 @@ def lora_results(params, kept: dict[str, Path], training_tokenizer, say=print) -
     return results
 
 
-def full_suite_in_gate_order(params, kept: dict[str, Path], evaluations: Path, training_tokenizer,
-                             say=print) -> dict:
+def full_suite_in_gate_order(params, kept: dict[str, Path], evaluations: Path, training_tokenizer, say=print) -> dict:
     """The full suite on the best checkpoint by golden that can still pass, then the next, until
     one passes the whole policy (usually the first): the gate stage then decides on these files."""
     from pipeline.evaluate import evaluate_in_order
@@ -149,13 +161,24 @@ def full_suite_in_gate_order(params, kept: dict[str, Path], evaluations: Path, t
 
     def passes(name: str, results: dict) -> bool:  # on rank 0 only, which holds the results
         scores = {metric: r["score"] for metric, r in results.items()}
-        rules, _ = check_candidate(policy, base_scores, scores, {m: r["items"] for m, r in base.items()},
-                                   {m: r["items"] for m, r in results.items()})
+        rules, _ = check_candidate(
+            policy,
+            base_scores,
+            scores,
+            {m: r["items"] for m, r in base.items()},
+            {m: r["items"] for m, r in results.items()},
+        )
         failed = [r["metric"] for r in rules if not r["passed"]]
         say(f"{name}: {'passes the gate' if not failed else 'fails ' + ', '.join(failed)}")
         return not failed
 
     order = suite_order(policy, base_scores, golden)
     say(f"full suite, in the gate's order: {', '.join(order)}")
-    return evaluate_in_order({name: kept[name] for name in order}, params.evaluate, passes, say, training_tokenizer,
-                             template=TemplateOptions.from_config(params.prepare))
+    return evaluate_in_order(
+        {name: kept[name] for name in order},
+        params.evaluate,
+        passes,
+        say,
+        training_tokenizer,
+        template=TemplateOptions.from_config(params.prepare),
+    )

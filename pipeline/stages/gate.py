@@ -52,8 +52,10 @@ def verdict_of(policy, paths: Paths, kept: dict, items: dict) -> Verdict:
     lora = json.loads((evaluations / "lora.json").read_text()) if (evaluations / "lora.json").exists() else {}
     unknown = sorted(set(candidates) - set(kept)) + sorted(set(lora) - set(kept))
     if unknown:
-        raise StageError(f"{evaluations}: results for {unknown} but no such checkpoint in {paths.checkpoints('train')} "
-                         f"or {paths.checkpoints('lora')}")
+        raise StageError(
+            f"{evaluations}: results for {unknown} but no such checkpoint in {paths.checkpoints('train')} "
+            f"or {paths.checkpoints('lora')}"
+        )
     hashes = {name: weights_sha256(kept[name]) for name in [*candidates, *lora]}
     try:
         return decide(policy, base_scores, candidates, hashes, items, lora)
@@ -88,8 +90,11 @@ def run(params, paths: Paths, log=print) -> Verdict:
     out.mkdir(parents=True, exist_ok=True)
     plot_change(verdict, out / "change.png")
     verdict.plot = "change.png"
-    costs = {name: run_cost(read(paths.metrics(run), TrainingMetrics), params.plan.prices)
-             for name, run in (("full", "train"), ("lora", "lora")) if paths.metrics(run).exists()}
+    costs = {
+        name: run_cost(read(paths.metrics(run), TrainingMetrics), params.plan.prices)
+        for name, run in (("full", "train"), ("lora", "lora"))
+        if paths.metrics(run).exists()
+    }
     record = decision_record(policy, verdict, items, costs)
     plot_decision(record, out / "decision.png")
     record.plot = "decision.png"

@@ -17,8 +17,9 @@ def base_tokenizer(folder: Path, base):
     from transformers import AutoTokenizer
 
     if not (folder / "tokenizer_config.json").exists():
-        raise StageError(f"{folder}: no tokenizer; run `sft tokenizer` (token lengths use the base model's chat "
-                         "template)")
+        raise StageError(
+            f"{folder}: no tokenizer; run `sft tokenizer` (token lengths use the base model's chat template)"
+        )
     check_built_for_base(folder, base)
     return AutoTokenizer.from_pretrained(folder)
 
@@ -31,8 +32,10 @@ def check_built_for_base(folder: Path, base) -> None:
         return
     info = json.loads(made.read_text())
     if (info.get("source"), info.get("model"), info.get("revision")) != (base.source, base.model, base.revision):
-        raise StageError(f"{folder}: made for {info.get('model')}@{info.get('revision')}, but params.yaml base is "
-                         f"{base.model}@{base.revision}; rebuild it (`dvc repro`, or `sft tokenizer` / `sft base`)")
+        raise StageError(
+            f"{folder}: made for {info.get('model')}@{info.get('revision')}, but params.yaml base is "
+            f"{base.model}@{base.revision}; rebuild it (`dvc repro`, or `sft tokenizer` / `sft base`)"
+        )
 
 
 def check_family(folder: Path, max_seq_len: int) -> None:

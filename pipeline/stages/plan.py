@@ -14,14 +14,21 @@ from pipeline.stages.inputs import check_built_for_base, check_family, prepared_
 
 
 def model_shape(params, paths: Paths, model: str | None) -> tuple[str, Shape]:
-    name = model or params.plan.model or next(
-        (str(f) for f in (paths.tokenizer / "config.json", paths.base / "config.json") if f.is_file()),
-        str(paths.tokenizer / "config.json"))
+    name = (
+        model
+        or params.plan.model
+        or next(
+            (str(f) for f in (paths.tokenizer / "config.json", paths.base / "config.json") if f.is_file()),
+            str(paths.tokenizer / "config.json"),
+        )
+    )
     if name in SHAPES:  # each a supported family (tests/test_presets.py checks its positions)
         return name, Shape(**SHAPES[name])
     if not Path(name).is_file():
-        raise StageError(f"plan: {name!r} is neither a known shape ({', '.join(SHAPES)}) nor a config.json file; "
-                         "run `sft tokenizer` (it fetches config.json) or set plan.model")
+        raise StageError(
+            f"plan: {name!r} is neither a known shape ({', '.join(SHAPES)}) nor a config.json file; "
+            "run `sft tokenizer` (it fetches config.json) or set plan.model"
+        )
     check_built_for_base(Path(name).parent, params.base)
     if Path(name).name == "config.json":
         check_family(Path(name).parent, params.prepare.max_seq_len)
@@ -37,8 +44,9 @@ def planned_tokens(params, paths: Paths) -> int:
     if report.is_file():
         current = json.loads(report.read_text())["current"]  # the training file only: add the replay mix
         return round(current["tokens"] / (1 - params.prepare.replay_share))
-    raise StageError("plan: no token count for this data; run `sft data stats` (or `sft prepare`) first, or pass "
-                     "--tokens")
+    raise StageError(
+        "plan: no token count for this data; run `sft data stats` (or `sft prepare`) first, or pass --tokens"
+    )
 
 
 def run(params, paths: Paths, model: str | None = None, tokens: int | None = None) -> str:
@@ -50,10 +58,27 @@ def run(params, paths: Paths, model: str | None = None, tokens: int | None = Non
     stats = prepared_stats(params, paths)
     supervised_share = stats.supervised_tokens / stats.tokens if stats and stats.supervised_tokens else 1.0
     cfg, train = params.plan, params.train  # the plan is for the run the config makes
-    rows = plan(shape, tokens_per_run, tokens_per_gpu, cfg.gpus_per_node, cfg.mfu, cfg.prices,
-                train.activation_checkpointing, train.compile, supervised_share)
+    rows = plan(
+        shape,
+        tokens_per_run,
+        tokens_per_gpu,
+        cfg.gpus_per_node,
+        cfg.mfu,
+        cfg.prices,
+        train.activation_checkpointing,
+        train.compile,
+        supervised_share,
+    )
     markdown = render_markdown(name, shape, rows, tokens_per_run, cfg.mfu)
-    write_json(paths.plan / "plan.json", {"model": name, "params": shape.params, "tokens_per_run": tokens_per_run,
-                                          "tokens_per_gpu_step": tokens_per_gpu, "rows": rows})
+    write_json(
+        paths.plan / "plan.json",
+        {
+            "model": name,
+            "params": shape.params,
+            "tokens_per_run": tokens_per_run,
+            "tokens_per_gpu_step": tokens_per_gpu,
+            "rows": rows,
+        },
+    )
     write_text(paths.plan / "plan.md", markdown)
     return markdown

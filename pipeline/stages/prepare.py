@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.artifacts import ContractReport, PrepareStats, read, write
-
 from pipeline.data import load_examples
 from pipeline.files import DataError, sha256_files
 from pipeline.paths import Paths
@@ -25,11 +24,14 @@ def check_contract(paths: Paths, inputs: list) -> str:
     contract = read(paths.contract, ContractReport)
     data_sha256 = sha256_files(inputs)
     if contract.data_sha256 != data_sha256:
-        raise StageError(f"{paths.contract}: made for other data than {', '.join(map(str, inputs))} hold now; "
-                         "run `sft validate`")
+        raise StageError(
+            f"{paths.contract}: made for other data than {', '.join(map(str, inputs))} hold now; run `sft validate`"
+        )
     if not contract.passed:
-        raise StageError(f"{paths.contract}: the data contract did not pass; fix the data (validate/contract.md says "
-                         "how), then run `sft validate`")
+        raise StageError(
+            f"{paths.contract}: the data contract did not pass; fix the data (validate/contract.md says "
+            "how), then run `sft validate`"
+        )
     return data_sha256
 
 
@@ -67,13 +69,23 @@ def run(params, paths: Paths) -> str:
     cfg = params.prepare
     tokenizer = base_tokenizer(paths.tokenizer, params.base)
     (train, train_hit), *replay = tokenize_files(tokenizer, inputs, TemplateOptions.from_config(cfg))
-    packed = prepare_tokenized(train, replay[0][0] if replay else None, cfg.max_seq_len, cfg.replay_share, cfg.seed,
-                               tokenizer.pad_token_id, cfg.pack, cfg.bucket_rows)
+    packed = prepare_tokenized(
+        train,
+        replay[0][0] if replay else None,
+        cfg.max_seq_len,
+        cfg.replay_share,
+        cfg.seed,
+        tokenizer.pad_token_id,
+        cfg.pack,
+        cfg.bucket_rows,
+    )
     write_packed(packed, paths.packed)
     stats = PrepareStats.model_validate({**packed.stats, "data_sha256": data_sha256})
     write(paths.prepare_stats, stats)
     hits = [train_hit] + [hit for _, hit in replay]
     layout = "packed" if cfg.pack else "bucketed by length, one example"
-    return (f"{layout} {stats.examples:,} examples into {stats.rows:,} rows of {cfg.max_seq_len} tokens "
-            f"(fill {stats.fill:.1%}, replay {stats.replay_share:.1%}, truncated {stats.truncated}); "
-            f"tokenization cache: {sum(hits)} of {len(hits)} files hit")
+    return (
+        f"{layout} {stats.examples:,} examples into {stats.rows:,} rows of {cfg.max_seq_len} tokens "
+        f"(fill {stats.fill:.1%}, replay {stats.replay_share:.1%}, truncated {stats.truncated}); "
+        f"tokenization cache: {sum(hits)} of {len(hits)} files hit"
+    )

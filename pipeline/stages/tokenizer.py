@@ -13,5 +13,7 @@ def run(params, paths: Paths) -> str:
         resolve_tokenizer(params.base, paths.tokenizer)
     except BaseUnavailable as err:
         raise StageError(str(err)) from None
-    return (f"tokenizer, chat template and config of {params.base.model}@{params.base.revision or 'built locally'} "
-            f"in {paths.tokenizer}/")
+    return (
+        f"tokenizer, chat template and config of {params.base.model}@{params.base.revision or 'built locally'} "
+        f"in {paths.tokenizer}/"
+    )

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pipeline.artifacts import PrepareStats, TrainingMetrics, read, write
 from pipeline.paths import Paths
@@ -34,12 +34,15 @@ class TrainSummary:
     def message(self) -> str:
         resumed = self.metrics.resumed_from_step
         note = f" (resumed from step {resumed})" if resumed else ""
-        return (f"trained {self.metrics.steps} steps{note} in {self.seconds:.0f}s, "
-                f"final loss {self.final_loss:.4f}; kept {', '.join(self.kept)}")
+        return (
+            f"trained {self.metrics.steps} steps{note} in {self.seconds:.0f}s, "
+            f"final loss {self.final_loss:.4f}; kept {', '.join(self.kept)}"
+        )
 
 
-def run(params, paths: Paths, stage: str = "train", argv: list[str] | None = None,
-        say: Callable[[str], None] = print) -> TrainSummary | None:
+def run(
+    params, paths: Paths, stage: str = "train", argv: list[str] | None = None, say: Callable[[str], None] = print
+) -> TrainSummary | None:
     """Run `stage` ('train' or 'lora') into `paths.<stage>` (checkpoints/, state/, live/, metrics.json);
     None on every rank but 0.
     `argv`: this command's own arguments, re-run under torchrun when the strategy needs one process
@@ -62,8 +65,11 @@ def run(params, paths: Paths, stage: str = "train", argv: list[str] | None = Non
         runtime = init_runtime(strategy, cfg.device, cfg.collective_timeout_minutes)
     except RuntimeError as err:
         raise StageError(str(err)) from err
-    meta = {"config": cfg.model_dump(), "base": json.loads((paths.base / "meta.json").read_text()),
-            "data_sha256": read(paths.prepare_stats, PrepareStats).data_sha256}
+    meta = {
+        "config": cfg.model_dump(),
+        "base": json.loads((paths.base / "meta.json").read_text()),
+        "data_sha256": read(paths.prepare_stats, PrepareStats).data_sha256,
+    }
     model, weights, hooks = load(paths.base, cfg, adapters, runtime, meta, say)
     report = ProgressReport(out, cfg.trackers, meta) if runtime.is_main else None
     result = train_model(model, weights, hooks, cfg, paths, out, meta, runtime, report)
@@ -73,9 +79,14 @@ def run(params, paths: Paths, stage: str = "train", argv: list[str] | None = Non
     if not runtime.is_main:
         return None
     metrics = TrainingMetrics(
-        steps=result.steps, final_loss=result.final_loss, tokens=result.tokens,
-        tokens_per_second=round(result.tokens / result.seconds), seconds=round(result.seconds, 1),
-        strategy=cfg.strategy, world_size=runtime.world_size, device=device,
+        steps=result.steps,
+        final_loss=result.final_loss,
+        tokens=result.tokens,
+        tokens_per_second=round(result.tokens / result.seconds),
+        seconds=round(result.seconds, 1),
+        strategy=cfg.strategy,
+        world_size=runtime.world_size,
+        device=device,
         resumed_from_step=result.resumed_from_step,
         **({"trackers": tracked} if tracked else {}),  # run ids: the gate adds its results to these runs
     )
@@ -100,8 +111,10 @@ def load(base_dir: Path, cfg, adapters, runtime, meta: dict, say) -> tuple:
     meta["adapters"] = adapters.model_dump()
     trainable, total = trainable_share(model)
     if runtime.is_main:
-        say(f"LoRA rank {adapters.rank}{' (DoRA)' if adapters.dora else ''} on every linear layer: "
-            f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
+        say(
+            f"LoRA rank {adapters.rank}{' (DoRA)' if adapters.dora else ''} on every linear layer: "
+            f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%})"
+        )
     return model, weights, training_hooks(model)
 
 
@@ -113,8 +126,19 @@ def train_model(model, weights, hooks: dict, cfg, paths: Paths, out: Path, meta:
 
     packed = dict(np.load(paths.packed))
     tokenizer = AutoTokenizer.from_pretrained(paths.base)
-    return train(model, tokenizer, packed, cfg, out / "checkpoints", meta, report, runtime, state_dir=out / "state",
-                 weights=weights, **hooks)
+    return train(
+        model,
+        tokenizer,
+        packed,
+        cfg,
+        out / "checkpoints",
+        meta,
+        report,
+        runtime,
+        state_dir=out / "state",
+        weights=weights,
+        **hooks,
+    )
 
 
 def device_name(device) -> str:
@@ -147,12 +171,16 @@ class ProgressReport:
     def __call__(self, record: dict, total: int) -> None:
         if self.bar is None:
             self.open(total)
-        self.bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                             refresh=False)
+        self.bar.set_postfix(
+            epoch=record["epoch"], loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False
+        )
         self.bar.update(1)
         self.live.step = record["step"]
-        metrics = {f"train/{name}": value for name, value in record.items()
-                   if name not in ("step", "epoch") and value is not None}
+        metrics = {
+            f"train/{name}": value
+            for name, value in record.items()
+            if name not in ("step", "epoch") and value is not None
+        }
         for name, value in metrics.items():
             self.live.log_metric(name, value)
         self.live.next_step()

@@ -27,8 +27,10 @@ def check_replay_mix(params) -> None:
         raise StageError(
             f"params.yaml: no replay mix (data.replay: {data.replay}, prepare.replay_share: {prepare.replay_share}) "
             f"but validate.min_replay_share is {validate.min_replay_share}: the method mixes 10-20% general data "
-            "into training to limit forgetting; set data.replay and prepare.replay_share, or validate.min_replay_share: "
-            "0 to train without it")
+            "into training to limit forgetting; set data.replay and prepare.replay_share, or "
+            "validate.min_replay_share: "
+            "0 to train without it"
+        )
 
 
 def contract_frames(params, tokenizer, held_out, files: dict, frame, replay):
@@ -40,8 +42,15 @@ def contract_frames(params, tokenizer, held_out, files: dict, frame, replay):
         if data is None:
             continue
         try:  # the replay file is trained on too: the same contract
-            checked[name] = contract_columns(data, tokenizer, held_out, params.validate_, params.prepare.max_seq_len,
-                                             replay=name == "replay", options=options)
+            checked[name] = contract_columns(
+                data,
+                tokenizer,
+                held_out,
+                params.validate_,
+                params.prepare.max_seq_len,
+                replay=name == "replay",
+                options=options,
+            )
         except TemplateError as err:
             raise StageError(f"{where_row(files[name], data, err.row)}: field 'messages': {err.reason}") from None
     replay = checked.get("replay")
@@ -68,11 +77,21 @@ def run(params, paths: Paths) -> str:
         checks = run_suite(frame, params.validate_, params.prepare.max_seq_len, replay, docs)
     passed = all(c["passed"] for c in checks)
     # prepare packs only the very files that passed
-    write(paths.contract, ContractReport(
-        file=params.data.train, replay=params.data.replay if replay is not None else None, rows=len(frame),
-        data_sha256=sha256_files(data_inputs(params)), passed=passed, checks=checks))
+    write(
+        paths.contract,
+        ContractReport(
+            file=params.data.train,
+            replay=params.data.replay if replay is not None else None,
+            rows=len(frame),
+            data_sha256=sha256_files(data_inputs(params)),
+            passed=passed,
+            checks=checks,
+        ),
+    )
     write_text(paths.validate / "contract.md", render_markdown(files, checks))
     if not passed:
         raise StageError(failure_message(files, checks))
-    return (f"data contract passed: {len(frame):,} rows, {len(checks)} expectations ({params.data.train}); "
-            f"Data Docs in {paths.validate}/data-docs/index.html")
+    return (
+        f"data contract passed: {len(frame):,} rows, {len(checks)} expectations ({params.data.train}); "
+        f"Data Docs in {paths.validate}/data-docs/index.html"
+    )

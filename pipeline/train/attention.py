@@ -19,10 +19,12 @@ import torch
 
 from pipeline.families import layer_attention
 
+
 def mask_function(kind: str, size: int | None, documents: torch.Tensor):
     """(batch, head, query, key) -> may attend. `documents`: [rows, length] (the flex path: [1,
     tokens]). Sliding: the key is one of the last `size` positions of the query's example, as
     transformers' sliding_window_overlay."""
+
     def may_attend(batch, head, query, key):
         allowed = (documents[batch, query] == documents[batch, key]) & (query >= key)
         if kind == "sliding":
@@ -60,10 +62,23 @@ def dense_masks(config, position_ids: torch.Tensor, dtype: torch.dtype, device: 
     documents = (position_ids == 0).cumsum(-1)
     rows, length = position_ids.shape
     build = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
-    masks = {key: build(batch_size=rows, q_length=length, kv_length=length, q_offset=0, kv_offset=0,
-                        mask_function=mask_function(kind, size, documents), attention_mask=None,
-                        allow_is_causal_skip=False, dtype=dtype, config=config, use_vmap=False, device=device)
-             for key, (kind, size) in layer_kinds(config).items()}
+    masks = {
+        key: build(
+            batch_size=rows,
+            q_length=length,
+            kv_length=length,
+            q_offset=0,
+            kv_offset=0,
+            mask_function=mask_function(kind, size, documents),
+            attention_mask=None,
+            allow_is_causal_skip=False,
+            dtype=dtype,
+            config=config,
+            use_vmap=False,
+            device=device,
+        )
+        for key, (kind, size) in layer_kinds(config).items()
+    }
     return _as_forward_argument(masks)
 
 
@@ -77,6 +92,7 @@ def flex_masks(config, position_ids: torch.Tensor, device: torch.device):
     masks = {}
     for key, (kind, size) in layer_kinds(config).items():
         may_attend = mask_function(kind, size, documents)
-        masks[key] = create_block_mask(may_attend, None, None, tokens, tokens, device=device,
-                                       _compile=device.type == "cuda")  # as transformers builds its own
+        masks[key] = create_block_mask(
+            may_attend, None, None, tokens, tokens, device=device, _compile=device.type == "cuda"
+        )  # as transformers builds its own
     return _as_forward_argument(masks)

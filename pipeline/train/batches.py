@@ -72,9 +72,14 @@ class Batches:
         else:
             order = torch.randperm(self.rows, generator=generator)
         for local in range(first, self.steps_per_epoch):
-            index = order[local * self.per_step:(local + 1) * self.per_step][self.rank::self.world_size]
-            yield local, [self.micro_batch(index[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size])
-                          for micro in range(self.grad_accum)]
+            index = order[local * self.per_step : (local + 1) * self.per_step][self.rank :: self.world_size]
+            yield (
+                local,
+                [
+                    self.micro_batch(index[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size])
+                    for micro in range(self.grad_accum)
+                ],
+            )
 
     def micro_batch(self, part: torch.Tensor) -> MicroBatch:
         """On the host: targets and sizes need no device sync."""
@@ -89,5 +94,8 @@ class Batches:
 def step_counts(micro_batches: list[MicroBatch]) -> list[int]:
     """This rank's (supervised predictions, real tokens, attended keys) of a step: the loss is
     normalised by the first summed over ranks; the others are the record's."""
-    return [sum(len(m.targets) for m in micro_batches), sum(int(m.real.sum()) for m in micro_batches),
-            sum(int((m.position_ids + 1)[m.real].sum()) for m in micro_batches)]
+    return [
+        sum(len(m.targets) for m in micro_batches),
+        sum(int(m.real.sum()) for m in micro_batches),
+        sum(int((m.position_ids + 1)[m.real].sum()) for m in micro_batches),
+    ]

@@ -23,12 +23,21 @@ def export_state(model, state_dict: dict | None, dtype: str) -> dict:
 
     state = model.state_dict() if state_dict is None else state_dict
     cast = getattr(torch, dtype)
-    return drop_tied_head(model, {k: v.detach().to("cpu", cast if v.is_floating_point() else v.dtype)
-                                  for k, v in state.items()})
+    return drop_tied_head(
+        model, {k: v.detach().to("cpu", cast if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    )
 
 
-def save_checkpoint(model, tokenizer, root: Path, epoch: int, meta: dict, state_dict: dict | None = None,
-                    dtype: str = "bfloat16", max_shard_size: str = "5GB") -> Path:
+def save_checkpoint(
+    model,
+    tokenizer,
+    root: Path,
+    epoch: int,
+    meta: dict,
+    state_dict: dict | None = None,
+    dtype: str = "bfloat16",
+    max_shard_size: str = "5GB",
+) -> Path:
     """Weights (sharded with an index past `max_shard_size`, as transformers writes large models),
     tokenizer and meta go into a temporary folder; the manifest (sha256 of every file) comes last.
     `model`: a plain causal LM (the training loop's export hook has merged any adapters)."""
@@ -42,9 +51,13 @@ def save_checkpoint(model, tokenizer, root: Path, epoch: int, meta: dict, state_
         (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, **meta}, indent=2) + "\n")
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         weights = {f.name: files[f.name] for f in weight_files(tmp)}
-        (tmp / MANIFEST).write_text(json.dumps({"epoch": epoch, "weights": sorted(weights),
-                                                "sha256": combine_digests(weights), "files": files},
-                                               indent=2) + "\n")
+        (tmp / MANIFEST).write_text(
+            json.dumps(
+                {"epoch": epoch, "weights": sorted(weights), "sha256": combine_digests(weights), "files": files},
+                indent=2,
+            )
+            + "\n"
+        )
     return path
 
 

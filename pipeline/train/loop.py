@@ -9,16 +9,17 @@ point (train/resume.py), the strategies (train/strategies.py) and the epoch expo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 from pipeline.dist import Runtime, Strategy, init_runtime
-from pipeline.families import Router, own_output_transform_off, router as family_router
+from pipeline.families import Router, own_output_transform_off
+from pipeline.families import router as family_router
 from pipeline.train.attention import dense_masks, flex_masks
 from pipeline.train.batches import Batches, MicroBatch, step_counts
 from pipeline.train.checkpoint import rotate, save_checkpoint
@@ -52,8 +53,18 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def token_loss_sum(forward, model, head: LossHead, input_ids, position_ids, positions, targets, flatten: bool,
-                   router: Router | None = None, real: torch.Tensor | None = None):
+def token_loss_sum(
+    forward,
+    model,
+    head: LossHead,
+    input_ids,
+    position_ids,
+    positions,
+    targets,
+    flatten: bool,
+    router: Router | None = None,
+    real: torch.Tensor | None = None,
+):
     """(sum, not mean, of the losses at `positions`; the router's load-balancing loss or None).
     The output layer runs only at `positions`, fused with the loss and the family's output
     transform (train/loss.py): prompts and padding never reach the vocabulary projection. With
@@ -63,11 +74,17 @@ def token_loss_sum(forward, model, head: LossHead, input_ids, position_ids, posi
     the plain ForCausalLM (its config, its output transform switched off while the head applies
     it); `real`: the real-token mask the router loss counts (padding is not routed)."""
     if flatten:
-        inputs = {"input_ids": input_ids.reshape(1, -1), "position_ids": position_ids.reshape(1, -1),
-                  "attention_mask": flex_masks(model.config, position_ids, input_ids.device)}
+        inputs = {
+            "input_ids": input_ids.reshape(1, -1),
+            "position_ids": position_ids.reshape(1, -1),
+            "attention_mask": flex_masks(model.config, position_ids, input_ids.device),
+        }
     else:
-        inputs = {"input_ids": input_ids, "position_ids": position_ids,
-                  "attention_mask": dense_masks(model.config, position_ids, torch.float32, input_ids.device)}
+        inputs = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": dense_masks(model.config, position_ids, torch.float32, input_ids.device),
+        }
     recording = router.recording() if router else nullcontext()
     with head.supervising(positions, targets), own_output_transform_off(model), recording:
         output = forward(**inputs, use_cache=False)
@@ -80,10 +97,22 @@ def as_trained(model, state_dict: dict | None):
     return model, state_dict
 
 
-def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, meta: dict,
-          progress: Progress | None = None, runtime: Runtime | None = None, state_dir: Path | None = None,
-          weights: dict | None = None, *, trainable: Iterable[torch.nn.Parameter] | None = None,
-          export: Export = as_trained, plain=None) -> TrainResult:
+def train(
+    model,
+    tokenizer,
+    packed: dict[str, np.ndarray],
+    cfg,
+    out_dir: Path,
+    meta: dict,
+    progress: Progress | None = None,
+    runtime: Runtime | None = None,
+    state_dir: Path | None = None,
+    weights: dict | None = None,
+    *,
+    trainable: Iterable[torch.nn.Parameter] | None = None,
+    export: Export = as_trained,
+    plain=None,
+) -> TrainResult:
     """Fine-tune `model` on packed rows; write epoch checkpoints under out_dir (rank 0). `model` and
     `weights` as strategies.load_model returns them (a meta-device model is filled from `weights`).
 
@@ -111,8 +140,16 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
     position = resume.start(sharded, scheduler, out_dir)
     step = resumed_from = position["step"]  # 0 for a fresh run
     head = fuse_loss_head(plain)
-    recorder = StepRecorder(flops, runtime, cfg.grad_accum, router is not None, total_steps, progress,
-                            position["history"], position["tokens"])
+    recorder = StepRecorder(
+        flops,
+        runtime,
+        cfg.grad_accum,
+        router is not None,
+        total_steps,
+        progress,
+        position["history"],
+        position["tokens"],
+    )
     recorder.replay()
     checkpoints = []
     for epoch in range(step // batches.steps_per_epoch + 1, cfg.epochs + 1):
@@ -120,10 +157,20 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
             # normalised by the supervised tokens of the whole global step (all ranks, all micro-batches);
             # real tokens and attended keys for the record ride in the same collective, left on the device
             counts = runtime.totals(step_counts(micro_batches))
-            step_loss, step_aux = accumulate(sharded, plain, head, micro_batches, counts, runtime, flatten, router,
-                                             cfg.grad_accum)
-            recorder.add({"step": step + 1, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "loss_sum": step_loss,
-                          "aux_sum": step_aux, "grad_norm": sharded.step(cfg.max_grad_norm), "counts": counts})
+            step_loss, step_aux = accumulate(
+                sharded, plain, head, micro_batches, counts, runtime, flatten, router, cfg.grad_accum
+            )
+            recorder.add(
+                {
+                    "step": step + 1,
+                    "epoch": epoch,
+                    "lr": scheduler.get_last_lr()[0],
+                    "loss_sum": step_loss,
+                    "aux_sum": step_aux,
+                    "grad_norm": sharded.step(cfg.max_grad_norm),
+                    "counts": counts,
+                }
+            )
             scheduler.step()
             step += 1
             last = local + 1 == batches.steps_per_epoch
@@ -135,9 +182,20 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
         state = sharded.full_state_dict()  # a collective: every rank takes part
         if runtime.is_main:
             exported, state = export(model, state)
-            checkpoints.append(str(save_checkpoint(
-                exported, tokenizer, out_dir, epoch, {**meta, "step": step, "loss": recorder.history[-1]["loss"]},
-                state_dict=state, dtype=cfg.export_dtype, max_shard_size=cfg.export_shard_size)))
+            checkpoints.append(
+                str(
+                    save_checkpoint(
+                        exported,
+                        tokenizer,
+                        out_dir,
+                        epoch,
+                        {**meta, "step": step, "loss": recorder.history[-1]["loss"]},
+                        state_dict=state,
+                        dtype=cfg.export_dtype,
+                        max_shard_size=cfg.export_shard_size,
+                    )
+                )
+            )
             rotate(out_dir, cfg.keep_last)
         resume.save(epoch, step, sharded, scheduler, recorder.history, recorder.tokens)
         runtime.barrier()
@@ -146,8 +204,16 @@ def train(model, tokenizer, packed: dict[str, np.ndarray], cfg, out_dir: Path, m
     sharded.release()
     if router:
         router.remove()
-    return TrainResult(step, recorder.history[-1]["loss"], recorder.tokens, recorder.seconds, recorder.history,
-                       checkpoints, local_numel, resumed_from)
+    return TrainResult(
+        step,
+        recorder.history[-1]["loss"],
+        recorder.tokens,
+        recorder.seconds,
+        recorder.history,
+        checkpoints,
+        local_numel,
+        resumed_from,
+    )
 
 
 def train_only(model, trainable: Iterable[torch.nn.Parameter] | None) -> None:
@@ -157,8 +223,17 @@ def train_only(model, trainable: Iterable[torch.nn.Parameter] | None) -> None:
         p.requires_grad_(chosen is None or id(p) in chosen)
 
 
-def accumulate(sharded, plain, head: LossHead, micro_batches: list[MicroBatch], counts: torch.Tensor,
-               runtime: Runtime, flatten: bool, router: Router | None, grad_accum: int):
+def accumulate(
+    sharded,
+    plain,
+    head: LossHead,
+    micro_batches: list[MicroBatch],
+    counts: torch.Tensor,
+    runtime: Runtime,
+    flatten: bool,
+    router: Router | None,
+    grad_accum: int,
+):
     """Forward and backward over a step's micro-batches: (loss sum, router loss sum), on the device."""
     device = runtime.device
     # gradients are averaged over ranks by the reduce-scatter; scale back to a global sum
@@ -166,8 +241,9 @@ def accumulate(sharded, plain, head: LossHead, micro_batches: list[MicroBatch], 
     step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
     for micro in micro_batches:
         input_ids, position_ids, positions, targets, real = (t.to(device, non_blocking=True) for t in micro)
-        loss_sum, aux = token_loss_sum(sharded.forward, plain, head, input_ids, position_ids, positions,
-                                       targets, flatten, router, real)
+        loss_sum, aux = token_loss_sum(
+            sharded.forward, plain, head, input_ids, position_ids, positions, targets, flatten, router, real
+        )
         if aux is None:
             sharded.backward(loss_sum * scale)
         else:  # the mean over micro-batches here, over ranks by the gradients' reduce-scatter

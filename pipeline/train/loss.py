@@ -29,6 +29,7 @@ CHUNK_ELEMENTS = 2**27  # logits per chunk: 512 MiB in fp32 (about 1,000 rows of
 class OutputTransform:
     """What a family's forward does to `lm_head`'s output: logits = softcap(scale * z), where
     softcap(x) = cap * tanh(x / cap) (none when `softcap` is None)."""
+
     scale: float = 1.0
     softcap: float | None = None
 
@@ -69,8 +70,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
-            h = hidden[start:start + rows].to(dtype)
-            t = targets[start:start + rows]
+            h = hidden[start : start + rows].to(dtype)
+            t = targets[start : start + rows]
             logits = transform((h @ w.T).float())
             lse = torch.logsumexp(logits, dim=-1)
             loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
@@ -84,7 +85,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_logits = transform.scale_gradient(grad_logits, logits)
                 grad_logits = grad_logits.to(dtype)
                 if need_hidden:
-                    grad_hidden[start:start + rows] = grad_logits @ w
+                    grad_hidden[start : start + rows] = grad_logits @ w
                 if need_weight:
                     if dtype == torch.float32:
                         grad_weight.addmm_(grad_logits.T, h)

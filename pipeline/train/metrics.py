@@ -6,8 +6,8 @@ window of them back in one go (the only host sync of training), then records and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -20,6 +20,7 @@ class StepFlops:
     what the engine runs: 6 per body parameter per token, the vocabulary projection only on the
     supervised rows (the fused loss head projects nothing else), the embedding lookup free, and
     causal attention within each example (4 * hidden FLOPs a layer per key forward, x3 with backward)."""
+
     params: int
     head: int  # vocabulary x hidden: the projection's matmul
     embeddings: int  # parameters of the input and output embeddings (one matrix when tied)
@@ -73,8 +74,17 @@ class StepRecorder:
     still on the device: its loss and router-loss sums (this rank's), gradient norm and the step's
     counts (summed over ranks: supervised predictions, real tokens, attended keys)."""
 
-    def __init__(self, flops: StepFlops, runtime, grad_accum: int, routed: bool, total_steps: int,
-                 progress: Progress | None = None, history: list[dict] | None = None, tokens: int = 0):
+    def __init__(
+        self,
+        flops: StepFlops,
+        runtime,
+        grad_accum: int,
+        routed: bool,
+        total_steps: int,
+        progress: Progress | None = None,
+        history: list[dict] | None = None,
+        tokens: int = 0,
+    ):
         self.flops, self.runtime, self.grad_accum, self.routed = flops, runtime, grad_accum, routed
         self.total_steps = total_steps
         self.progress = progress if runtime.is_main else None
@@ -101,27 +111,45 @@ class StepRecorder:
         if not self.pending:
             return
         device, world_size = self.runtime.device, self.runtime.world_size
-        columns = torch.stack([torch.cat([torch.stack([p.pop("loss_sum").to(device, torch.float64),
-                                                       p.pop("aux_sum").to(device, torch.float64),
-                                                       p.pop("grad_norm").to(device, torch.float64)]),
-                                          p.pop("counts").to(device)]) for p in self.pending])
+        columns = torch.stack(
+            [
+                torch.cat(
+                    [
+                        torch.stack(
+                            [
+                                p.pop("loss_sum").to(device, torch.float64),
+                                p.pop("aux_sum").to(device, torch.float64),
+                                p.pop("grad_norm").to(device, torch.float64),
+                            ]
+                        ),
+                        p.pop("counts").to(device),
+                    ]
+                )
+                for p in self.pending
+            ]
+        )
         losses, aux_sums = self.runtime.totals(columns[:, :2].flatten()).view(-1, 2).T.tolist()  # summed over ranks
         figures = columns[:, 2:].tolist()  # the same on every rank
         seconds = (time.perf_counter() - self.window_started) / len(self.pending)
         peak = self.peak
-        for record, loss, aux_sum, figure in zip(self.pending, losses, aux_sums, figures):
+        for record, loss, aux_sum, figure in zip(self.pending, losses, aux_sums, figures, strict=True):
             grad_norm, supervised, step_tokens, keys = figure
             self.tokens += int(step_tokens)
             if self.routed:  # the load-balancing loss, averaged over micro-batches and ranks, before its coefficient
                 record["router_aux_loss"] = round(aux_sum / (self.grad_accum * world_size), 5)
-            record.update(loss=round(loss / max(supervised, 1), 5), grad_norm=round(grad_norm, 4),
-                          tokens_per_s=round(step_tokens / seconds, 1),
-                          # against the cards' dense bf16 peak: 6N per real token, and the FLOPs actually run
-                          mfu=round(self.flops.nominal(step_tokens) / seconds / (peak * world_size), 4)
-                          if peak else None,
-                          mfu_executed=round(self.flops.executed(step_tokens, supervised, keys)
-                                             / seconds / (peak * world_size), 4) if peak else None,
-                          peak_mem_gib=round(peak_memory_gib(device), 3))
+            record.update(
+                loss=round(loss / max(supervised, 1), 5),
+                grad_norm=round(grad_norm, 4),
+                tokens_per_s=round(step_tokens / seconds, 1),
+                # against the cards' dense bf16 peak: 6N per real token, and the FLOPs actually run
+                mfu=round(self.flops.nominal(step_tokens) / seconds / (peak * world_size), 4) if peak else None,
+                mfu_executed=round(
+                    self.flops.executed(step_tokens, supervised, keys) / seconds / (peak * world_size), 4
+                )
+                if peak
+                else None,
+                peak_mem_gib=round(peak_memory_gib(device), 3),
+            )
             self.history.append(record)
             if self.progress:
                 self.progress(record, self.total_steps)

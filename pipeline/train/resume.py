@@ -15,8 +15,15 @@ import torch
 from pipeline.train.checkpoint import MANIFEST
 
 # the logistics: settings a resumed run may change without changing the math
-LOGISTICS = ("keep_last", "checkpoint_every_steps", "log_every_steps", "device", "export_dtype", "export_shard_size",
-             "collective_timeout_minutes")
+LOGISTICS = (
+    "keep_last",
+    "checkpoint_every_steps",
+    "log_every_steps",
+    "device",
+    "export_dtype",
+    "export_shard_size",
+    "collective_timeout_minutes",
+)
 
 
 def fingerprint(cfg, meta: dict, rows: int) -> str:
@@ -25,8 +32,16 @@ def fingerprint(cfg, meta: dict, rows: int) -> str:
     config = {k: v for k, v in cfg.model_dump().items() if k not in LOGISTICS}
     sources = sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parents[1] / "dist.py"]
     code = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sources}
-    blob = json.dumps({"config": config, "data": meta.get("data_sha256"), "rows": rows, "code": code,
-                       "adapters": meta.get("adapters")}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "config": config,
+            "data": meta.get("data_sha256"),
+            "rows": rows,
+            "code": code,
+            "adapters": meta.get("adapters"),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -58,9 +73,20 @@ class Resume:
 
     def save(self, epoch: int, step: int, sharded, scheduler, history: list[dict], tokens: int) -> None:
         if self.state_dir:
-            save_train_state(self.state_dir, sharded, {
-                "epoch": epoch, "step": step, "fingerprint": self.run_id, "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "history": history, "tokens": tokens}, self.runtime)
+            save_train_state(
+                self.state_dir,
+                sharded,
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "fingerprint": self.run_id,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "history": history,
+                    "tokens": tokens,
+                },
+                self.runtime,
+            )
 
     def finish(self) -> None:
         """Finished: a later run starts afresh instead of resuming at the end."""
@@ -107,8 +133,11 @@ def _remove(path: Path) -> None:
 
 
 def _listed_files(folder: Path) -> dict[str, int]:
-    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
-            if f.is_file() and not _LISTING.fullmatch(f.name)}
+    return {
+        str(f.relative_to(folder)): f.stat().st_size
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and not _LISTING.fullmatch(f.name)
+    }
 
 
 def complete_steps(root: Path, fingerprint: str) -> list[int]:
@@ -145,8 +174,9 @@ def save_train_state(root: Path, sharded, trainer: dict, runtime) -> None:
     runtime.barrier()
     if runtime.is_main:
         torch.save(trainer, folder / "trainer.pt")
-        (folder / MANIFEST).write_text(json.dumps({**{k: trainer[k] for k in ("epoch", "step", "fingerprint")},
-                                                   "nodes": runtime.nodes}) + "\n")
+        (folder / MANIFEST).write_text(
+            json.dumps({**{k: trainer[k] for k in ("epoch", "step", "fingerprint")}, "nodes": runtime.nodes}) + "\n"
+        )
     runtime.barrier()  # on a shared filesystem another node must not list trainer.pt half-written
     if runtime.is_node_main:
         (folder / _NODE.format(runtime.node)).write_text(json.dumps(_listed_files(folder)) + "\n")

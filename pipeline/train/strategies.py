@@ -31,6 +31,7 @@ from pipeline.train.loss import fuse_loss_head
 
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Decay matrices only; norms and biases keep their scale."""
+
     def is_matrix(p):  # ZeRO-3 partitions as it loads: a parameter's own shape is then ds_shape
         return len(getattr(p, "ds_shape", p.shape)) >= 2
 
@@ -130,8 +131,10 @@ class Sharded:
         self.fsdp = strategy.fsdp and not strategy.unsharded(runtime.world_size)
         on_meta = any(p.is_meta for p in model.parameters())
         if on_meta and not self.fsdp:
-            raise ValueError(f"train.strategy={cfg.strategy}: a model on the meta device loads only under fsdp2 "
-                             "on more than one rank")
+            raise ValueError(
+                f"train.strategy={cfg.strategy}: a model on the meta device loads only under fsdp2 "
+                "on more than one rank"
+            )
         if not on_meta:
             model.to(runtime.device)
         prepare_layers(model, cfg, runtime.device, plain)
@@ -141,11 +144,13 @@ class Sharded:
             materialize(model, {} if weights is None else weights, runtime.device)
         self.model = model
         # fused: one kernel over every tensor, which also applies the gradient clipping (step)
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                           fused=True)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), fused=True
+        )
         # fsdp2 casts through its mixed-precision policy; a single GPU uses autocast
-        self.autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16,
-                                       enabled=runtime.device.type == "cuda" and not self.fsdp)
+        self.autocast = torch.autocast(
+            runtime.device.type, dtype=torch.bfloat16, enabled=runtime.device.type == "cuda" and not self.fsdp
+        )
 
     def forward(self, **inputs):
         with self.autocast:
@@ -226,8 +231,12 @@ def drop_tied_head(model, state: dict) -> dict:
 def deepspeed_config(cfg, runtime: Runtime) -> dict:
     """ZeRO-3 as DeepSpeed's users write it. Gradient clipping is DeepSpeed's; the LR schedule and
     the loss normalisation stay the loop's, so every strategy trains the same math."""
-    zero = {"stage": 3, "overlap_comm": runtime.device.type == "cuda", "contiguous_gradients": True,
-            "stage3_gather_16bit_weights_on_model_save": True}
+    zero = {
+        "stage": 3,
+        "overlap_comm": runtime.device.type == "cuda",
+        "contiguous_gradients": True,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    }
     if Strategy.of(cfg.strategy).offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": runtime.device.type == "cuda"}
         zero["offload_param"] = {"device": "cpu", "pin_memory": runtime.device.type == "cuda"}
@@ -261,8 +270,7 @@ class DeepSpeedSharded:
             optimizer = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(0.9, 0.95), adamw_mode=True)
         else:  # torch's fused AdamW on GPU (one kernel over all tensors, no JIT build), as fsdp2 uses
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=runtime.device.type == "cuda")
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                               config=deepspeed_config(cfg, runtime))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, runtime))
         self.model = self.engine
         self.module = model
         # the client optimizer owns the param groups DeepSpeed steps with: the LR schedule drives it

@@ -50,9 +50,11 @@ def build_sky_wheel(folder: Path) -> Path:
     """A wheel named skypilot whose `sky` command is tests/lifecycle/local_sky.py run by this Python."""
     version = f"{skypilot_pin()}+local"
     info = f"skypilot-{version}.dist-info"
-    module = ("import os, sys\n\n\ndef main():\n"
-              f"    os.environ['PYTHONPATH'] = {str(ROOT)!r}\n"
-              f"    os.execv({sys.executable!r}, [{sys.executable!r}, '-m', 'tests.lifecycle.local_sky', *sys.argv[1:]])\n")
+    module = (
+        "import os, sys\n\n\ndef main():\n"
+        f"    os.environ['PYTHONPATH'] = {str(ROOT)!r}\n"
+        f"    os.execv({sys.executable!r}, [{sys.executable!r}, '-m', 'tests.lifecycle.local_sky', *sys.argv[1:]])\n"
+    )
     files = {
         "sky_local.py": module,
         f"{info}/METADATA": f"Metadata-Version: 2.1\nName: skypilot\nVersion: {version}\n",
@@ -91,7 +93,8 @@ def overlay_environments(project: Path, scratch: Path) -> None:
     if not overlay.exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(overlay)], check=True)
         (next(overlay.glob("lib/python*/site-packages")) / "checkout-venv.pth").write_text(
-            f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+            f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
+        )
         for command in (environment / "bin").iterdir():
             if not command.name.startswith("pip") and not (overlay / "bin" / command.name).exists():
                 (overlay / "bin" / command.name).symlink_to(command)
@@ -102,9 +105,18 @@ def overlay_environments(project: Path, scratch: Path) -> None:
         (project / ".venv-sky").symlink_to(sky)
 
 
-def run_workflow(project: Path, workflow: str, event_name: str, event: dict, scratch: Path, *,
-                 secrets: dict[str, str], variables: dict[str, str] | None = None,
-                 env: dict[str, str] | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+def run_workflow(
+    project: Path,
+    workflow: str,
+    event_name: str,
+    event: dict,
+    scratch: Path,
+    *,
+    secrets: dict[str, str],
+    variables: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 1800,
+) -> subprocess.CompletedProcess:
     """`act <event> -W .github/workflows/<workflow>` in `project`; the CompletedProcess (log in stdout)."""
     cache = scratch / "cache"
     tool_cache_python(cache)
@@ -112,10 +124,22 @@ def run_workflow(project: Path, workflow: str, event_name: str, event: dict, scr
     event_file = scratch / f"{workflow}-{event_name}.json"
     event_file.write_text(json.dumps(event))
     # act names the repository after the origin remote, as actions/checkout's fetch URL does
-    origin = subprocess.run(["git", "remote", "get-url", "origin"], cwd=project, capture_output=True, text=True,
-                            check=True).stdout.strip().removesuffix(".git")
-    args = [str(ACT), event_name, "-W", f".github/workflows/{workflow}", "-e", str(event_file),
-            "-P", "ubuntu-latest=-self-hosted", "--use-gitignore=false"]
+    origin = (
+        subprocess.run(["git", "remote", "get-url", "origin"], cwd=project, capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .removesuffix(".git")
+    )
+    args = [
+        str(ACT),
+        event_name,
+        "-W",
+        f".github/workflows/{workflow}",
+        "-e",
+        str(event_file),
+        "-P",
+        "ubuntu-latest=-self-hosted",
+        "--use-gitignore=false",
+    ]
     if actions := os.environ.get("SFT_ACT_ACTIONS"):
         args.append("--action-offline-mode")
         for name, sha in sorted(pinned_actions()):
@@ -128,12 +152,22 @@ def run_workflow(project: Path, workflow: str, event_name: str, event: dict, scr
         args += ["--env", f"GITHUB_API_URL={env['GITHUB_API_URL']}"]
     # the runner's environment: this machine's, without the offline switches the test suite sets and
     # without any .venv/bin on PATH (make puts this checkout's there; a runner has none)
-    run_env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                                                                 "PYTEST_ADDOPTS", "PYTHONPATH")}
+    run_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "PYTEST_ADDOPTS", "PYTHONPATH")
+    }
     run_env["PATH"] = os.pathsep.join(p for p in run_env["PATH"].split(os.pathsep) if not p.endswith("/.venv/bin"))
-    run_env.update({"XDG_CACHE_HOME": str(cache), "PIP_CACHE_DIR": str(Path.home() / ".cache/pip"),
-                    "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.file://{project.resolve()}.insteadOf",
-                    "GIT_CONFIG_VALUE_0": origin, **(env or {})})
+    run_env.update(
+        {
+            "XDG_CACHE_HOME": str(cache),
+            "PIP_CACHE_DIR": str(Path.home() / ".cache/pip"),
+            "GIT_CONFIG_COUNT": "1",
+            "GIT_CONFIG_KEY_0": f"url.file://{project.resolve()}.insteadOf",
+            "GIT_CONFIG_VALUE_0": origin,
+            **(env or {}),
+        }
+    )
     if workflow == "train.yml":  # its launch reaches the SkyPilot stand-in; pr.yml's `make lint` gets the real one
         run_env["PIP_FIND_LINKS"] = str(build_sky_wheel(scratch / "wheels").parent)
     result = subprocess.run(args, cwd=project, env=run_env, capture_output=True, text=True, timeout=timeout)

@@ -88,8 +88,9 @@ class Nodes:
         return [process.wait() for process in self.processes]
 
 
-def start_nodes(workdir: Path, attempt: Path, bucket: Path, env: dict[str, str], spec: dict, task_id: str,
-                gpus_per_node: int = 1) -> Nodes:
+def start_nodes(
+    workdir: Path, attempt: Path, bucket: Path, env: dict[str, str], spec: dict, task_id: str, gpus_per_node: int = 1
+) -> Nodes:
     num_nodes = int(spec.get("num_nodes", 1))
     mount = next(iter(spec.get("file_mounts") or {"${CHECKPOINT_ROOT}": None}))
     port = free_port()
@@ -97,15 +98,28 @@ def start_nodes(workdir: Path, attempt: Path, bucket: Path, env: dict[str, str],
     for rank in range(num_nodes):
         work = attempt / f"node{rank}"
         shutil.copytree(workdir, work)
-        node_env = {**env, "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NUM_NODES": str(num_nodes),
-                    "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus_per_node),
-                    "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * num_nodes), "MASTER_PORT": str(port),
-                    "SKYPILOT_TASK_ID": task_id}
+        node_env = {
+            **env,
+            "SKYPILOT_NODE_RANK": str(rank),
+            "SKYPILOT_NUM_NODES": str(num_nodes),
+            "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus_per_node),
+            "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * num_nodes),
+            "MASTER_PORT": str(port),
+            "SKYPILOT_TASK_ID": task_id,
+        }
         node_env[mount.strip("${}")] = str(bucket)  # the mount point is the bucket itself
         log = attempt / f"node{rank}.log"
         with log.open("w") as out:
-            processes.append(subprocess.Popen(["bash", "-c", spec["run"]], cwd=work, env=node_env, stdout=out,
-                                              stderr=subprocess.STDOUT, start_new_session=True))
+            processes.append(
+                subprocess.Popen(
+                    ["bash", "-c", spec["run"]],
+                    cwd=work,
+                    env=node_env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         logs.append(log)
     return Nodes(processes, logs)
 
@@ -134,7 +148,9 @@ class ManagedJob:
             attempt.mkdir()
             launched = time.strftime("%Y-%m-%d-%H-%M-%S-000000", time.gmtime())
             task_id = f"sky-managed-{launched}_{self.folder.name}_{request['job_id']}-0"
-            nodes = start_nodes(self.folder / "workdir", attempt, Path(request["bucket"]), request["env"], spec, task_id)
+            nodes = start_nodes(
+                self.folder / "workdir", attempt, Path(request["bucket"]), request["env"], spec, task_id
+            )
             (attempt / "pids.json").write_text(json.dumps([p.pid for p in nodes.processes]))
             codes = nodes.wait()
             (attempt / "result.json").write_text(json.dumps({"codes": codes}))
@@ -143,9 +159,14 @@ class ManagedJob:
 
     def start_controller(self) -> None:
         with (self.folder / "controller.log").open("a") as log:
-            process = subprocess.Popen([sys.executable, "-m", "tests.lifecycle.local_sky", "controller", str(self.folder)],
-                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tests.lifecycle.local_sky", "controller", str(self.folder)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
         (self.folder / "controller.pid").write_text(str(process.pid))
 
     def controller_running(self) -> bool:
@@ -184,8 +205,9 @@ class ManagedJob:
         return sorted(self.attempts()[attempt].glob("node*/"))
 
 
-def launch(task: Path, name: str, values: dict[str, str], workdir: Path, sky_root: Path,
-           machine_env: dict[str, str]) -> ManagedJob:
+def launch(
+    task: Path, name: str, values: dict[str, str], workdir: Path, sky_root: Path, machine_env: dict[str, str]
+) -> ManagedJob:
     spec = yaml.safe_load(task.read_text())
     envs = {k: "" if v is None else str(v) for k, v in (spec.get("envs") or {}).items()}
     env = {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ}
@@ -204,8 +226,9 @@ def launch(task: Path, name: str, values: dict[str, str], workdir: Path, sky_roo
         raise SystemExit(f"a managed job named {name} already exists")
     job_id = len(list((sky_root / "jobs").glob("*"))) if (sky_root / "jobs").is_dir() else 0
     upload_workdir(workdir, job.folder / "workdir")
-    (job.folder / "request.json").write_text(json.dumps({"spec": spec, "env": env, "bucket": str(bucket),
-                                                         "job_id": job_id + 1}))
+    (job.folder / "request.json").write_text(
+        json.dumps({"spec": spec, "env": env, "bucket": str(bucket), "job_id": job_id + 1})
+    )
     job.start_controller()
     return job
 
@@ -234,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--env/--secret {key}: not set in the environment")
         values[key] = value if has_value else os.environ[key]
     root = Path(os.environ["LOCAL_SKY_ROOT"])
-    job = launch(args.task, args.name, values, Path.cwd(), root, json.loads(os.environ.get("LOCAL_SKY_MACHINE_ENV", "{}")))
+    job = launch(
+        args.task, args.name, values, Path.cwd(), root, json.loads(os.environ.get("LOCAL_SKY_MACHINE_ENV", "{}"))
+    )
     print(f"Managed job {args.name!r} submitted with ID {job.request['job_id']} ({job.folder})")
     if not args.detach:
         job.wait()

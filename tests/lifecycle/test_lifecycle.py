@@ -70,8 +70,14 @@ def team_params(revision: str) -> dict:
     params["evaluate"]["metrics"]["general"] = PRESET["evaluate"]["metrics"]["general"]
     params["validate"]["min_rows"] = 1500
     params["prepare"]["max_seq_len"] = 256  # Llama 3's template adds a ~30-token system header to every row
-    params["train"].update(strategy="fsdp2", epochs=2, micro_batch_size=4, export_dtype="bfloat16",
-                           export_shard_size="40KB", checkpoint_every_steps=20)
+    params["train"].update(
+        strategy="fsdp2",
+        epochs=2,
+        micro_batch_size=4,
+        export_dtype="bfloat16",
+        export_shard_size="40KB",
+        checkpoint_every_steps=20,
+    )
     params["evaluate"].update(limit=16, batch_size=16, max_gen_toks=8)
     params["card"]["repo_id"] = "acme/team-model"
     params["gate"]["policy"] = "evals/gate.yaml"  # the team's policy, as in the preset
@@ -85,8 +91,11 @@ def tiny_base(folder: Path) -> Path:
     from pipeline.demo import build_base_model
     from tests.chat_families import convert_base_to_llama3
 
-    build_base_model(DemoBase(hidden_size=32, num_layers=2, num_heads=2, pretrain_steps=20, pretrain_batch_size=8),
-                     folder, log=lambda *_: None)
+    build_base_model(
+        DemoBase(hidden_size=32, num_layers=2, num_heads=2, pretrain_steps=20, pretrain_batch_size=8),
+        folder,
+        log=lambda *_: None,
+    )
     (folder / "meta.json").unlink(missing_ok=True)
     convert_base_to_llama3(folder)
     (folder / "LICENSE").write_text("Tiny base licence\n")
@@ -103,9 +112,16 @@ def llama_8b_shaped(folder: Path) -> Path:
     from tests.chat_families import as_llama3
 
     as_llama3(build_demo_tokenizer(DemoBase(), folder)).save_pretrained(folder)
-    LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                tie_word_embeddings=False).save_pretrained(folder)
+    LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    ).save_pretrained(folder)
     for shard in range(1, 5):
         (folder / f"model-{shard:05d}-of-00004.safetensors").write_bytes(b"gated weights")
     (folder / "LICENSE").write_text("LLAMA 3.1 COMMUNITY LICENSE AGREEMENT\n")
@@ -118,19 +134,44 @@ def mmlu_pro_stand_in(folder: Path) -> Path:
     parquet files, every category), at a few questions a category."""
     import pandas as pd
 
-    categories = ["biology", "business", "chemistry", "computer science", "economics", "engineering", "health",
-                  "history", "law", "math", "other", "philosophy", "physics", "psychology"]
+    categories = [
+        "biology",
+        "business",
+        "chemistry",
+        "computer science",
+        "economics",
+        "engineering",
+        "health",
+        "history",
+        "law",
+        "math",
+        "other",
+        "philosophy",
+        "physics",
+        "psychology",
+    ]
     (folder / "data").mkdir(parents=True)
     for split, per_category in (("test", 2), ("validation", 5)):
-        rows = [{"question_id": n, "question": f"Which letter comes {n % 3 + 1} after A in {category}?",
-                 "options": ["A", "B", "C", "D"], "answer": "BCD"[n % 3], "answer_index": n % 3 + 1,
-                 "cot_content": f"A: Let's think step by step. The answer is ({'BCD'[n % 3]}).",
-                 "category": category, "src": "stand-in"}
-                for c, category in enumerate(categories) for n in range(c * per_category, (c + 1) * per_category)]
+        rows = [
+            {
+                "question_id": n,
+                "question": f"Which letter comes {n % 3 + 1} after A in {category}?",
+                "options": ["A", "B", "C", "D"],
+                "answer": "BCD"[n % 3],
+                "answer_index": n % 3 + 1,
+                "cot_content": f"A: Let's think step by step. The answer is ({'BCD'[n % 3]}).",
+                "category": category,
+                "src": "stand-in",
+            }
+            for c, category in enumerate(categories)
+            for n in range(c * per_category, (c + 1) * per_category)
+        ]
         pd.DataFrame(rows).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet", index=False)
-    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
-                                      "    path: data/test-*\n  - split: validation\n    path: data/validation-*\n"
-                                      "---\n# MMLU-Pro (stand-in)\n")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
+        "    path: data/test-*\n  - split: validation\n    path: data/validation-*\n"
+        "---\n# MMLU-Pro (stand-in)\n"
+    )
     return folder
 
 
@@ -141,8 +182,11 @@ def s3(tmp_path_factory):
     boto3 = pytest.importorskip("boto3")
     port = free_port()
     os.environ.update(AWS)
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     for _ in range(100):
@@ -170,7 +214,8 @@ def world(tmp_path_factory, s3):
         hub.seed("TIGER-Lab/MMLU-Pro", mmlu_pro_stand_in(scratch / "mmlu-pro"), repo_type="dataset")
         (project / "params.yaml").write_text(yaml.safe_dump(team_params(revision), sort_keys=False))
         (project / "evals/gate.yaml").write_text(
-            "select_by: golden\nrules:\n  - metric: golden\n    min: 0.0\n  - metric: general\n    max_drop: 1.0\n")
+            "select_by: golden\nrules:\n  - metric: golden\n    min: 0.0\n  - metric: general\n    max_drop: 1.0\n"
+        )
         task = project / "sky/train.yaml"
         task.write_text(task.read_text().replace("num_nodes: 1 ", "num_nodes: 2 "))
         # docs/ci.md, "Signed verdicts": the job's key is a secret, its public half committed
@@ -178,7 +223,9 @@ def world(tmp_path_factory, s3):
         (project / ".github/release-signers").write_text(signer + "\n")
         git(project, "init", "-q", "-b", "main")
         git(project, "remote", "add", "origin", f"https://github.com/{REPO}.git")
-        sh(["sft", "demo", "--out", "data", "--rows", "2000", "--seed", "7"], project)  # the team's data, not the demo's
+        sh(
+            ["sft", "demo", "--out", "data", "--rows", "2000", "--seed", "7"], project
+        )  # the team's data, not the demo's
         sh(["dvc", "add", "-q", "data"], project)
         sh(["dvc", "remote", "add", "-d", "team", "s3://sft-dvc/team"], project)
         sh(["dvc", "remote", "modify", "team", "endpointurl", s3], project)
@@ -190,18 +237,43 @@ def world(tmp_path_factory, s3):
         shutil.rmtree(project / ".dvc/cache")
         sky_root = scratch / "sky"
         # online, as a cluster is: registry tasks download their data sets from the Hub (stand-in) with HF_TOKEN
-        machine = {"PATH": f"{BIN}:{os.environ['PATH']}", "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
-                   "HF_HOME": str(scratch / "hf-home"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                   "AWS_DEFAULT_REGION": "us-east-1"}
-        env = {"GITHUB_API_URL": github.api_url, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1",
-               "LOCAL_SKY_ROOT": str(sky_root), "LOCAL_SKY_MACHINE_ENV": json.dumps(machine), **AWS}
+        machine = {
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HOME": str(scratch / "hf-home"),
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        env = {
+            "GITHUB_API_URL": github.api_url,
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_DISABLE_XET": "1",
+            "LOCAL_SKY_ROOT": str(sky_root),
+            "LOCAL_SKY_MACHINE_ENV": json.dumps(machine),
+            **AWS,
+        }
         # the workflows' own token is github-actions[bot]'s; the job reports with a bot account's token
-        secrets = {"GITHUB_TOKEN": github.token, "EVAL_GATE_TOKEN": github.add_account(BOT), "HF_TOKEN": hub.token,
-                   "RELEASE_SIGNING_KEY": signing_key,
-                   "DVC_AWS_ACCESS_KEY_ID": "testing", "DVC_AWS_SECRET_ACCESS_KEY": "testing",
-                   "SKYPILOT_API_URL": "http://127.0.0.1:1", "SKYPILOT_API_TOKEN": "sky_test"}
-        yield {"project": project, "github": github, "hub": hub, "env": env, "secrets": secrets,
-               "sky": sky_root, "scratch": scratch}
+        secrets = {
+            "GITHUB_TOKEN": github.token,
+            "EVAL_GATE_TOKEN": github.add_account(BOT),
+            "HF_TOKEN": hub.token,
+            "RELEASE_SIGNING_KEY": signing_key,
+            "DVC_AWS_ACCESS_KEY_ID": "testing",
+            "DVC_AWS_SECRET_ACCESS_KEY": "testing",
+            "SKYPILOT_API_URL": "http://127.0.0.1:1",
+            "SKYPILOT_API_TOKEN": "sky_test",
+        }
+        yield {
+            "project": project,
+            "github": github,
+            "hub": hub,
+            "env": env,
+            "secrets": secrets,
+            "sky": sky_root,
+            "scratch": scratch,
+        }
 
 
 def commit(world, message: str, change=None) -> str:
@@ -218,9 +290,16 @@ def commit(world, message: str, change=None) -> str:
 def merge(world, sha: str, tmp_path: Path) -> ManagedJob:
     """train.yml on the push to main, under act; the managed job it launched."""
     world["github"].add_commit({}, sha=sha)
-    result = run_workflow(world["project"], "train.yml", "push", {"ref": "refs/heads/main"}, tmp_path,
-                          secrets=world["secrets"], env=world["env"],
-                          variables={"CHECKPOINT_BUCKET": BUCKET, "SKYPILOT_DASHBOARD_URL": DASHBOARD})
+    result = run_workflow(
+        world["project"],
+        "train.yml",
+        "push",
+        {"ref": "refs/heads/main"},
+        tmp_path,
+        secrets=world["secrets"],
+        env=world["env"],
+        variables={"CHECKPOINT_BUCKET": BUCKET, "SKYPILOT_DASHBOARD_URL": DASHBOARD},
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert [s["state"] for s in world["github"].statuses[sha]][0] == "pending"
     return ManagedJob(world["sky"] / "jobs" / f"sft-train-{sha[:12]}")
@@ -244,8 +323,16 @@ def release(world, sha: str, tag: str, tmp_path: Path) -> subprocess.CompletedPr
     git(project, "checkout", "-q", sha)
     git(project, "tag", "-f", tag, sha)
     try:
-        return run_workflow(project, "release.yml", "push", {"ref": f"refs/tags/{tag}"}, tmp_path,
-                            secrets=world["secrets"], variables={"EVAL_GATE_ACCOUNT": BOT}, env=world["env"])
+        return run_workflow(
+            project,
+            "release.yml",
+            "push",
+            {"ref": f"refs/tags/{tag}"},
+            tmp_path,
+            secrets=world["secrets"],
+            variables={"EVAL_GATE_ACCOUNT": BOT},
+            env=world["env"],
+        )
     finally:
         git(project, "checkout", "-q", "main")
 
@@ -273,21 +360,39 @@ def test_pull_request_adopting_the_preset_gets_one_comment_and_downloads_no_weig
     shutil.rmtree(clone / "data")
     shutil.rmtree(clone / ".dvc/cache")
     head = git(clone, "rev-parse", "HEAD")
-    event = {"pull_request": {"number": 7, "head": {"sha": head, "ref": "adopt-preset", "repo": {"full_name": REPO}},
-                              "base": {"ref": "main", "repo": {"full_name": REPO}}},
-             "repository": {"full_name": REPO}}
+    event = {
+        "pull_request": {
+            "number": 7,
+            "head": {"sha": head, "ref": "adopt-preset", "repo": {"full_name": REPO}},
+            "base": {"ref": "main", "repo": {"full_name": REPO}},
+        },
+        "repository": {"full_name": REPO},
+    }
     # the PR's `make test` runs one file here: the whole suite is .ci/run's job, not this scenario's
-    result = run_workflow(clone, "pr.yml", "pull_request", event, tmp_path, secrets=world["secrets"],
-                          env={**world["env"], "PYTEST_ADDOPTS": "tests/test_config.py"})
+    result = run_workflow(
+        clone,
+        "pr.yml",
+        "pull_request",
+        event,
+        tmp_path,
+        secrets=world["secrets"],
+        env={**world["env"], "PYTEST_ADDOPTS": "tests/test_config.py"},
+    )
     assert result.returncode == 0 and not step_failed(result), result.stdout[-8000:]
     (comment,) = github.comments[7]
     body = comment["body"]
     if os.environ.get("SFT_PR_COMMENT_SAMPLE"):  # docs/pr-comment.md is this comment, written here
         Path(os.environ["SFT_PR_COMMENT_SAMPLE"]).write_text(body)
-    contract, params_diff, plan, stats, smoke = (body.split(f"<summary>{title}</summary>", 1)[1].split("</details>")[0]
-                                                 for title in ("Data contract", "Params and metrics vs the base branch",
-                                                               "GPU plan", "Training data statistics",
-                                                               "Eval gate of the CPU smoke run (the demo)"))
+    contract, params_diff, plan, stats, smoke = (
+        body.split(f"<summary>{title}</summary>", 1)[1].split("</details>")[0]
+        for title in (
+            "Data contract",
+            "Params and metrics vs the base branch",
+            "GPU plan",
+            "Training data statistics",
+            "Eval gate of the CPU smoke run (the demo)",
+        )
+    )
     assert "was not produced" not in body, body
     # new golden and safety sets come with the new data: flagged for the reviewer of evals/, in bold, first
     flag = body.split("\n\n")[1]
@@ -435,6 +540,9 @@ def test_tag_publishes_exactly_the_gated_weights(world, merged, tmp_path):
     import hashlib
 
     manifest = json.loads(results(github, sha)["release/manifest.json"])
-    pushed = {path: entry["lfs"] if "lfs" in entry else hashlib.sha256(entry["content"]).hexdigest()
-              for path, entry in commits[0]["files"].items() if path != ".gitattributes"}
+    pushed = {
+        path: entry["lfs"] if "lfs" in entry else hashlib.sha256(entry["content"]).hexdigest()
+        for path, entry in commits[0]["files"].items()
+        if path != ".gitattributes"
+    }
     assert pushed == manifest["files"]
