@@ -124,13 +124,7 @@ def train(
     """
     runtime = runtime or init_runtime(Strategy.of(cfg.strategy), cfg.device, cfg.collective_timeout_minutes)
     plain = model if plain is None else plain
-    torch.manual_seed(cfg.seed)
-    train_only(model, trainable)
-    model.config.use_cache = False
-    # before sharding hides the full sizes (ZeRO-3 partitions as it loads: ds_numel is the full one)
-    flops = StepFlops.of(model.config, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()))
-    sharded = shard(model, cfg, runtime, weights, plain)
-    sharded.model.train()
+    flops, sharded = _sharded(model, cfg, runtime, weights, trainable, plain)
     flatten = plain.config._attn_implementation == "flex_attention"  # strategies.prepare_layers chose it
     router = family_router(plain, cfg.router_aux_loss_coef)
     batches = Batches(packed, cfg, runtime.rank, runtime.world_size, tokenizer.pad_token_id)
@@ -140,16 +134,8 @@ def train(
     position = resume.start(sharded, scheduler, out_dir)
     step = resumed_from = position["step"]  # 0 for a fresh run
     head = fuse_loss_head(plain)
-    recorder = StepRecorder(
-        flops,
-        runtime,
-        cfg.grad_accum,
-        router is not None,
-        total_steps,
-        progress,
-        position["history"],
-        position["tokens"],
-    )
+    history, tokens = position["history"], position["tokens"]
+    recorder = StepRecorder(flops, runtime, cfg.grad_accum, router is not None, total_steps, progress, history, tokens)
     recorder.replay()
     checkpoints = []
     for epoch in range(step // batches.steps_per_epoch + 1, cfg.epochs + 1):
@@ -160,16 +146,18 @@ def train(
             step_loss, step_aux = accumulate(
                 sharded, plain, head, micro_batches, counts, runtime, flatten, router, cfg.grad_accum
             )
+            lr = scheduler.get_last_lr()[0]
+            grad_norm = sharded.step(cfg.max_grad_norm)
             recorder.add(
-                {
-                    "step": step + 1,
-                    "epoch": epoch,
-                    "lr": scheduler.get_last_lr()[0],
-                    "loss_sum": step_loss,
-                    "aux_sum": step_aux,
-                    "grad_norm": sharded.step(cfg.max_grad_norm),
-                    "counts": counts,
-                }
+                dict(
+                    step=step + 1,
+                    epoch=epoch,
+                    lr=lr,
+                    loss_sum=step_loss,
+                    aux_sum=step_aux,
+                    grad_norm=grad_norm,
+                    counts=counts,
+                )
             )
             scheduler.step()
             step += 1
@@ -181,22 +169,8 @@ def train(
                 resume.save(epoch, step, sharded, scheduler, recorder.history, recorder.tokens)
         state = sharded.full_state_dict()  # a collective: every rank takes part
         if runtime.is_main:
-            exported, state = export(model, state)
-            checkpoints.append(
-                str(
-                    save_checkpoint(
-                        exported,
-                        tokenizer,
-                        out_dir,
-                        epoch,
-                        {**meta, "step": step, "loss": recorder.history[-1]["loss"]},
-                        state_dict=state,
-                        dtype=cfg.export_dtype,
-                        max_shard_size=cfg.export_shard_size,
-                    )
-                )
-            )
-            rotate(out_dir, cfg.keep_last)
+            meta_now = {**meta, "step": step, "loss": recorder.history[-1]["loss"]}
+            checkpoints.append(_save_epoch(model, state, export, tokenizer, out_dir, epoch, meta_now, cfg))
         resume.save(epoch, step, sharded, scheduler, recorder.history, recorder.tokens)
         runtime.barrier()
     resume.finish()
@@ -204,16 +178,39 @@ def train(
     sharded.release()
     if router:
         router.remove()
+    final_loss = recorder.history[-1]["loss"]
     return TrainResult(
-        step,
-        recorder.history[-1]["loss"],
-        recorder.tokens,
-        recorder.seconds,
-        recorder.history,
-        checkpoints,
-        local_numel,
-        resumed_from,
+        step, final_loss, recorder.tokens, recorder.seconds, recorder.history, checkpoints, local_numel, resumed_from
     )
+
+
+def _sharded(model, cfg, runtime: Runtime, weights: dict | None, trainable, plain):
+    """(the model's FLOPs per token, the model sharded by the strategy with its optimizer), in train mode."""
+    torch.manual_seed(cfg.seed)
+    train_only(model, trainable)
+    model.config.use_cache = False
+    # before sharding hides the full sizes (ZeRO-3 partitions as it loads: ds_numel is the full one)
+    flops = StepFlops.of(model.config, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()))
+    sharded = shard(model, cfg, runtime, weights, plain)
+    sharded.model.train()
+    return flops, sharded
+
+
+def _save_epoch(model, state: dict, export: Export, tokenizer, out_dir: Path, epoch: int, meta: dict, cfg) -> str:
+    """Rank 0: the epoch's checkpoint as the caller exports it; the oldest beyond keep_last removed."""
+    exported, state = export(model, state)
+    path = save_checkpoint(
+        exported,
+        tokenizer,
+        out_dir,
+        epoch,
+        meta,
+        state_dict=state,
+        dtype=cfg.export_dtype,
+        max_shard_size=cfg.export_shard_size,
+    )
+    rotate(out_dir, cfg.keep_last)
+    return str(path)
 
 
 def train_only(model, trainable: Iterable[torch.nn.Parameter] | None) -> None:
