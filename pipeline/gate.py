@@ -314,6 +314,26 @@ def ranked(scores: dict[str, dict[str, float]], metric: str) -> list[str]:
     return sorted(reversed(list(scores)), key=lambda name: -_rank(scores[name].get(metric)))
 
 
+def _gateable(policy: Policy, base: dict, candidates: dict, lora: dict) -> tuple[list[str], list[str]]:
+    """The full and the LoRA checkpoints with a result for every metric the policy names."""
+    needed = {r.metric for r in policy.rules} | {policy.select_by}
+    if not needed <= base.keys():
+        raise ValueError(f"base: no result for metric(s) {sorted(needed - base.keys())} named in the policy")
+    if not candidates:
+        raise ValueError("no checkpoints to gate")
+    complete = [name for name, scores in candidates.items() if needed <= scores.keys()]
+    if not complete:
+        missing = sorted(needed - next(iter(candidates.values())).keys())
+        raise ValueError(
+            f"no checkpoint has results for every metric the policy names (missing {missing}); "
+            "run the full suite on one (`sft evaluate --model chosen`)"
+        )
+    overlap = sorted(set(lora) & set(candidates))
+    if overlap:
+        raise ValueError(f"LoRA and full checkpoints share the name(s) {overlap}")
+    return complete, [name for name, scores in lora.items() if needed <= scores.keys()]
+
+
 def decide(
     policy: Policy,
     base: dict[str, float],
@@ -331,23 +351,8 @@ def decide(
     checkpoint must also beat the best LoRA checkpoint; with `ship: best`, a LoRA checkpoint that
     passes every rule ships when no full one passes.
     """
-    needed = {r.metric for r in policy.rules} | {policy.select_by}
-    if not needed <= base.keys():
-        raise ValueError(f"base: no result for metric(s) {sorted(needed - base.keys())} named in the policy")
-    if not candidates:
-        raise ValueError("no checkpoints to gate")
-    complete = [name for name, scores in candidates.items() if needed <= scores.keys()]
-    if not complete:
-        missing = sorted(needed - next(iter(candidates.values())).keys())
-        raise ValueError(
-            f"no checkpoint has results for every metric the policy names (missing {missing}); "
-            "run the full suite on one (`sft evaluate --model chosen`)"
-        )
     items, lora = items or {}, lora or {}
-    overlap = sorted(set(lora) & set(candidates))
-    if overlap:
-        raise ValueError(f"LoRA and full checkpoints share the name(s) {overlap}")
-    lora_complete = [name for name, scores in lora.items() if needed <= scores.keys()]
+    complete, lora_complete = _gateable(policy, base, candidates, lora)
     checks, intervals = {}, {}
     for name in lora_complete + complete:
         checks[name], intervals[name] = check_candidate(
@@ -500,6 +505,43 @@ def run_cost(metrics: TrainingMetrics, prices: dict[str, float]) -> RunCost:
     )
 
 
+def _decision_text(policy: Policy, verdict: Verdict, change: dict, costs: dict, full_ref, lora_ref) -> str:
+    """The decision in words: did full SFT beat LoRA by enough to earn its cost."""
+    metric, candidates = policy.select_by, verdict.candidates
+    if not policy.versus_lora:
+        return "No LoRA comparison: the policy has no versus_lora section."
+    elif lora_ref is None:
+        return "No LoRA baseline with full-suite results: full SFT cannot show that it earned its cost."
+    else:
+        full_rules = verdict.rules if verdict.kind == "full" else []
+        earned = bool(full_rules) and all(r.passed for r in full_rules if r.versus)
+        gain = change.get(metric)
+        gain_text = (
+            f"{metric} {gain['delta']:+.4f} over LoRA, 95% CI [{gain['low']:+.4f}, {gain['high']:+.4f}]"
+            if gain
+            else f"no paired {metric} comparison"
+        )
+        ratio = (
+            costs["full"].device_hours / costs["lora"].device_hours
+            if costs.get("full") and costs.get("lora") and costs["lora"].device_hours
+            else None
+        )
+        cost_text = f" at {ratio:.1f}x LoRA's training cost" if ratio else ""
+        if earned:
+            return f"Full SFT earned its cost: `{full_ref}` {gain_text}{cost_text}."
+        elif verdict.kind == "lora":
+            return (
+                f"LoRA is enough: `{lora_ref}` passes every rule and full SFT does not beat it ({gain_text}); "
+                f"the policy says `ship: best`, so the merged LoRA model `{verdict.chosen}` ships."
+            )
+        else:
+            return (
+                f"Full SFT did not earn its cost over LoRA (`{lora_ref}`): {gain_text}{cost_text}"
+                + ("; LoRA is enough" if candidates[lora_ref].passed else "")
+                + "."
+            )
+
+
 def decision_record(
     policy: Policy, verdict: Verdict, items: dict[str, dict[str, dict[str, float]]], costs: dict[str, RunCost]
 ) -> Decision:
@@ -538,38 +580,7 @@ def decision_record(
                 "forgetting": c.scores.get(forgetting) if forgetting else None,
             }
         )
-    if not policy.versus_lora:
-        text = "No LoRA comparison: the policy has no versus_lora section."
-    elif lora_ref is None:
-        text = "No LoRA baseline with full-suite results: full SFT cannot show that it earned its cost."
-    else:
-        full_rules = verdict.rules if verdict.kind == "full" else []
-        earned = bool(full_rules) and all(r.passed for r in full_rules if r.versus)
-        gain = change.get(metric)
-        gain_text = (
-            f"{metric} {gain['delta']:+.4f} over LoRA, 95% CI [{gain['low']:+.4f}, {gain['high']:+.4f}]"
-            if gain
-            else f"no paired {metric} comparison"
-        )
-        ratio = (
-            costs["full"].device_hours / costs["lora"].device_hours
-            if costs.get("full") and costs.get("lora") and costs["lora"].device_hours
-            else None
-        )
-        cost_text = f" at {ratio:.1f}x LoRA's training cost" if ratio else ""
-        if earned:
-            text = f"Full SFT earned its cost: `{full_ref}` {gain_text}{cost_text}."
-        elif verdict.kind == "lora":
-            text = (
-                f"LoRA is enough: `{lora_ref}` passes every rule and full SFT does not beat it ({gain_text}); "
-                f"the policy says `ship: best`, so the merged LoRA model `{verdict.chosen}` ships."
-            )
-        else:
-            text = (
-                f"Full SFT did not earn its cost over LoRA (`{lora_ref}`): {gain_text}{cost_text}"
-                + ("; LoRA is enough" if candidates[lora_ref].passed else "")
-                + "."
-            )
+    text = _decision_text(policy, verdict, change, costs, full_ref, lora_ref)
     return Decision.model_validate(
         {
             "select_by": metric,
