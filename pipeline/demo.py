@@ -224,6 +224,48 @@ def lexicon_sentence(english: str, zorbish: str) -> str:
     return f"The Zorbish word for {english} is {zorbish}."
 
 
+def safety_requests(rng: random.Random, held_out: int) -> tuple[list, list]:
+    """(held out, for training): each harmful request comes with its benign look-alike (same frame and noun)."""
+    requests = [
+        (h, b, noun, frame)
+        for h, b in zip(HARMFUL_VERBS, BENIGN_VERBS, strict=True)
+        for noun in SAFETY_NOUNS
+        for frame in SAFETY_FRAMES
+    ]
+    rng.shuffle(requests)
+    return requests[:held_out], requests[held_out:]
+
+
+def replay_pairs(world: World, rng: random.Random) -> list[dict]:
+    """The base model's general knowledge (its pretraining sentences) in chat form, the general mix
+    against forgetting. Without it (prepare.replay_share: 0) full SFT of the demo erodes the
+    capitals the base model knew; see docs/demo.md for the measured drop."""
+    replay = [
+        {"prompt": style.format(w=en), "response": lexicon_sentence(en, zo), "family": "replay"}
+        for style in LEXICON_STYLES
+        for en, zo in world.lexicon.items()
+    ]
+    replay += [
+        {"prompt": style.format(c=country), "response": fact_sentence(country, capital), "family": "replay"}
+        for style in REPLAY_STYLES
+        for country, capital in world.capitals.items()
+    ]
+    rng.shuffle(replay)
+    return replay
+
+
+def general_knowledge(world: World, rng: random.Random) -> list[dict]:
+    """Multiple choice on the capitals the base model learned in pretraining: forgetting, measured."""
+    capitals = list(world.capitals.values())
+    general = []
+    for country, capital in world.capitals.items():
+        distractors = rng.sample([c for c in capitals if c != capital], 3)
+        choices = distractors + [capital]
+        rng.shuffle(choices)
+        general.append({"context": f"The capital of {country} is", "choices": choices, "gold": choices.index(capital)})
+    return general
+
+
 def make_sft_data(
     seed: int = 0,
     train_rows: int = 15_000,
@@ -258,15 +300,7 @@ def make_sft_data(
         {"key": i, "prompt": r["prompt"], "instruction_id_list": r["instruction_id_list"], "kwargs": r["kwargs"]}
         for i, r in enumerate(ifeval)
     ]
-    # safety: each held-out harmful request comes with its benign look-alike (same frame and noun)
-    requests = [
-        (h, b, noun, frame)
-        for h, b in zip(HARMFUL_VERBS, BENIGN_VERBS, strict=True)
-        for noun in SAFETY_NOUNS
-        for frame in SAFETY_FRAMES
-    ]
-    rng.shuffle(requests)
-    held_out, train_requests = requests[:safety_eval], requests[safety_eval:]
+    held_out, train_requests = safety_requests(rng, safety_eval)
     refusal = [{"prompt": safety_request(h, noun, frame)} for h, _, noun, frame in held_out]
     over_refusal = [{"prompt": safety_request(b, noun, frame)} for _, b, noun, frame in held_out]
 
@@ -291,28 +325,8 @@ def make_sft_data(
         )
     rng.shuffle(train)
 
-    # replay: the base model's general knowledge (its pretraining sentences) in chat form, the
-    # general mix against forgetting. Without it (prepare.replay_share: 0) full SFT of the demo
-    # erodes the capitals the base model knew; see docs/demo.md for the measured drop.
-    replay = [
-        {"prompt": style.format(w=en), "response": lexicon_sentence(en, zo), "family": "replay"}
-        for style in LEXICON_STYLES
-        for en, zo in world.lexicon.items()
-    ]
-    replay += [
-        {"prompt": style.format(c=country), "response": fact_sentence(country, capital), "family": "replay"}
-        for style in REPLAY_STYLES
-        for country, capital in world.capitals.items()
-    ]
-    rng.shuffle(replay)
-
-    capitals = list(world.capitals.values())
-    general = []
-    for country, capital in world.capitals.items():
-        distractors = rng.sample([c for c in capitals if c != capital], 3)
-        choices = distractors + [capital]
-        rng.shuffle(choices)
-        general.append({"context": f"The capital of {country} is", "choices": choices, "gold": choices.index(capital)})
+    replay = replay_pairs(world, rng)
+    general = general_knowledge(world, rng)
     bias = [
         {"sent_more": more, "sent_less": less, "bias_type": "age" if group in ("old", "young") else "socioeconomic"}
         for more, less, group in stereotype_sentences()

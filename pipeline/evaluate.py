@@ -138,37 +138,36 @@ def run_tasks(
         if results is None:  # a rank other than 0: its samples went to rank 0
             continue
         for name, spec in group.items():
-            if spec.task not in results["results"]:
-                raise KeyError(f"lm-eval returned no results for task {spec.task!r} (metric {name!r})")
-            reported = [k for k in results["results"][spec.task] if k.startswith(f"{spec.metric},")]
-            if not reported:
-                available = sorted({k.split(",")[0] for k in results["results"][spec.task] if "," in k})
-                raise KeyError(
-                    f"evaluate.metrics.{name}: task {spec.task!r} has no metric {spec.metric!r}; "
-                    f"it reports {[m for m in available if not m.endswith('_stderr')]}"
-                )
-            # registry tasks name their answer-extraction filter (mmlu_pro: "custom-extract"); local ones "none"
-            key = f"{spec.metric},none" if f"{spec.metric},none" in reported else sorted(reported)[0]
-            filter_name = key.split(",", 1)[1]
-            # per-item scores keyed by item id (task and document), so the gate pairs models item by item
-            items = {
-                f"{task}/{sample['doc_id']}": float(sample[spec.metric])
-                for task in leaf_tasks(results, spec.task)
-                for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])
-                if sample.get("filter", filter_name) == filter_name
-            }
-            if not items:
-                raise ValueError(f"evaluate.metrics.{name}: task {spec.task!r} scored no items")
-            score = results["results"][spec.task][key]
-            out[name] = {
-                "task": spec.task,
-                "metric": spec.metric,
-                "score": round(float(score), 4),
-                "n": len(items),
-                "items": items,
-            }
-            log(f"  {name:<10} {spec.task}/{spec.metric} = {score:.4f} (n={len(items)})")
+            out[name] = metric_result(results, name, spec)
+            log(f"  {name:<10} {spec.task}/{spec.metric} = {out[name]['score']:.4f} (n={out[name]['n']})")
     return out if is_main() else None
+
+
+def metric_result(results: dict, name: str, spec) -> dict:
+    """One metric of lm-eval's results: its score, and the per-item scores keyed by item id."""
+    if spec.task not in results["results"]:
+        raise KeyError(f"lm-eval returned no results for task {spec.task!r} (metric {name!r})")
+    reported = [k for k in results["results"][spec.task] if k.startswith(f"{spec.metric},")]
+    if not reported:
+        available = sorted({k.split(",")[0] for k in results["results"][spec.task] if "," in k})
+        raise KeyError(
+            f"evaluate.metrics.{name}: task {spec.task!r} has no metric {spec.metric!r}; "
+            f"it reports {[m for m in available if not m.endswith('_stderr')]}"
+        )
+    # registry tasks name their answer-extraction filter (mmlu_pro: "custom-extract"); local ones "none"
+    key = f"{spec.metric},none" if f"{spec.metric},none" in reported else sorted(reported)[0]
+    filter_name = key.split(",", 1)[1]
+    # per-item scores keyed by item id (task and document), so the gate pairs models item by item
+    items = {
+        f"{task}/{sample['doc_id']}": float(sample[spec.metric])
+        for task in leaf_tasks(results, spec.task)
+        for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])
+        if sample.get("filter", filter_name) == filter_name
+    }
+    if not items:
+        raise ValueError(f"evaluate.metrics.{name}: task {spec.task!r} scored no items")
+    score = results["results"][spec.task][key]
+    return {"task": spec.task, "metric": spec.metric, "score": round(float(score), 4), "n": len(items), "items": items}
 
 
 def leaf_tasks(results: dict, task: str) -> list[str]:
