@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CHECKPOINTS = "lora/checkpoints"
 PREFIX = "lora-"  # candidate names in the gate: lora-epoch-2 is lora/checkpoints/epoch-2
 
 

@@ -11,12 +11,13 @@ import re
 from pathlib import Path
 
 from pipeline.github import COMMENT_MARKER
+from pipeline.paths import PATHS
 
 SECTIONS = (  # (title, file) in the order a reviewer reads them
-    ("Data contract", "validate/contract.md"),
+    ("Data contract", (PATHS.validate / "contract.md").as_posix()),
     ("Params and metrics vs the base branch", "params-diff.md"),
-    ("GPU plan", "plan/plan.md"),
-    ("Training data statistics", "data-report/stats.md"),
+    ("GPU plan", (PATHS.plan / "plan.md").as_posix()),
+    ("Training data statistics", (PATHS.data_report / "stats.md").as_posix()),
     ("Eval gate of the CPU smoke run (the demo)", "smoke/gate.md"),  # never the committed gate/
 )
 MAX_CHARS = 60_000  # GitHub refuses comments over 65,536 characters
