@@ -133,3 +133,19 @@ def test_each_listed_module_exists(stages):
         for dep in stage["deps"]:
             if dep.startswith("pipeline"):
                 assert (ROOT / dep).exists(), f"dvc.yaml stage {name}: dep {dep} does not exist"
+
+
+def test_every_params_dep_is_in_every_params_file(stages):
+    """DVC refuses a stage whose params dep the params file lacks: params.yaml and every preset (a team
+    copies one over params.yaml) must spell out each key a stage lists, not leave it to the schema."""
+    files = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*-*xh*.yaml")), ROOT / "configs/demo.yaml"]
+    for path in files:
+        params = yaml.safe_load(path.read_text())
+        for name, stage in stages.items():
+            for key in stage.get("params", []):
+                if not isinstance(key, str):
+                    continue
+                node = params
+                for part in key.split("."):
+                    assert isinstance(node, dict) and part in node, f"{path.name}: no {key} (dvc.yaml stage {name})"
+                    node = node[part]
