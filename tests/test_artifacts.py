@@ -133,7 +133,10 @@ def test_the_decision_record_and_run_cost_write_what_the_gate_wrote(tmp_path):
     }
     assert [list(c.items()) for c in costs.values()] == [list(c.items()) for c in record["cost"].values()]
     metrics = read(ROOT / PATHS.metrics("train"), TrainingMetrics)
-    gpu = run_cost(metrics.model_copy(update={"device": "NVIDIA H100 80GB HBM3", "world_size": 8}), {"H100-80GB": 3.0})
+    gpu = run_cost(
+        metrics.model_copy(update={"device": "NVIDIA H100 80GB HBM3", "world_size": 8, "seconds": 139.6}),
+        {"H100-80GB": 3.0},
+    )
     assert (gpu.device_hours, gpu.usd) == (0.3102, 0.93)
     change = paired_bootstrap(_items(40), _items(80))
     assert (
