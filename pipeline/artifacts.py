@@ -138,7 +138,7 @@ class PrepareStats(Artifact):
     examples: StrictInt
     rows: StrictInt
     tokens: StrictInt  # real (non-padding) tokens an epoch trains on
-    supervised_tokens: StrictInt
+    supervised_tokens: StrictInt | None = None  # absent before prepare counted them (the plan then assumes all)
     fill: Number
     truncated: StrictInt
     packed: StrictBool = True  # absent before prepare could bucket instead of pack

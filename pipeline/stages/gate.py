@@ -43,7 +43,9 @@ def item_scores(evaluations) -> dict[str, dict]:
     return items
 
 
-def verdict_of(policy, paths: Paths, kept: dict, items: dict) -> Verdict:
+def verdict_of(policy, paths: Paths, kept: dict) -> tuple[Verdict, dict]:
+    """The verdict and the per-item scores it was judged on; results for a checkpoint that is not
+    kept are named before anything else is read."""
     evaluations = paths.evaluate
     base_scores = json.loads((evaluations / "base.json").read_text())["base"]
     golden = json.loads((evaluations / "checkpoints.json").read_text())
@@ -57,8 +59,9 @@ def verdict_of(policy, paths: Paths, kept: dict, items: dict) -> Verdict:
             f"or {paths.checkpoints('lora')}"
         )
     hashes = {name: weights_sha256(kept[name]) for name in [*candidates, *lora]}
+    items = item_scores(evaluations)
     try:
-        return decide(policy, base_scores, candidates, hashes, items, lora)
+        return decide(policy, base_scores, candidates, hashes, items, lora), items
     except ValueError as err:
         raise StageError(str(err)) from None
 
@@ -81,8 +84,7 @@ def run(params, paths: Paths, log=print) -> Verdict:
     except ValueError as err:
         raise StageError(str(err)) from None
     kept = kept_checkpoints(paths)
-    items = item_scores(paths.evaluate)
-    verdict = verdict_of(policy, paths, kept, items)
+    verdict, items = verdict_of(policy, paths, kept)
     chosen = kept[verdict.chosen]
     verdict.path = str(chosen)
     verdict.files = file_manifest(chosen)  # weights, config, tokenizer, chat template: all of it
