@@ -35,10 +35,10 @@ def model_shape(params, paths: Paths, model: str | None) -> tuple[str, Shape]:
     return name, Shape.from_config(json.loads(Path(name).read_text()))
 
 
-def planned_tokens(params, paths: Paths) -> int:
-    """Tokens an epoch of this branch's data makes: prepare's exact count when it was made from these
-    very files, else `sft data stats` of them with the replay share added."""
-    stats, report = prepared_stats(params, paths), paths.data_report / "stats.json"
+def planned_tokens(params, paths: Paths, stats) -> int:
+    """Tokens an epoch of this branch's data makes: prepare's exact count (`stats`, when it was made from
+    these very files), else `sft data stats` of them with the replay share added."""
+    report = paths.data_report / "stats.json"
     if stats:
         return stats.tokens
     if report.is_file():
@@ -52,10 +52,10 @@ def planned_tokens(params, paths: Paths) -> int:
 def run(params, paths: Paths, model: str | None = None, tokens: int | None = None) -> str:
     """The plan's markdown (also in plan/plan.md, with plan.json)."""
     name, shape = model_shape(params, paths, model)
-    tokens_per_run = (planned_tokens(params, paths) if tokens is None else tokens) * params.train.epochs
+    stats = prepared_stats(params, paths)  # hashes the data files: once
+    tokens_per_run = (planned_tokens(params, paths, stats) if tokens is None else tokens) * params.train.epochs
     tokens_per_gpu = params.train.micro_batch_size * params.prepare.max_seq_len
     # logits are computed only where a loss is taken: prepare's share for this data, else all of them
-    stats = prepared_stats(params, paths)
     supervised_share = stats.supervised_tokens / stats.tokens if stats and stats.supervised_tokens else 1.0
     cfg, train = params.plan, params.train  # the plan is for the run the config makes
     rows = plan(
